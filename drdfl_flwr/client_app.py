@@ -1,0 +1,105 @@
+"""The ClientApp: one node's side of every round, for any registered method.
+
+Each message runs with only ``context.state`` carried over from earlier rounds (in a
+deployment every message may run in a fresh process), so the learner's private state,
+optimizers included, is restored from and saved back to ``context.state`` every time.
+Nothing private ever goes into a reply: the reply holds the learner's
+``shared_payload()`` and scalar metrics, and that is all.
+"""
+
+from __future__ import annotations
+
+from logging import WARNING
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common import log
+
+from drdfl_flwr.config import RunConfig
+from drdfl_flwr.data import ClientData, load_client_data
+from drdfl_flwr.learner import Learner, build_learner
+from drdfl_flwr.payload import (
+    CONFIG,
+    IN_PAYLOAD_PREFIX,
+    METRICS,
+    OUT_PAYLOAD,
+    PayloadError,
+    from_array_record,
+    to_array_record,
+)
+
+STATE_KEY = "learner"
+
+app = ClientApp()
+
+
+def node_partition(context: Context) -> tuple[int, int]:
+    """(partition-id, num-partitions) from the node config, with a clear error if absent."""
+    try:
+        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    except KeyError as missing:
+        raise KeyError(
+            f"node config lacks {missing}; start the SuperNode with "
+            "--node-config 'partition-id=<i> num-partitions=<M>'"
+        ) from None
+
+
+def restore(context: Context) -> tuple[RunConfig, ClientData, Learner, int]:
+    cfg = RunConfig.from_run_config(context.run_config)
+    partition_id, num_partitions = node_partition(context)
+    data = load_client_data(cfg, partition_id, num_partitions)
+    learner = build_learner(cfg, data.input_shape, data.num_classes, partition_id)
+    if STATE_KEY in context.state.config_records:
+        learner.load_bytes(context.state.config_records[STATE_KEY]["blob"])
+    return cfg, data, learner, partition_id
+
+
+def save(context: Context, learner: Learner) -> None:
+    context.state.config_records[STATE_KEY] = ConfigRecord({"blob": learner.to_bytes()})
+
+
+@app.query()
+def describe(msg: Message, context: Context) -> Message:
+    """Tell the relay where this node sits in the ring."""
+    partition_id, num_partitions = node_partition(context)
+    info = ConfigRecord({"partition-id": partition_id, "num-partitions": num_partitions})
+    return Message(RecordDict({CONFIG: info}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    _, data, learner, partition_id = restore(context)
+    received = [
+        from_array_record(record)
+        for name, record in sorted(msg.content.array_records.items())
+        if name.startswith(IN_PAYLOAD_PREFIX)
+    ]
+    rejected = 0
+    try:
+        learner.absorb(received)
+    except PayloadError as err:
+        # absorb() validates before it changes anything, so the node trains on as if
+        # nothing had arrived; the relay sees the rejection in the metrics.
+        rejected = len(received)
+        log(WARNING, "partition %d rejected %d payload(s): %s", partition_id, rejected, err)
+    metrics = learner.fit(data, partition_id)
+    save(context, learner)
+    metrics.update(
+        {
+            "num-examples": float(len(data.y_train)),
+            "payloads_received": float(len(received)),
+            "payloads_rejected": float(rejected),
+        }
+    )
+    content = RecordDict(
+        {OUT_PAYLOAD: to_array_record(learner.shared_payload()), METRICS: MetricRecord(metrics)}
+    )
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    _, data, learner, _ = restore(context)
+    metrics = learner.evaluate(data)
+    metrics["num-examples-local-t"] = float(len(data.y_local_test))
+    return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)

@@ -1,0 +1,276 @@
+"""Data sources, non-IID partitions and the paper's two test sets (Local-T, Global-T).
+
+One path serves every source: a Hugging Face ``datasets.Dataset`` for the train and the
+test split, partitioned by a flwr-datasets partitioner, then decoded once into tensors.
+Sources are the hub (through ``FederatedDataset``), a local folder of parquet files in
+the hub's layout (also through ``FederatedDataset``), and scikit-learn's 8x8 digits,
+embedded so that the default job runs on a machine with no network.
+
+Local-T of client m holds test samples with m's training class distribution: for every
+class k, the test samples of k are dealt out to the clients in proportion to how many
+training samples of k each holds, so the sets are disjoint and their union (Global-T)
+is, up to rounding, every test sample of every class that some client trains on.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset
+from flwr_datasets import FederatedDataset
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    Partitioner,
+    PathologicalPartitioner,
+)
+
+from drdfl_flwr.config import ConfigError, RunConfig
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where a named dataset lives and how its columns are called."""
+
+    hub_name: str
+    image_column: str
+    label_column: str
+    num_classes: int
+    hub_subset: str | None = None
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "digits": DatasetSpec("sklearn:digits", "pixels", "label", 10),
+    "cifar10": DatasetSpec("uoft-cs/cifar10", "img", "label", 10),
+    "cifar100": DatasetSpec("uoft-cs/cifar100", "img", "fine_label", 100),
+    "svhn": DatasetSpec("ufldl-stanford/svhn", "image", "label", 10, "cropped_digits"),
+}
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """Everything one client trains and is evaluated on, as ready tensors."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_local_test: torch.Tensor
+    y_local_test: torch.Tensor
+    x_global_test: torch.Tensor
+    y_global_test: torch.Tensor
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.x_train.shape[1:]
+        return int(c), int(h), int(w)
+
+
+def dataset_spec(cfg: RunConfig) -> DatasetSpec:
+    try:
+        return DATASETS[cfg.dataset]
+    except KeyError:
+        raise ConfigError("dataset", cfg.dataset, f"must be one of {', '.join(DATASETS)}") from None
+
+
+def load_client_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> ClientData:
+    """The client's tensors; decoded once per process, then served from a cache."""
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id {partition_id} outside [0, {num_partitions})")
+    return _client_data(_data_key(cfg), partition_id, num_partitions)
+
+
+def _data_key(cfg: RunConfig) -> RunConfig:
+    """Only the data-relevant fields, so a change of learning rate keeps the cache warm."""
+    return RunConfig(
+        dataset=cfg.dataset,
+        data_dir=cfg.data_dir,
+        partitioner=cfg.partitioner,
+        dirichlet_beta=cfg.dirichlet_beta,
+        classes_per_client=cfg.classes_per_client,
+        subset_train=cfg.subset_train,
+        subset_test=cfg.subset_test,
+        seed=cfg.seed,
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _client_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> ClientData:
+    spec = dataset_spec(cfg)
+    plan = _partition_plan(cfg, num_partitions)
+    train = plan.partitioner.load_partition(partition_id)
+    x_train = decode_images(train[spec.image_column])
+    y_train = torch.tensor(train[spec.label_column], dtype=torch.long)
+    x_test, y_test = _decoded_test(cfg)
+    local_idx = plan.local_test_indices[partition_id]
+    global_idx = np.concatenate(plan.local_test_indices)
+    return ClientData(
+        x_train=x_train,
+        y_train=y_train,
+        x_local_test=x_test[local_idx],
+        y_local_test=y_test[local_idx],
+        x_global_test=x_test[global_idx],
+        y_global_test=y_test[global_idx],
+        num_classes=spec.num_classes,
+    )
+
+
+@dataclass(frozen=True)
+class _PartitionPlan:
+    partitioner: Partitioner
+    local_test_indices: list[np.ndarray]
+
+
+@functools.lru_cache(maxsize=4)
+def _partition_plan(cfg: RunConfig, num_partitions: int) -> _PartitionPlan:
+    spec = dataset_spec(cfg)
+    train, test = _splits(cfg)
+    if len(train) < num_partitions:
+        raise ConfigError(
+            "subset-train" if cfg.subset_train else "dataset",
+            cfg.subset_train or cfg.dataset,
+            f"{len(train)} training samples cannot be split over {num_partitions} clients",
+        )
+    partitioner = make_partitioner(cfg, num_partitions, spec)
+    partitioner.dataset = train
+    counts = np.stack(
+        [
+            np.bincount(
+                partitioner.load_partition(p)[spec.label_column], minlength=spec.num_classes
+            )
+            for p in range(num_partitions)
+        ]
+    )
+    local = split_test_like_train(
+        np.asarray(test[spec.label_column]), counts, np.random.default_rng(cfg.seed)
+    )
+    return _PartitionPlan(partitioner, local)
+
+
+def make_partitioner(cfg: RunConfig, num_partitions: int, spec: DatasetSpec) -> Partitioner:
+    if cfg.partitioner == "iid":
+        return IidPartitioner(num_partitions)
+    if cfg.partitioner == "dirichlet":
+        return DirichletPartitioner(
+            num_partitions,
+            spec.label_column,
+            alpha=cfg.dirichlet_beta,
+            min_partition_size=1,
+            self_balancing=False,
+            seed=cfg.seed,
+        )
+    if cfg.classes_per_client > spec.num_classes:
+        raise ConfigError(
+            "classes-per-client",
+            cfg.classes_per_client,
+            f"{cfg.dataset} has only {spec.num_classes} classes",
+        )
+    return PathologicalPartitioner(
+        num_partitions,
+        spec.label_column,
+        num_classes_per_partition=cfg.classes_per_client,
+        class_assignment_mode="random",
+        seed=cfg.seed,
+    )
+
+
+def split_test_like_train(
+    test_labels: np.ndarray, train_counts: np.ndarray, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Deal each class's test samples to clients in proportion to their train counts.
+
+    ``train_counts[m, k]`` is how many training samples of class k client m holds. The
+    returned index sets are disjoint, and client m's set has (up to rounding) m's
+    training class distribution.
+    """
+    num_clients, num_classes = train_counts.shape
+    dealt: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for k in range(num_classes):
+        owners = train_counts[:, k]
+        if owners.sum() == 0:
+            continue
+        pool = rng.permutation(np.flatnonzero(test_labels == k))
+        cuts = np.floor(np.cumsum(owners) / owners.sum() * len(pool)).astype(int)
+        for m, chunk in enumerate(np.split(pool, cuts[:-1])):
+            dealt[m].append(chunk)
+    return [
+        np.sort(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64) for parts in dealt
+    ]
+
+
+@functools.lru_cache(maxsize=4)
+def _splits(cfg: RunConfig) -> tuple[Dataset, Dataset]:
+    spec = dataset_spec(cfg)
+    if cfg.data_dir:
+        train, test = _parquet_splits(Path(cfg.data_dir).expanduser())
+    elif cfg.dataset == "digits":
+        train, test = _digits_splits()
+    else:
+        fds = FederatedDataset(dataset=spec.hub_name, subset=spec.hub_subset, partitioners={})
+        train, test = fds.load_split("train"), fds.load_split("test")
+    for split, name in ((train, "train"), (test, "test")):
+        missing = {spec.image_column, spec.label_column} - set(split.column_names)
+        if missing:
+            raise ConfigError(
+                "dataset",
+                cfg.dataset,
+                f"the {name} split has columns {split.column_names}, lacks {sorted(missing)}",
+            )
+    if cfg.subset_train:
+        train = train.shuffle(seed=cfg.seed).select(range(min(cfg.subset_train, len(train))))
+    if cfg.subset_test:
+        test = test.shuffle(seed=cfg.seed).select(range(min(cfg.subset_test, len(test))))
+    return train, test
+
+
+def _parquet_splits(folder: Path) -> tuple[Dataset, Dataset]:
+    if not folder.is_dir():
+        raise ConfigError("data-dir", str(folder), "no such folder")
+    files = {s: str(folder / f"{s}.parquet") for s in ("train", "test")}
+    fds = FederatedDataset(dataset="parquet", data_files=files, partitioners={})
+    return fds.load_split("train"), fds.load_split("test")
+
+
+def _digits_splits() -> tuple[Dataset, Dataset]:
+    """scikit-learn's 1,797 real 8x8 digits, split 75/25 stratified with a fixed seed."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    pixels = (digits.images / 16.0).astype(np.float32)
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        pixels, digits.target, test_size=0.25, stratify=digits.target, random_state=0
+    )
+    return (
+        Dataset.from_dict({"pixels": list(x_tr), "label": y_tr.tolist()}),
+        Dataset.from_dict({"pixels": list(x_te), "label": y_te.tolist()}),
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _decoded_test(cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    spec = dataset_spec(cfg)
+    _, test = _splits(cfg)
+    return decode_images(test[spec.image_column]), torch.tensor(
+        test[spec.label_column], dtype=torch.long
+    )
+
+
+def decode_images(images: Sequence) -> torch.Tensor:
+    """PIL images or float arrays in [0, 1] -> float32 (N, C, H, W) scaled to [-1, 1]."""
+    if len(images) == 0:
+        raise ValueError("no images to decode (empty partition)")
+    arrays = [np.asarray(im) for im in images]
+    batch = np.stack(arrays)
+    if batch.dtype == np.uint8:
+        batch = batch.astype(np.float32) / 255.0
+    batch = batch.astype(np.float32)
+    if batch.ndim == 3:  # grayscale (N, H, W)
+        batch = batch[:, None]
+    else:  # (N, H, W, C)
+        batch = batch.transpose(0, 3, 1, 2)
+    return torch.from_numpy(np.ascontiguousarray(batch * 2.0 - 1.0))

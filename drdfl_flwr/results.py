@@ -1,0 +1,109 @@
+"""Per-round metrics on disk: ``metrics.jsonl``, ``summary.json`` and ``convergence.png``.
+
+Aggregates are the unweighted mean and standard deviation over clients, as the papers
+report them. The summary holds the last round and the best round (by mean Local-T, and
+separately by mean Global-T), each labelled, so nobody mistakes a peak for a final value.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ACCURACY_KEYS = ("local_t_acc", "global_t_acc")
+
+
+def mean_std(per_node: dict[Any, dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
+    """Unweighted mean and std over nodes of every numeric metric any node reported."""
+    keys = sorted({k for metrics in per_node.values() for k in metrics})
+    mean, std = {}, {}
+    for key in keys:
+        values = [m[key] for m in per_node.values() if key in m and not math.isnan(float(m[key]))]
+        if values:
+            mean[key] = float(np.mean(values))
+            std[key] = float(np.std(values))
+    return mean, std
+
+
+class ResultsWriter:
+    def __init__(self, run_dir: Path, run_config: dict[str, Any]) -> None:
+        self.run_dir = run_dir
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.metrics_path.write_text("")
+        (run_dir / "run_config.json").write_text(json.dumps(run_config, indent=2))
+        self.rounds: list[dict[str, Any]] = []
+        self.started = time.time()
+
+    def log_round(self, record: dict[str, Any]) -> None:
+        self.rounds.append(record)
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def summary(self) -> dict[str, Any]:
+        evaluated = [r for r in self.rounds if "local_t_acc" in r["mean"]]
+        summary: dict[str, Any] = {
+            "rounds": len(self.rounds),
+            "wall_seconds": time.time() - self.started,
+            "mean_seconds_per_round": _mean(r["seconds"] for r in self.rounds),
+            "mean_bytes_sent_per_client_per_round": _mean(
+                r["mean"].get("bytes_sent", 0.0) for r in self.rounds
+            ),
+            "mean_params_sent_per_client_per_round": _mean(
+                r["mean"].get("params_sent", 0.0) for r in self.rounds
+            ),
+        }
+        if evaluated:
+            summary["last"] = _accuracy_view(evaluated[-1])
+            for key in ACCURACY_KEYS:
+                best = max(evaluated, key=lambda r, k=key: r["mean"][k])
+                summary[f"best_by_{key}"] = _accuracy_view(best)
+        return summary
+
+    def finish(self) -> dict[str, Any]:
+        summary = self.summary()
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.plot()
+        return summary
+
+    def plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        evaluated = [r for r in self.rounds if "local_t_acc" in r["mean"]]
+        if not evaluated:
+            return
+        fig, ax = plt.subplots(figsize=(6, 4))
+        rounds = [r["round"] for r in evaluated]
+        for key, label in zip(ACCURACY_KEYS, ("Local-T", "Global-T"), strict=True):
+            mean = np.array([r["mean"][key] for r in evaluated])
+            std = np.array([r["std"][key] for r in evaluated])
+            ax.plot(rounds, mean, marker="o", label=label)
+            ax.fill_between(rounds, mean - std, mean + std, alpha=0.2)
+        ax.set_xlabel("round")
+        ax.set_ylabel("accuracy (mean ± std over clients)")
+        ax.set_title(self.run_dir.name)
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(self.run_dir / "convergence.png", dpi=120)
+        plt.close(fig)
+
+
+def _accuracy_view(record: dict[str, Any]) -> dict[str, Any]:
+    view: dict[str, Any] = {"round": record["round"]}
+    for key in ACCURACY_KEYS:
+        view[key] = {"mean": record["mean"][key], "std": record["std"][key]}
+    return view
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return float(np.mean(values)) if values else 0.0

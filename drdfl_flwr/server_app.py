@@ -1,0 +1,70 @@
+"""The ServerApp: in the decentralized modes a relay, never an aggregator.
+
+It validates the run config, builds the topology and the relay strategy, and writes
+per-round results. Progress goes to the log, one line per round.
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+
+from drdfl_flwr.config import RunConfig
+from drdfl_flwr.results import ResultsWriter
+from strategies.relay import RingRelay
+from strategies.topology import build_topology
+
+app = ServerApp()
+
+
+def run_dir_for(cfg: RunConfig) -> Path:
+    name = cfg.run_name or f"{cfg.method}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return (Path(cfg.results_dir).expanduser() / name).resolve()
+
+
+def progress_line(record: dict, num_rounds: int) -> str:
+    mean, std = record["mean"], record["std"]
+    parts = [f"[round {record['round']}/{num_rounds}] {record['seconds']:.1f}s"]
+    for key, label in (("local_t_acc", "Local-T"), ("global_t_acc", "Global-T")):
+        if key in mean:
+            parts.append(f"{label} {100 * mean[key]:.2f}±{100 * std[key]:.2f}%")
+    parts.append(f"sent {mean.get('bytes_sent', 0) / 1024:.1f} KiB/client")
+    if record["failed"]:
+        parts.append(f"skipped partitions {record['failed']}")
+    return " | ".join(parts)
+
+
+def run_relay(grid: Grid, cfg: RunConfig) -> dict:
+    """Run the configured job on ``grid``; returns the summary that was written."""
+    writer = ResultsWriter(run_dir_for(cfg), cfg.to_run_config())
+    log(INFO, "Results go to %s", writer.run_dir)
+
+    def on_round(record: dict) -> None:
+        writer.log_round(record)
+        log(INFO, progress_line(record, cfg.num_server_rounds))
+
+    relay = RingRelay(
+        topology=build_topology(cfg.topology),
+        mode=cfg.mode,
+        round_timeout=cfg.round_timeout,
+        node_wait_timeout=cfg.node_wait_timeout,
+        eval_every=cfg.eval_every,
+        on_round=on_round,
+    )
+    relay.start(grid, num_rounds=cfg.num_server_rounds)
+    summary = writer.finish()
+    log(INFO, "Summary: %s", summary.get("last"))
+    log(
+        INFO, "Results written to %s (metrics.jsonl, summary.json, convergence.png)", writer.run_dir
+    )
+    return summary
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_relay(grid, RunConfig.from_run_config(context.run_config))
