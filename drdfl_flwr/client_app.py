@@ -13,6 +13,7 @@ from logging import WARNING
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import log
 
 from drdfl_flwr.config import RunConfig
@@ -29,8 +30,6 @@ from drdfl_flwr.payload import (
 )
 
 STATE_KEY = "learner"
-
-app = ClientApp()
 
 
 def node_partition(context: Context) -> tuple[int, int]:
@@ -58,7 +57,6 @@ def save(context: Context, learner: Learner) -> None:
     context.state.config_records[STATE_KEY] = ConfigRecord({"blob": learner.to_bytes()})
 
 
-@app.query()
 def describe(msg: Message, context: Context) -> Message:
     """Tell the relay where this node sits in the ring."""
     partition_id, num_partitions = node_partition(context)
@@ -66,7 +64,6 @@ def describe(msg: Message, context: Context) -> Message:
     return Message(RecordDict({CONFIG: info}), reply_to=msg)
 
 
-@app.train()
 def train(msg: Message, context: Context) -> Message:
     _, data, learner, partition_id = restore(context)
     received = [
@@ -97,9 +94,38 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-@app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     _, data, learner, _ = restore(context)
     metrics = learner.evaluate(data)
     metrics["num-examples-local-t"] = float(len(data.y_local_test))
     return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+
+def with_run_config(overrides: dict) -> Mod:
+    """A mod that puts ``overrides`` into the run config (in-process runs, notebooks).
+
+    Flower refuses a changed ``context.run_config`` after a handler returns, so the
+    original is put back once the handler is done.
+    """
+
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        original = dict(context.run_config)
+        context.run_config.update(overrides)
+        try:
+            return call_next(msg, context)
+        finally:
+            context.run_config.clear()
+            context.run_config.update(original)
+
+    return mod
+
+
+def build_client_app(mods: list[Mod] | None = None) -> ClientApp:
+    client_app = ClientApp(mods=mods or [])
+    client_app.query()(describe)
+    client_app.train()(train)
+    client_app.evaluate()(evaluate)
+    return client_app
+
+
+app = build_client_app()

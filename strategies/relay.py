@@ -101,7 +101,10 @@ class RingRelay(Strategy):
                 ]
                 for reply in grid.send_and_receive(queries, timeout=30.0):
                     if reply.has_error():
-                        continue
+                        raise RuntimeError(
+                            f"node {reply.metadata.src_node_id} could not describe itself "
+                            f"(is its node config right?): {reply.error.reason}"
+                        )
                     info = reply.content[CONFIG]
                     node = reply.metadata.src_node_id
                     known[node] = RingMember(node, int(info["partition-id"]))

@@ -1,0 +1,355 @@
+"""DFML (paper 002, Khalil et al. 2024): decentralized federated mutual learning.
+
+Every node owns one classifier whose architecture may differ from its neighbours'
+(``architectures`` in the run config, cycled over partition ids). Each round a node
+
+1. *absorbs* the models its in-neighbours sent (validated first; each payload names its
+   architecture by ``arch_id``, so a ResNet-8 node can host a ResNet-18 peer),
+2. runs *mutual learning* on its own training data between its own model and every
+   received model: model i minimizes
+
+       L_i = (1 - a) * L_WSM(f_i(x), y) + a * mean_{j != i} KL(p_j || p_i),
+
+   with p_j = softmax(f_j(x)) detached (deep mutual learning: each model is a student of
+   the others' current predictions). Knowledge crosses architectures through logits
+   only, never through weights. With no peer, the loss is L_WSM alone.
+3. *sends its own model* to its out-neighbours (``dfml-share = "own"``, the default).
+
+L_WSM is the re-weighted softmax cross-entropy of Legate et al. (2023) that DFML adopts:
+the softmax is weighted by the local class proportions beta_k = n_k / n,
+``p(y | x) = beta_y exp(z_y) / sum_k beta_k exp(z_k)``, i.e. ``log beta`` is added to the
+logits, so a class absent from the local data (beta_k = 0) is masked out of the
+normalizer and its logit gets no gradient from the supervised term: local labels can
+no longer push down the classes this node never sees, which is the forgetting DFML
+wants to avoid. The KL term uses the plain softmax, so absent classes still learn from
+the peers.
+
+``a`` follows a cyclic schedule over rounds (:func:`cyclic_alpha`): within each period
+of ``dfml-period`` rounds it rises along a half cosine from ``dfml-alpha-min`` (mostly
+supervision) to ``dfml-alpha-max`` (mostly distillation) and then restarts. As in the
+paper, a *peak model* is kept per node: a snapshot of the node's own model taken at the
+end of every round in which ``a`` reached ``dfml-alpha-max`` (the last round of each
+period), where DFML's global accuracy peaks. The selection is by the schedule alone, not
+by any accuracy, so no test or held-out data is looked at. :meth:`predict` uses the
+latest peak model (``dfml-predict = "peak"``, default; the current model before the
+first peak) or always the current model (``dfml-predict = "current"``).
+
+Mapping the paper onto a relay topology. In the paper a random aggregator receives the
+anchors' models, runs mutual learning on its data and returns each updated model to its
+owner. On a ring a node cannot answer its predecessor, so each node acts as the
+aggregator of the models it receives and sends its own (updated) model on. The received
+models are trained too (they are students, not frozen teachers, exactly as at the
+paper's aggregator) and are kept in :attr:`peers` (an ``nn.ModuleDict``, part of the
+private state) until the next payload replaces them: a round with no payload
+mutual-learns with the peers kept from before. With ``dfml-share = "received"`` the
+node instead passes on the updated model it received (the first in-neighbour's), so
+models travel along the ring and are trained on every node's data in turn, closer to the
+paper's "model goes out, comes back improved"; the node's own model then learns from
+the travellers by distillation only.
+
+Payload: ``arch_id`` (int64, shape (1,), an index into :data:`ARCHITECTURES`) and the
+model's full ``state_dict`` under ``model.<key>`` (BatchNorm statistics included).
+Optimizers of received models are not transmitted; a fresh one is made each round.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from drdfl_flwr.config import ConfigError, RunConfig
+from drdfl_flwr.data import ClientData
+from drdfl_flwr.learner import Learner
+from drdfl_flwr.models import build_classifier
+from drdfl_flwr.models.resnet8 import resnet8_cifar
+from drdfl_flwr.payload import PayloadError, Tensors, check_payload
+
+# arch_id -> name. The order is part of the wire format: append, never reorder.
+ARCHITECTURES: tuple[str, ...] = ("small-cnn", "resnet8", "resnet18")
+
+DEFAULT_PERIOD = 4
+DEFAULT_ALPHA_MIN = 0.0
+DEFAULT_ALPHA_MAX = 0.8
+SHARE_CHOICES = ("own", "received")
+PREDICT_CHOICES = ("peak", "current")
+
+# (arch, input_shape, num_classes) -> expected payload (meta tensors: shapes and dtypes only)
+_TEMPLATES: dict[tuple[str, tuple[int, int, int], int], Tensors] = {}
+
+
+def cyclic_alpha(round: int, period: int, a_min: float, a_max: float) -> float:
+    """Distillation weight of round ``round`` (0-based).
+
+    Within each period it rises along a half cosine from ``a_min`` (first round of the
+    period) to exactly ``a_max`` (last round), then restarts at ``a_min``. A period of 1
+    gives ``a_max`` every round.
+    """
+    if period < 1:
+        raise ValueError(f"period must be >= 1, got {period}")
+    if not 0.0 <= a_min <= a_max <= 1.0:
+        raise ValueError(f"need 0 <= a_min <= a_max <= 1, got a_min={a_min}, a_max={a_max}")
+    if round < 0:
+        raise ValueError(f"round must be >= 0, got {round}")
+    if period == 1:
+        return float(a_max)
+    phase = (round % period) / (period - 1)
+    return float(a_min + (a_max - a_min) * 0.5 * (1.0 - math.cos(math.pi * phase)))
+
+
+def is_peak_round(round: int, period: int) -> bool:
+    """True for the last round of each period, where :func:`cyclic_alpha` is ``a_max``."""
+    return round % period == period - 1
+
+
+def class_proportions(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """beta_k = n_k / n over the local training labels (zeros for absent classes)."""
+    counts = torch.bincount(y.long().flatten(), minlength=num_classes).float()
+    return counts / counts.sum().clamp_min(1.0)
+
+
+def wsm_cross_entropy(
+    logits: torch.Tensor, y: torch.Tensor, proportions: torch.Tensor
+) -> torch.Tensor:
+    """Re-weighted softmax cross-entropy: CE of ``logits + log beta``.
+
+    Classes with beta_k = 0 are masked (-inf) so they leave the normalizer and get no
+    gradient; every label in ``y`` must have beta_y > 0 (it does when beta comes from the
+    same local data).
+    """
+    log_beta = torch.log(proportions.to(logits.device, logits.dtype))  # -inf where absent
+    return F.cross_entropy(logits + log_beta, y)
+
+
+def kl_to_peers(logits: torch.Tensor, peer_log_probs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """mean_j KL(p_j || p) with p = softmax(logits); the peers' ``log p_j`` are targets."""
+    log_p = F.log_softmax(logits, dim=1)
+    terms = [
+        F.kl_div(log_p, target.detach(), log_target=True, reduction="batchmean")
+        for target in peer_log_probs
+    ]
+    return torch.stack(terms).mean()
+
+
+def build_architecture(name: str, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """Any of :data:`ARCHITECTURES` (ResNet-8 is built here until build_classifier has it)."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
+    if name == "resnet8":
+        return resnet8_cifar(input_shape[0], num_classes)
+    return build_classifier(name, input_shape, num_classes)
+
+
+def node_architecture(cfg: RunConfig, partition_id: int) -> str:
+    """The node's architecture: ``architectures`` cycled over partition ids, or ``classifier``."""
+    spec = str(getattr(cfg, "architectures", "") or "")
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    if not names:
+        names = [cfg.classifier]
+    for name in names:
+        if name not in ARCHITECTURES:
+            raise ConfigError("architectures", spec, f"{name!r} is not one of {ARCHITECTURES}")
+    return names[partition_id % len(names)]
+
+
+def payload_template(arch: str, input_shape: tuple[int, int, int], num_classes: int) -> Tensors:
+    """Keys, shapes and dtypes of an ``arch`` payload (meta tensors, cached)."""
+    key = (arch, tuple(input_shape), num_classes)
+    if key not in _TEMPLATES:
+        with torch.random.fork_rng():  # building must not move the training RNG
+            state = build_architecture(arch, input_shape, num_classes).state_dict()
+        template = {
+            f"model.{k}": torch.empty(v.shape, dtype=v.dtype, device="meta")
+            for k, v in state.items()
+        }
+        template["arch_id"] = torch.empty(1, dtype=torch.int64, device="meta")
+        _TEMPLATES[key] = template
+    return _TEMPLATES[key]
+
+
+class DFMLLearner(Learner):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        input_shape: tuple[int, int, int],
+        num_classes: int,
+        *,
+        partition_id: int = 0,
+    ):
+        super().__init__(cfg, input_shape, num_classes)
+        self.partition_id = partition_id
+        self.period = int(getattr(cfg, "dfml_period", DEFAULT_PERIOD))
+        self.alpha_min = float(getattr(cfg, "dfml_alpha_min", DEFAULT_ALPHA_MIN))
+        self.alpha_max = float(getattr(cfg, "dfml_alpha_max", DEFAULT_ALPHA_MAX))
+        cyclic_alpha(0, self.period, self.alpha_min, self.alpha_max)  # validates
+        self.share = str(getattr(cfg, "dfml_share", "own"))
+        if self.share not in SHARE_CHOICES:
+            raise ConfigError("dfml-share", self.share, f"must be one of {SHARE_CHOICES}")
+        self.predict_with = str(getattr(cfg, "dfml_predict", "peak"))
+        if self.predict_with not in PREDICT_CHOICES:
+            raise ConfigError(
+                "dfml-predict", self.predict_with, f"must be one of {PREDICT_CHOICES}"
+            )
+        self.arch = node_architecture(cfg, partition_id)
+        self.model = build_architecture(self.arch, input_shape, num_classes).to(self.device)
+        self.peak = copy.deepcopy(self.model)
+        self.peak_round = -1  # round whose end the peak snapshot was taken at; -1 = none yet
+        self.peers = nn.ModuleDict()
+        self.peer_archs: list[str] = []
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.learning_rate)
+
+    # -- schedule ---------------------------------------------------------------------
+    def alpha(self, round: int | None = None) -> float:
+        """The distillation weight for ``round`` (default: the round about to be trained)."""
+        r = self.rounds_trained if round is None else round
+        return cyclic_alpha(r, self.period, self.alpha_min, self.alpha_max)
+
+    # -- communication ------------------------------------------------------------------
+    def shared_payload(self) -> Tensors:
+        if self.share == "received" and len(self.peers):
+            return self._payload_of(self.peers["0"], self.peer_archs[0])
+        return self._payload_of(self.model, self.arch)
+
+    @staticmethod
+    def _payload_of(model: nn.Module, arch: str) -> Tensors:
+        payload = {f"model.{k}": v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        payload["arch_id"] = torch.tensor([ARCHITECTURES.index(arch)], dtype=torch.int64)
+        return payload
+
+    def parse_payload(self, payload: Mapping[str, torch.Tensor]) -> tuple[str, Tensors]:
+        """Validate one payload; return its architecture and model state. Changes nothing."""
+        if not isinstance(payload, Mapping):
+            raise PayloadError(f"DFML payload must be a mapping, got {type(payload).__name__}")
+        arch_id = payload.get("arch_id")
+        if not isinstance(arch_id, torch.Tensor):
+            raise PayloadError("DFML payload has no 'arch_id' tensor")
+        if arch_id.numel() != 1 or arch_id.is_floating_point() or arch_id.is_complex():
+            raise PayloadError(
+                f"payload 'arch_id' must be one integer, got dtype {arch_id.dtype} "
+                f"shape {tuple(arch_id.shape)}"
+            )
+        index = int(arch_id.item())
+        if not 0 <= index < len(ARCHITECTURES):
+            raise PayloadError(
+                f"payload 'arch_id' = {index} names no known architecture "
+                f"(0..{len(ARCHITECTURES) - 1}: {', '.join(ARCHITECTURES)})"
+            )
+        arch = ARCHITECTURES[index]
+        try:
+            expected = payload_template(arch, self.input_shape, self.num_classes)
+        except ValueError as err:
+            raise PayloadError(f"payload architecture {arch!r} cannot run here: {err}") from None
+        for key, value in payload.items():
+            if not isinstance(value, torch.Tensor):
+                raise PayloadError(f"payload '{key}' is a {type(value).__name__}, not a tensor")
+        check_payload(payload, expected)
+        for key, ref in expected.items():
+            if payload[key].is_floating_point() != ref.is_floating_point():
+                raise PayloadError(
+                    f"payload '{key}' has dtype {payload[key].dtype}, expected {ref.dtype}"
+                )
+        state = {k.removeprefix("model."): v for k, v in payload.items() if k.startswith("model.")}
+        return arch, state
+
+    def absorb(self, payloads: Sequence[Tensors]) -> None:
+        if not payloads:
+            return
+        parsed = [self.parse_payload(p) for p in payloads]  # all validated before any change
+        self._set_peers([arch for arch, _ in parsed])
+        for (_, state), peer in zip(parsed, self.peers.values(), strict=True):
+            peer.load_state_dict({k: v.to(self.device) for k, v in state.items()})
+
+    def _set_peers(self, archs: Sequence[str]) -> None:
+        """Replace :attr:`peers` by freshly built (not yet loaded) models of ``archs``."""
+        with torch.random.fork_rng():  # their random init is overwritten; keep the RNG
+            peers = {
+                str(i): build_architecture(a, self.input_shape, self.num_classes)
+                for i, a in enumerate(archs)
+            }
+        self.peers = nn.ModuleDict(peers).to(self.device)
+        self.peer_archs = list(archs)
+
+    # -- training -------------------------------------------------------------------------
+    def mutual_losses(
+        self, x: torch.Tensor, y: torch.Tensor, alpha: float, proportions: torch.Tensor
+    ) -> list[dict[str, torch.Tensor]]:
+        """Per model (own first, then peers): ``l_wsm``, ``l_kl`` and the weighted ``total``."""
+        models = [self.model, *self.peers.values()]
+        logits = [m(x) for m in models]
+        log_probs = [F.log_softmax(z, dim=1).detach() for z in logits]
+        out = []
+        for i, z in enumerate(logits):
+            l_wsm = wsm_cross_entropy(z, y, proportions)
+            if len(models) == 1:
+                out.append({"l_wsm": l_wsm, "l_kl": z.new_zeros(()), "total": l_wsm})
+                continue
+            l_kl = kl_to_peers(z, [lp for j, lp in enumerate(log_probs) if j != i])
+            out.append({"l_wsm": l_wsm, "l_kl": l_kl, "total": (1 - alpha) * l_wsm + alpha * l_kl})
+        return out
+
+    def fit(self, data: ClientData, partition_id: int = 0) -> dict[str, float]:
+        round_index = self.rounds_trained
+        alpha = self.alpha(round_index)
+        proportions = class_proportions(data.y_train, self.num_classes).to(self.device)
+        self.model.train()
+        self.peers.train()
+        peer_opt = (
+            torch.optim.Adam(self.peers.parameters(), lr=self.cfg.learning_rate)
+            if len(self.peers)
+            else None
+        )
+        sums = {"l_wsm": 0.0, "l_kl": 0.0, "l_wsm_peers": 0.0}
+        steps = 0
+        for x, y in self.batches(data, self.round_generator(partition_id)):
+            parts = self.mutual_losses(x, y, alpha, proportions)
+            total = torch.stack([p["total"] for p in parts]).sum()
+            self.optimizer.zero_grad(set_to_none=True)
+            if peer_opt is not None:
+                peer_opt.zero_grad(set_to_none=True)
+            total.backward()
+            self.optimizer.step()
+            if peer_opt is not None:
+                peer_opt.step()
+            sums["l_wsm"] += parts[0]["l_wsm"].item()
+            sums["l_kl"] += parts[0]["l_kl"].item()
+            if len(parts) > 1:
+                sums["l_wsm_peers"] += sum(p["l_wsm"].item() for p in parts[1:]) / (len(parts) - 1)
+            steps += 1
+        if is_peak_round(round_index, self.period):
+            self.peak.load_state_dict(self.model.state_dict())
+            self.peak_round = round_index
+        self.rounds_trained += 1
+        metrics = {k: v / max(steps, 1) for k, v in sums.items()}
+        metrics["alpha"] = alpha
+        metrics["num_peers"] = float(len(self.peers))
+        return metrics
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        model = self.peak if self.predict_with == "peak" and self.peak_round >= 0 else self.model
+        model.eval()
+        return model(x)
+
+    # -- private state ------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Base state plus what rebuilds the dynamic parts: peers' architectures, peak round."""
+        state = super().state_dict()
+        state["arch"] = self.arch
+        state["peer_archs"] = list(self.peer_archs)
+        state["peak_round"] = self.peak_round
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        arch = state.pop("arch", self.arch)
+        if arch != self.arch:
+            raise ValueError(
+                f"saved state is for architecture {arch!r}, this node runs {self.arch!r}"
+            )
+        self._set_peers(state.pop("peer_archs", []))
+        self.peak_round = int(state.pop("peak_round", -1))
+        super().load_state_dict(state)

@@ -1,0 +1,214 @@
+"""DSLTH / MCE-PL (paper 003): personalized binary masks over shared fixed random weights.
+
+Every node builds the same fixed random weights ``w`` from the run seed (they never
+cross the wire) and learns private real-valued scores ``s``; its model is
+``w * m(s)``, ``m`` keeping the top ``r`` fraction of ``|s|`` per layer, trained with
+straight-through gradients (see :mod:`drdfl_flwr.models.masked`). ``r`` may differ per
+node (node heterogeneity): ``dslth-keep-ratios`` lists one ratio per partition.
+An optional group lasso ``lambda * sum_filters ||s_filter||_2`` (``dslth-group-lasso``)
+pushes whole filters out of the mask (structured sparsity).
+
+Shared each round: the binary mask, 1 bit per entry (``numpy.packbits``, one uint8
+tensor per layer, key ``mask.<layer>``; the shape is implied by the receiver's own,
+identical layer). :meth:`DSLTHLearner.paper_payload_bits` gives the paper's count
+(the number of ones, 1 bit each) beside the bytes the relay measures on the wire.
+
+On receipt (:meth:`absorb`) the masks are fused into the scores through the paper's
+intermediate tensor, per layer ``y = s + mean|s| * sign(s) * mean_j(m_j)``, ``s <- y``;
+then :meth:`fit` first runs ``dslth-finetune-steps`` mini-batch steps of personalized
+fine-tuning of the scores on local data, followed by the usual ``local-epochs`` of
+local training. Both steps train the scores only; ``w`` never changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from itertools import islice
+
+import torch
+import torch.nn.functional as F
+
+from drdfl_flwr.bitpack import pack_bits, unpack_bits
+from drdfl_flwr.config import ConfigError, RunConfig
+from drdfl_flwr.data import ClientData
+from drdfl_flwr.learner import Learner
+from drdfl_flwr.models.masked import WEIGHT_INITS, build_masked_classifier
+from drdfl_flwr.payload import PayloadError, Tensors
+
+DEFAULT_KEEP_RATIO = 0.5
+DEFAULT_GROUP_LASSO = 0.0
+DEFAULT_FINETUNE_STEPS = 1
+DEFAULT_WEIGHT_INIT = "signed-constant"
+MASK_PREFIX = "mask."
+
+
+def parse_keep_ratios(text: str) -> tuple[float, ...]:
+    """``"0.2,0.5, 0.8"`` -> (0.2, 0.5, 0.8); ``""`` -> (). Each must lie in (0, 1]."""
+    if not text.strip():
+        return ()
+    ratios = []
+    for part in text.split(","):
+        try:
+            ratio = float(part)
+        except ValueError:
+            raise ConfigError(
+                "dslth-keep-ratios", text, f"{part.strip()!r} is not a number"
+            ) from None
+        if not 0.0 < ratio <= 1.0:
+            raise ConfigError("dslth-keep-ratios", text, f"{ratio} does not lie in (0, 1]")
+        ratios.append(ratio)
+    return tuple(ratios)
+
+
+def keep_ratio_for(cfg: RunConfig, partition_id: int) -> float:
+    """This node's r: ``dslth-keep-ratios[partition_id % len]`` if set, else
+    ``dslth-keep-ratio``."""
+    ratios = parse_keep_ratios(str(getattr(cfg, "dslth_keep_ratios", "")))
+    if ratios:
+        return ratios[partition_id % len(ratios)]
+    ratio = float(getattr(cfg, "dslth_keep_ratio", DEFAULT_KEEP_RATIO))
+    if not 0.0 < ratio <= 1.0:
+        raise ConfigError("dslth-keep-ratio", ratio, "must lie in (0, 1]")
+    return ratio
+
+
+class DSLTHLearner(Learner):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        input_shape: tuple[int, int, int],
+        num_classes: int,
+        partition_id: int = 0,
+    ):
+        super().__init__(cfg, input_shape, num_classes)
+        self.partition_id = partition_id
+        self.keep_ratio = keep_ratio_for(cfg, partition_id)
+        self.group_lasso = float(getattr(cfg, "dslth_group_lasso", DEFAULT_GROUP_LASSO))
+        if self.group_lasso < 0:
+            raise ConfigError("dslth-group-lasso", self.group_lasso, "must be >= 0")
+        self.finetune_steps = int(getattr(cfg, "dslth_finetune_steps", DEFAULT_FINETUNE_STEPS))
+        if self.finetune_steps < 0:
+            raise ConfigError("dslth-finetune-steps", self.finetune_steps, "must be >= 0")
+        init = str(getattr(cfg, "dslth_weight_init", DEFAULT_WEIGHT_INIT))
+        if init not in WEIGHT_INITS:
+            raise ConfigError(
+                "dslth-weight-init", init, f"must be one of {', '.join(WEIGHT_INITS)}"
+            )
+        try:
+            net = build_masked_classifier(
+                cfg.classifier,
+                input_shape,
+                num_classes,
+                self.keep_ratio,
+                weight_seed=cfg.seed,  # shared by every node: the fixed weights
+                score_seed=cfg.seed * 1_000_033 + 7_919 * partition_id + 1,  # private
+                init=init,
+            )
+        except ValueError as err:
+            raise ConfigError("classifier", cfg.classifier, str(err)) from None
+        self.net = net.to(self.device)
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.learning_rate)
+
+    # -- communication -------------------------------------------------------------
+    def layer_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Payload key -> shape of that layer's mask (known to every node alike)."""
+        return {
+            MASK_PREFIX + name: tuple(layer.weight.shape)
+            for name, layer in self.net.masked_layers().items()
+        }
+
+    def shared_payload(self) -> Tensors:
+        return {
+            MASK_PREFIX + name: pack_bits(layer.binary_mask())
+            for name, layer in self.net.masked_layers().items()
+        }
+
+    def paper_payload_bits(self) -> int:
+        """The paper's communication count: ones in the mask, 1 bit each."""
+        return int(
+            sum(layer.binary_mask().sum().item() for layer in self.net.masked_layers().values())
+        )
+
+    def mask_entries(self) -> int:
+        """Entries of the whole mask (bits on the wire before byte padding and headers)."""
+        return sum(layer.num_entries for layer in self.net.masked_layers().values())
+
+    def decode_payload(self, payload: Tensors) -> dict[str, torch.Tensor]:
+        """The bool masks in ``payload``, by layer name; :class:`PayloadError` if malformed."""
+        if not isinstance(payload, dict):
+            raise PayloadError(f"DSLTH payload must be a dict of tensors, got {type(payload)}")
+        shapes = self.layer_shapes()
+        missing = sorted(set(shapes) - set(payload))
+        extra = sorted(set(payload) - set(shapes))
+        if missing or extra:
+            raise PayloadError(
+                f"DSLTH payload keys differ: missing {missing[:5]}, unexpected {extra[:5]}"
+            )
+        return {
+            key.removeprefix(MASK_PREFIX): unpack_bits(payload[key], shape, name=key)
+            for key, shape in shapes.items()
+        }
+
+    def absorb(self, payloads: Sequence[Tensors]) -> None:
+        if not payloads:
+            return
+        decoded = [self.decode_payload(p) for p in payloads]  # validate all, change nothing
+        with torch.no_grad():
+            for name, layer in self.net.masked_layers().items():
+                mean_mask = torch.stack([d[name] for d in decoded]).float().mean(0)
+                s = layer.scores
+                # y = s + mean|s| * sign(s) * mean_j(m_j): entries the neighbours keep grow
+                # in magnitude, so they are more likely to enter this node's top-r.
+                s.add_(s.abs().mean() * s.sign() * mean_mask.to(s.device))
+            self.net.pending_finetune.fill_(True)
+
+    # -- training --------------------------------------------------------------------
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        ce = F.cross_entropy(self.net(x), y)
+        loss = ce
+        parts = {"l_ce": ce.item()}
+        if self.group_lasso > 0:
+            penalty = self.net.group_lasso()
+            loss = loss + self.group_lasso * penalty
+            parts["l_group_lasso"] = penalty.item()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return parts
+
+    def endless_batches(
+        self, data: ClientData, generator: torch.Generator
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield from self.batches(data, generator)
+
+    def fit(self, data: ClientData, partition_id: int = 0) -> dict[str, float]:
+        self.net.train()
+        sums: dict[str, float] = {}
+        steps: dict[str, int] = {}
+
+        def record(prefix: str, parts: dict[str, float]) -> None:
+            for k, v in parts.items():
+                key = k if not prefix else f"{prefix}_{k}"
+                sums[key] = sums.get(key, 0.0) + v
+                steps[key] = steps.get(key, 0) + 1
+
+        generator = self.round_generator(partition_id)
+        if len(data.y_train) and bool(self.net.pending_finetune) and self.finetune_steps:
+            # Personalized fine-tuning right after fusion (paper 003, section III-C).
+            for x, y in islice(self.endless_batches(data, generator), self.finetune_steps):
+                record("finetune", self.step(x, y))
+        self.net.pending_finetune.fill_(False)
+        for x, y in self.batches(data, generator):
+            record("", self.step(x, y))
+        self.rounds_trained += 1
+        return {k: v / steps[k] for k, v in sums.items()}
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        self.net.eval()
+        return self.net(x)
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.net.check_weights()
