@@ -18,8 +18,14 @@ from drdfl_flwr.payload import PayloadError, Tensors
 
 
 class LocalLearner(Learner):
-    def __init__(self, cfg: RunConfig, input_shape: tuple[int, int, int], num_classes: int):
-        super().__init__(cfg, input_shape, num_classes)
+    def __init__(
+        self,
+        cfg: RunConfig,
+        input_shape: tuple[int, int, int],
+        num_classes: int,
+        partition_id: int = 0,
+    ):
+        super().__init__(cfg, input_shape, num_classes, partition_id)
         self.classifier = build_classifier(cfg.classifier, input_shape, num_classes).to(self.device)
         self.optimizer = torch.optim.Adam(self.classifier.parameters(), lr=cfg.learning_rate)
 

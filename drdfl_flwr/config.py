@@ -15,11 +15,16 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-METHODS = ("drdfl", "local")
+METHODS = ("drdfl", "local", "dfml", "dslth")
 MODES = ("synchronous", "sequential")
 TOPOLOGIES = ("ring",)
 PARTITIONERS = ("dirichlet", "shard", "iid")
-CLASSIFIERS = ("small-cnn", "resnet18")
+CLASSIFIERS = ("small-cnn", "resnet8", "resnet18", "alexnet-dslth")
+DENSE_CLASSIFIERS = ("small-cnn", "resnet8", "resnet18")  # alexnet-dslth is DSLTH-only
+DSLTH_CLASSIFIERS = ("small-cnn", "alexnet-dslth")
+DFML_SHARES = ("own", "received")
+DFML_PREDICTS = ("peak", "current")
+DSLTH_WEIGHT_INITS = ("signed-constant", "kaiming-normal", "uniform")
 LEARNGENE_MERGES = ("average", "replace")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -64,6 +69,19 @@ class RunConfig:
     results_dir: str = "results"
     run_name: str = ""
     device: str = "auto"
+    # DFML (paper 002)
+    architectures: str = ""
+    dfml_period: int = 4
+    dfml_alpha_min: float = 0.0
+    dfml_alpha_max: float = 0.8
+    dfml_share: str = "own"
+    dfml_predict: str = "peak"
+    # DSLTH (paper 003)
+    dslth_keep_ratio: float = 0.5
+    dslth_keep_ratios: str = ""
+    dslth_group_lasso: float = 0.0
+    dslth_finetune_steps: int = 1
+    dslth_weight_init: str = "signed-constant"
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
@@ -92,6 +110,8 @@ class RunConfig:
             raise ConfigError("ema-alpha", self.ema_alpha, "must lie in [0, 1]")
         if self.noise_variance < 0:
             raise ConfigError("noise-variance", self.noise_variance, "must be >= 0")
+        self._validate_dfml()
+        self._validate_dslth()
         if self.data_dir:
             folder = Path(self.data_dir).expanduser()
             if not folder.is_dir():
@@ -102,6 +122,54 @@ class RunConfig:
                 raise ConfigError(
                     "data-dir", self.data_dir, "must hold train.parquet and test.parquet"
                 )
+
+    def _validate_dfml(self) -> None:
+        _positive("dfml-period", self.dfml_period)
+        for key in ("dfml-alpha-min", "dfml-alpha-max"):
+            if not 0.0 <= getattr(self, _attr(key)) <= 1.0:
+                raise ConfigError(key, getattr(self, _attr(key)), "must lie in [0, 1]")
+        if self.dfml_alpha_min > self.dfml_alpha_max:
+            raise ConfigError(
+                "dfml-alpha-min",
+                self.dfml_alpha_min,
+                f"must not exceed dfml-alpha-max ({self.dfml_alpha_max})",
+            )
+        _choice("dfml-share", self.dfml_share, DFML_SHARES)
+        _choice("dfml-predict", self.dfml_predict, DFML_PREDICTS)
+        for name in self.architecture_list():
+            _choice("architectures", name, DENSE_CLASSIFIERS)
+        if self.method != "dslth" and self.classifier not in DENSE_CLASSIFIERS:
+            raise ConfigError(
+                "classifier", self.classifier, f"{self.method} needs one of {DENSE_CLASSIFIERS}"
+            )
+
+    def _validate_dslth(self) -> None:
+        if not 0.0 < self.dslth_keep_ratio <= 1.0:
+            raise ConfigError("dslth-keep-ratio", self.dslth_keep_ratio, "must lie in (0, 1]")
+        if any(not 0.0 < r <= 1.0 for r in self.keep_ratio_list()):
+            raise ConfigError(
+                "dslth-keep-ratios", self.dslth_keep_ratios, "every ratio must lie in (0, 1]"
+            )
+        if self.dslth_group_lasso < 0:
+            raise ConfigError("dslth-group-lasso", self.dslth_group_lasso, "must be >= 0")
+        if self.dslth_finetune_steps < 0:
+            raise ConfigError("dslth-finetune-steps", self.dslth_finetune_steps, "must be >= 0")
+        _choice("dslth-weight-init", self.dslth_weight_init, DSLTH_WEIGHT_INITS)
+        if self.method == "dslth":
+            _choice("classifier", self.classifier, DSLTH_CLASSIFIERS)
+
+    def architecture_list(self) -> list[str]:
+        """``architectures`` split on commas (empty: every node uses ``classifier``)."""
+        return [a.strip() for a in self.architectures.split(",") if a.strip()]
+
+    def keep_ratio_list(self) -> list[float]:
+        """``dslth-keep-ratios`` as floats (empty: every node uses ``dslth-keep-ratio``)."""
+        try:
+            return [float(r) for r in self.dslth_keep_ratios.split(",") if r.strip()]
+        except ValueError:
+            raise ConfigError(
+                "dslth-keep-ratios", self.dslth_keep_ratios, "must be comma-separated numbers"
+            ) from None
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:

@@ -25,6 +25,8 @@ from drdfl_flwr.payload import Tensors
 LEARNERS: dict[str, str] = {
     "drdfl": "drdfl_flwr.methods.drdfl:DRDFLLearner",
     "local": "baselines.local:LocalLearner",
+    "dfml": "drdfl_flwr.methods.dfml:DFMLLearner",
+    "dslth": "drdfl_flwr.methods.dslth:DSLTHLearner",
 }
 assert set(LEARNERS) == set(METHODS), "config.METHODS and LEARNERS must list the same methods"
 
@@ -32,8 +34,15 @@ assert set(LEARNERS) == set(METHODS), "config.METHODS and LEARNERS must list the
 class Learner(ABC):
     """A method's local side. Subclasses hold modules and optimizers as attributes."""
 
-    def __init__(self, cfg: RunConfig, input_shape: tuple[int, int, int], num_classes: int):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        input_shape: tuple[int, int, int],
+        num_classes: int,
+        partition_id: int = 0,
+    ):
         self.cfg = cfg
+        self.partition_id = partition_id
         self.input_shape = input_shape
         self.num_classes = num_classes
         self.device = resolve_device(cfg.device)
@@ -125,7 +134,7 @@ def build_learner(
     module_name, class_name = target.split(":")
     cls = getattr(importlib.import_module(module_name), class_name)
     torch.manual_seed(cfg.seed * 7919 + partition_id)
-    return cls(cfg, input_shape, num_classes)
+    return cls(cfg, input_shape, num_classes, partition_id=partition_id)
 
 
 def resolve_device(name: str) -> torch.device:

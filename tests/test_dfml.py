@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -26,12 +24,17 @@ SHAPE = (1, 8, 8)
 K = 4
 
 
-def make_cfg(**dfml) -> SimpleNamespace:
-    """RunConfig's fields plus the DFML keys (works before config.py knows them)."""
-    base = dataclasses.asdict(RunConfig(device="cpu", local_epochs=1, batch_size=16))
-    base.update({"dfml_period": 4, "dfml_alpha_min": 0.0, "dfml_alpha_max": 0.8})
-    base.update(dfml)
-    return SimpleNamespace(**base)
+def make_cfg(**dfml) -> RunConfig:
+    base = {
+        "method": "dfml",
+        "device": "cpu",
+        "local_epochs": 1,
+        "batch_size": 16,
+        "dfml_period": 4,
+        "dfml_alpha_min": 0.0,
+        "dfml_alpha_max": 0.8,
+    }
+    return RunConfig(**{**base, **dfml})
 
 
 def make_data(classes=(0, 1, 2, 3), n: int = 32, seed: int = 0) -> ClientData:
@@ -167,8 +170,25 @@ def test_node_architecture_cycles_and_validates():
         "small-cnn",
     ]
     assert node_architecture(make_cfg(architectures=""), 3) == "small-cnn"  # = classifier
-    with pytest.raises(ConfigError):
-        node_architecture(make_cfg(architectures="small-cnn,vgg"), 0)
+    with pytest.raises(ConfigError) as err:
+        make_cfg(architectures="small-cnn,vgg")
+    assert err.value.key == "architectures"
+
+
+@pytest.mark.parametrize(
+    "field, value, key",
+    [
+        ("dfml_share", "nobody", "dfml-share"),
+        ("dfml_predict", "best", "dfml-predict"),
+        ("dfml_period", 0, "dfml-period"),
+        ("dfml_alpha_min", -0.1, "dfml-alpha-min"),
+        ("dfml_alpha_max", 1.5, "dfml-alpha-max"),
+    ],
+)
+def test_bad_dfml_config_is_refused_by_run_config(field, value, key):
+    with pytest.raises(ConfigError) as err:
+        make_cfg(**{field: value})
+    assert err.value.key == key
 
 
 def _corrupt(kind: str, payload: dict) -> dict:
@@ -287,8 +307,6 @@ def test_shares_own_model_by_default_and_received_on_request():
     assert all(torch.equal(passed[f"model.{k}"], v) for k, v in updated_peer.items())
     original = sender.shared_payload()
     assert not all(torch.equal(passed[k], original[k]) for k in original)  # it was trained
-    with pytest.raises(ConfigError):
-        learner(0, dfml_share="nobody")
 
 
 def test_resnet18_payload_over_the_wire_on_cifar_shapes():

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 from flwr.app import RecordDict
 
 from drdfl_flwr.bitpack import pack_bits, packed_length, unpack_bits
-from drdfl_flwr.config import RunConfig
+from drdfl_flwr.config import ConfigError, RunConfig
 from drdfl_flwr.data import ClientData
-from drdfl_flwr.methods.dslth import DSLTHLearner, keep_ratio_for, parse_keep_ratios
+from drdfl_flwr.methods.dslth import DSLTHLearner, keep_ratio_for
 from drdfl_flwr.models.masked import MaskedAlexNet, kept_entries
 from drdfl_flwr.payload import (
     PayloadError,
@@ -29,10 +27,9 @@ K = 4
 HEADER_BYTES_PER_LAYER = 256
 
 
-def make_cfg(**extra) -> SimpleNamespace:
-    """A RunConfig's fields plus DSLTH keys (works before config.py knows them)."""
-    base = dataclasses.asdict(RunConfig(seed=3, local_epochs=1, batch_size=16, device="cpu"))
-    return SimpleNamespace(**{**base, **extra})
+def make_cfg(**extra) -> RunConfig:
+    base = {"method": "dslth", "seed": 3, "local_epochs": 1, "batch_size": 16, "device": "cpu"}
+    return RunConfig(**{**base, **extra})
 
 
 def make_data(n: int = 48, seed: int = 0) -> ClientData:
@@ -191,10 +188,29 @@ def test_state_roundtrip_and_seed_check():
 
 
 def test_keep_ratio_parsing():
-    assert parse_keep_ratios("") == ()
-    assert parse_keep_ratios("0.2, 0.5") == (0.2, 0.5)
+    assert make_cfg().keep_ratio_list() == []
+    assert make_cfg(dslth_keep_ratios="0.2, 0.5").keep_ratio_list() == [0.2, 0.5]
     assert keep_ratio_for(make_cfg(dslth_keep_ratios="0.2,0.5"), 3) == 0.5
     assert keep_ratio_for(make_cfg(dslth_keep_ratio=0.4), 3) == 0.4
     for bad in ("0", "1.5", "a,0.3"):
-        with pytest.raises(ValueError):
-            parse_keep_ratios(bad)
+        with pytest.raises(ConfigError) as err:
+            make_cfg(dslth_keep_ratios=bad)
+        assert err.value.key.startswith("dslth-keep-ratio")
+    with pytest.raises(ConfigError) as err:
+        make_cfg(dslth_keep_ratio=0.0)
+    assert err.value.key.startswith("dslth-keep-ratio")
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("dslth_group_lasso", -1e-3),
+        ("dslth_finetune_steps", -1),
+        ("dslth_weight_init", "zeros"),
+        ("classifier", "resnet18"),
+    ],
+)
+def test_bad_dslth_config_is_refused_by_run_config(key, value):
+    with pytest.raises(ConfigError) as err:
+        make_cfg(**{key: value})
+    assert err.value.key == key.replace("_", "-")

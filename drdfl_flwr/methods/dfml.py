@@ -62,21 +62,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from drdfl_flwr.config import ConfigError, RunConfig
+from drdfl_flwr.config import DENSE_CLASSIFIERS, RunConfig
 from drdfl_flwr.data import ClientData
 from drdfl_flwr.learner import Learner
 from drdfl_flwr.models import build_classifier
-from drdfl_flwr.models.resnet8 import resnet8_cifar
 from drdfl_flwr.payload import PayloadError, Tensors, check_payload
 
 # arch_id -> name. The order is part of the wire format: append, never reorder.
 ARCHITECTURES: tuple[str, ...] = ("small-cnn", "resnet8", "resnet18")
-
-DEFAULT_PERIOD = 4
-DEFAULT_ALPHA_MIN = 0.0
-DEFAULT_ALPHA_MAX = 0.8
-SHARE_CHOICES = ("own", "received")
-PREDICT_CHOICES = ("peak", "current")
+assert set(ARCHITECTURES) == set(DENSE_CLASSIFIERS), "every dense classifier needs an arch_id"
 
 # (arch, input_shape, num_classes) -> expected payload (meta tensors: shapes and dtypes only)
 _TEMPLATES: dict[tuple[str, tuple[int, int, int], int], Tensors] = {}
@@ -135,24 +129,9 @@ def kl_to_peers(logits: torch.Tensor, peer_log_probs: Sequence[torch.Tensor]) ->
     return torch.stack(terms).mean()
 
 
-def build_architecture(name: str, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    """Any of :data:`ARCHITECTURES` (ResNet-8 is built here until build_classifier has it)."""
-    if name not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
-    if name == "resnet8":
-        return resnet8_cifar(input_shape[0], num_classes)
-    return build_classifier(name, input_shape, num_classes)
-
-
 def node_architecture(cfg: RunConfig, partition_id: int) -> str:
     """The node's architecture: ``architectures`` cycled over partition ids, or ``classifier``."""
-    spec = str(getattr(cfg, "architectures", "") or "")
-    names = [s.strip() for s in spec.split(",") if s.strip()]
-    if not names:
-        names = [cfg.classifier]
-    for name in names:
-        if name not in ARCHITECTURES:
-            raise ConfigError("architectures", spec, f"{name!r} is not one of {ARCHITECTURES}")
+    names = cfg.architecture_list() or [cfg.classifier]
     return names[partition_id % len(names)]
 
 
@@ -161,7 +140,7 @@ def payload_template(arch: str, input_shape: tuple[int, int, int], num_classes: 
     key = (arch, tuple(input_shape), num_classes)
     if key not in _TEMPLATES:
         with torch.random.fork_rng():  # building must not move the training RNG
-            state = build_architecture(arch, input_shape, num_classes).state_dict()
+            state = build_classifier(arch, input_shape, num_classes).state_dict()
         template = {
             f"model.{k}": torch.empty(v.shape, dtype=v.dtype, device="meta")
             for k, v in state.items()
@@ -182,20 +161,13 @@ class DFMLLearner(Learner):
     ):
         super().__init__(cfg, input_shape, num_classes)
         self.partition_id = partition_id
-        self.period = int(getattr(cfg, "dfml_period", DEFAULT_PERIOD))
-        self.alpha_min = float(getattr(cfg, "dfml_alpha_min", DEFAULT_ALPHA_MIN))
-        self.alpha_max = float(getattr(cfg, "dfml_alpha_max", DEFAULT_ALPHA_MAX))
-        cyclic_alpha(0, self.period, self.alpha_min, self.alpha_max)  # validates
-        self.share = str(getattr(cfg, "dfml_share", "own"))
-        if self.share not in SHARE_CHOICES:
-            raise ConfigError("dfml-share", self.share, f"must be one of {SHARE_CHOICES}")
-        self.predict_with = str(getattr(cfg, "dfml_predict", "peak"))
-        if self.predict_with not in PREDICT_CHOICES:
-            raise ConfigError(
-                "dfml-predict", self.predict_with, f"must be one of {PREDICT_CHOICES}"
-            )
+        self.period = cfg.dfml_period
+        self.alpha_min = cfg.dfml_alpha_min
+        self.alpha_max = cfg.dfml_alpha_max
+        self.share = cfg.dfml_share
+        self.predict_with = cfg.dfml_predict
         self.arch = node_architecture(cfg, partition_id)
-        self.model = build_architecture(self.arch, input_shape, num_classes).to(self.device)
+        self.model = build_classifier(self.arch, input_shape, num_classes).to(self.device)
         self.peak = copy.deepcopy(self.model)
         self.peak_round = -1  # round whose end the peak snapshot was taken at; -1 = none yet
         self.peers = nn.ModuleDict()
@@ -267,7 +239,7 @@ class DFMLLearner(Learner):
         """Replace :attr:`peers` by freshly built (not yet loaded) models of ``archs``."""
         with torch.random.fork_rng():  # their random init is overwritten; keep the RNG
             peers = {
-                str(i): build_architecture(a, self.input_shape, self.num_classes)
+                str(i): build_classifier(a, self.input_shape, self.num_classes)
                 for i, a in enumerate(archs)
             }
         self.peers = nn.ModuleDict(peers).to(self.device)

@@ -94,8 +94,14 @@ def uniform_adversarial_loss(head_logits: torch.Tensor) -> torch.Tensor:
 
 
 class DRDFLLearner(Learner):
-    def __init__(self, cfg: RunConfig, input_shape: tuple[int, int, int], num_classes: int):
-        super().__init__(cfg, input_shape, num_classes)
+    def __init__(
+        self,
+        cfg: RunConfig,
+        input_shape: tuple[int, int, int],
+        num_classes: int,
+        partition_id: int = 0,
+    ):
+        super().__init__(cfg, input_shape, num_classes, partition_id)
         with torch.random.fork_rng():
             # Every node starts from the same Learngene, so that averaging received
             # Learngenes is meaningful from round one (private modules differ per node).

@@ -32,44 +32,19 @@ from drdfl_flwr.bitpack import pack_bits, unpack_bits
 from drdfl_flwr.config import ConfigError, RunConfig
 from drdfl_flwr.data import ClientData
 from drdfl_flwr.learner import Learner
-from drdfl_flwr.models.masked import WEIGHT_INITS, build_masked_classifier
+from drdfl_flwr.models.masked import build_masked_classifier
 from drdfl_flwr.payload import PayloadError, Tensors
 
-DEFAULT_KEEP_RATIO = 0.5
-DEFAULT_GROUP_LASSO = 0.0
-DEFAULT_FINETUNE_STEPS = 1
-DEFAULT_WEIGHT_INIT = "signed-constant"
 MASK_PREFIX = "mask."
-
-
-def parse_keep_ratios(text: str) -> tuple[float, ...]:
-    """``"0.2,0.5, 0.8"`` -> (0.2, 0.5, 0.8); ``""`` -> (). Each must lie in (0, 1]."""
-    if not text.strip():
-        return ()
-    ratios = []
-    for part in text.split(","):
-        try:
-            ratio = float(part)
-        except ValueError:
-            raise ConfigError(
-                "dslth-keep-ratios", text, f"{part.strip()!r} is not a number"
-            ) from None
-        if not 0.0 < ratio <= 1.0:
-            raise ConfigError("dslth-keep-ratios", text, f"{ratio} does not lie in (0, 1]")
-        ratios.append(ratio)
-    return tuple(ratios)
 
 
 def keep_ratio_for(cfg: RunConfig, partition_id: int) -> float:
     """This node's r: ``dslth-keep-ratios[partition_id % len]`` if set, else
     ``dslth-keep-ratio``."""
-    ratios = parse_keep_ratios(str(getattr(cfg, "dslth_keep_ratios", "")))
+    ratios = cfg.keep_ratio_list()
     if ratios:
         return ratios[partition_id % len(ratios)]
-    ratio = float(getattr(cfg, "dslth_keep_ratio", DEFAULT_KEEP_RATIO))
-    if not 0.0 < ratio <= 1.0:
-        raise ConfigError("dslth-keep-ratio", ratio, "must lie in (0, 1]")
-    return ratio
+    return cfg.dslth_keep_ratio
 
 
 class DSLTHLearner(Learner):
@@ -78,22 +53,14 @@ class DSLTHLearner(Learner):
         cfg: RunConfig,
         input_shape: tuple[int, int, int],
         num_classes: int,
+        *,
         partition_id: int = 0,
     ):
         super().__init__(cfg, input_shape, num_classes)
         self.partition_id = partition_id
         self.keep_ratio = keep_ratio_for(cfg, partition_id)
-        self.group_lasso = float(getattr(cfg, "dslth_group_lasso", DEFAULT_GROUP_LASSO))
-        if self.group_lasso < 0:
-            raise ConfigError("dslth-group-lasso", self.group_lasso, "must be >= 0")
-        self.finetune_steps = int(getattr(cfg, "dslth_finetune_steps", DEFAULT_FINETUNE_STEPS))
-        if self.finetune_steps < 0:
-            raise ConfigError("dslth-finetune-steps", self.finetune_steps, "must be >= 0")
-        init = str(getattr(cfg, "dslth_weight_init", DEFAULT_WEIGHT_INIT))
-        if init not in WEIGHT_INITS:
-            raise ConfigError(
-                "dslth-weight-init", init, f"must be one of {', '.join(WEIGHT_INITS)}"
-            )
+        self.group_lasso = cfg.dslth_group_lasso
+        self.finetune_steps = cfg.dslth_finetune_steps
         try:
             net = build_masked_classifier(
                 cfg.classifier,
@@ -102,7 +69,7 @@ class DSLTHLearner(Learner):
                 self.keep_ratio,
                 weight_seed=cfg.seed,  # shared by every node: the fixed weights
                 score_seed=cfg.seed * 1_000_033 + 7_919 * partition_id + 1,  # private
-                init=init,
+                init=cfg.dslth_weight_init,
             )
         except ValueError as err:
             raise ConfigError("classifier", cfg.classifier, str(err)) from None

@@ -1,10 +1,12 @@
-"""Classifiers: a small CNN for CPU runs and the paper's CIFAR-style ResNet-18."""
+"""Classifiers: a small CNN for CPU runs, CIFAR-style ResNet-8 (DFML) and ResNet-18."""
 
 from __future__ import annotations
 
 import torch
 import torchvision
 from torch import nn
+
+from drdfl_flwr.models.resnet8 import resnet8_cifar
 
 
 class SmallCNN(nn.Module):
@@ -45,6 +47,8 @@ def build_classifier(name: str, input_shape: tuple[int, int, int], num_classes: 
         if h % 4 or w % 4:
             raise ValueError(f"small-cnn needs height and width divisible by 4, got {h}x{w}")
         return SmallCNN(c, h, w, num_classes)
+    if name == "resnet8":
+        return resnet8_cifar(c, num_classes)
     if name == "resnet18":
         return resnet18_cifar(c, num_classes)
     raise ValueError(f"unknown classifier {name!r}")

@@ -1,0 +1,144 @@
+"""Side-by-side benchmark of the ring methods on one dataset, through the real simulation.
+
+Every method runs on the same partitions (same seed), clients, rounds and model family,
+one after another in one process, and one table is printed at the end:
+
+    method | Local-T last / best | Global-T last / best | bytes/round/client | s/round
+
+plus the communication of DRDFL in the paper's setting (ResNet-18 classifier, CIFAR-10)
+beside the paper's 0.58 M parameters, and DSLTH's payload against sending the same
+model's float32 weights.
+
+Example (the issue's setting: CIFAR-10, 10 clients, Dirichlet beta 0.1, small CNN):
+
+    python benchmarks/ring_benchmark.py --data-dir ../shared/datasets/cifar10 \\
+        --methods drdfl,local,dfml,dslth --rounds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from flwr.app import RecordDict
+
+from drdfl_flwr.config import RunConfig
+from drdfl_flwr.learner import build_learner
+from drdfl_flwr.payload import OUT_PAYLOAD, content_bytes, num_parameters, to_array_record
+from drdfl_flwr.simulation import simulate
+
+PAPER_DRDFL_PARAMS = 0.58e6
+
+
+def payload_size(cfg: RunConfig, input_shape=(3, 32, 32), num_classes=10) -> tuple[int, int]:
+    """(parameters, serialized bytes) of one payload of ``cfg.method``, without training."""
+    learner = build_learner(cfg, input_shape, num_classes)
+    payload = learner.shared_payload()
+    wire = content_bytes(RecordDict({OUT_PAYLOAD: to_array_record(payload)}))
+    return num_parameters(payload), wire
+
+
+def dense_weights_bytes(cfg: RunConfig, input_shape=(3, 32, 32), num_classes=10) -> int:
+    """Serialized bytes of the float32 weights of DSLTH's network, sent as a dense model."""
+    learner = build_learner(cfg, input_shape, num_classes)
+    weights = {
+        name: buf.float()
+        for name, buf in learner.net.named_buffers()
+        if buf.is_floating_point() and buf.dim() >= 2
+    }
+    return content_bytes(RecordDict({OUT_PAYLOAD: to_array_record(weights)}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", default="../shared/datasets/cifar10")
+    parser.add_argument("--dataset", default="cifar10")
+    parser.add_argument("--methods", default="drdfl,local,dfml,dslth")
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--local-epochs", type=int, default=1)
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--subset-train", type=int, default=0, help="0 = all 50,000")
+    parser.add_argument("--subset-test", type=int, default=0, help="0 = all 10,000")
+    parser.add_argument("--classifier", default="small-cnn")
+    parser.add_argument("--mode", default="synchronous")
+    parser.add_argument("--cpus-per-client", type=float, default=1.0)
+    parser.add_argument("--out", default="results/benchmark")
+    args = parser.parse_args(argv)
+
+    if not Path(args.data_dir).is_dir():
+        print(f"data folder {args.data_dir} not found; pass --data-dir", file=sys.stderr)
+        return 2
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    base = RunConfig(
+        dataset=args.dataset,
+        data_dir=str(Path(args.data_dir).resolve()),
+        partitioner="dirichlet",
+        dirichlet_beta=args.beta,
+        num_server_rounds=args.rounds,
+        local_epochs=args.local_epochs,
+        subset_train=args.subset_train,
+        subset_test=args.subset_test,
+        classifier=args.classifier,
+        mode=args.mode,
+        results_dir=args.out,
+    )
+    rows = []
+    for method in args.methods.split(","):
+        cfg = base.replace(method=method, run_name=f"{method}-{time.strftime('%Y%m%d-%H%M%S')}")
+        started = time.time()
+        summary = simulate(cfg, args.clients, cpus_per_client=args.cpus_per_client)
+        rows.append((method, summary, time.time() - started))
+
+    print(
+        f"\n{args.dataset}, {args.clients} clients, Dirichlet beta {args.beta}, "
+        f"{args.classifier}, {args.rounds} rounds x {args.local_epochs} local epoch(s), "
+        f"{args.mode}; mean ± std over clients, %"
+    )
+    header = (
+        f"{'method':8} {'Local-T last':>14} {'Local-T best':>14} {'Global-T last':>14} "
+        f"{'Global-T best':>14} {'bytes/rnd/cl':>13} {'s/round':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for method, s, _ in rows:
+
+        def cell(view: str, key: str, s=s) -> str:
+            v = s[view][key]
+            return f"{100 * v['mean']:6.2f}±{100 * v['std']:5.2f}"
+
+        print(
+            f"{method:8} {cell('last', 'local_t_acc'):>14} "
+            f"{cell('best_by_local_t_acc', 'local_t_acc'):>14} "
+            f"{cell('last', 'global_t_acc'):>14} "
+            f"{cell('best_by_global_t_acc', 'global_t_acc'):>14} "
+            f"{s['mean_bytes_sent_per_client_per_round']:13,.0f} "
+            f"{s['mean_seconds_per_round']:8.2f}"
+        )
+
+    params, nbytes = payload_size(RunConfig(method="drdfl", classifier="resnet18"))
+    print(
+        f"\nDRDFL payload in the paper's setting (ResNet-18 classifier, CIFAR-10; the payload "
+        f"does not depend on the number of clients): {params:,} parameters "
+        f"({params / 1e6:.3f} M) = {nbytes:,} bytes serialized; paper: "
+        f"{PAPER_DRDFL_PARAMS / 1e6:.2f} M parameters"
+    )
+    by_method = {m: s for m, s, _ in rows}
+    if "dslth" in by_method:
+        dense = dense_weights_bytes(base.replace(method="dslth"))
+        sent = by_method["dslth"]["mean_bytes_sent_per_client_per_round"]
+        print(
+            f"DSLTH: {sent:,.0f} bytes/round/client on the wire vs {dense:,} bytes for the same "
+            f"model's float32 weights: {dense / sent:.1f}x smaller"
+        )
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "benchmark.json").write_text(json.dumps({m: s for m, s, _ in rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
