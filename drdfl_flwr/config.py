@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+DATASETS = ("digits", "cifar10", "cifar100", "svhn")
 METHODS = ("drdfl", "local", "dfml", "dslth")
 MODES = ("synchronous", "sequential")
 TOPOLOGIES = ("ring",)
@@ -85,6 +86,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
+        _choice("dataset", self.dataset, DATASETS)
         _choice("mode", self.mode, MODES)
         _choice("topology", self.topology, TOPOLOGIES)
         _choice("partitioner", self.partitioner, PARTITIONERS)

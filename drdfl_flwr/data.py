@@ -30,7 +30,7 @@ from flwr_datasets.partitioner import (
     PathologicalPartitioner,
 )
 
-from drdfl_flwr.config import ConfigError, RunConfig
+from drdfl_flwr.config import DATASETS, ConfigError, RunConfig
 
 
 @dataclass(frozen=True)
@@ -44,12 +44,13 @@ class DatasetSpec:
     hub_subset: str | None = None
 
 
-DATASETS: dict[str, DatasetSpec] = {
+SPECS: dict[str, DatasetSpec] = {
     "digits": DatasetSpec("sklearn:digits", "pixels", "label", 10),
     "cifar10": DatasetSpec("uoft-cs/cifar10", "img", "label", 10),
     "cifar100": DatasetSpec("uoft-cs/cifar100", "img", "fine_label", 100),
     "svhn": DatasetSpec("ufldl-stanford/svhn", "image", "label", 10, "cropped_digits"),
 }
+assert set(SPECS) == set(DATASETS), "config.DATASETS and data.SPECS must list the same names"
 
 
 @dataclass(frozen=True)
@@ -71,10 +72,7 @@ class ClientData:
 
 
 def dataset_spec(cfg: RunConfig) -> DatasetSpec:
-    try:
-        return DATASETS[cfg.dataset]
-    except KeyError:
-        raise ConfigError("dataset", cfg.dataset, f"must be one of {', '.join(DATASETS)}") from None
+    return SPECS[cfg.dataset]  # the name was validated by RunConfig
 
 
 def load_client_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> ClientData:

@@ -1,0 +1,67 @@
+"""A wrong run-config value stops the run with an error naming the key and the value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import tomllib
+
+from drdfl_flwr.config import ConfigError, RunConfig
+from drdfl_flwr.data import load_client_data
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+def test_pyproject_defaults_are_the_typed_defaults():
+    """`flwr run .` (pyproject) and run_simulation (dataclass) must run the same job."""
+    toml = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    assert RunConfig.from_run_config(toml) == RunConfig()
+    assert set(toml) == set(RunConfig().to_run_config())
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("method", "fedsomething"),
+        ("dirichlet-beta", 0.0),
+        ("dirichlet-beta", -1.0),
+        ("mode", "async"),
+        ("partitioner", "zipf"),
+        ("ema-alpha", 1.5),
+        ("local-epochs", 0),
+        ("data-dir", "/no/such/folder"),
+        ("classifier", "vgg"),
+        ("learngene-merge", "sum"),
+        ("batch-size", "64"),
+        ("no-such-key", 1),
+    ],
+)
+def test_bad_value_names_key_and_value(key, value):
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_run_config({key: value})
+    assert err.value.key == key
+    assert key in str(err.value) and repr(value) in str(err.value)
+
+
+def test_int_is_accepted_where_float_is_meant():
+    assert RunConfig.from_run_config({"learning-rate": 1}).learning_rate == 1.0
+
+
+def test_data_dir_without_parquet_files(tmp_path):
+    with pytest.raises(ConfigError, match="train.parquet"):
+        RunConfig(data_dir=str(tmp_path))
+
+
+def test_more_clients_than_samples():
+    cfg = RunConfig(subset_train=3)
+    with pytest.raises(ConfigError) as err:
+        load_client_data(cfg, 0, 5)
+    assert err.value.key == "subset-train"
+    assert "3 training samples cannot be split over 5 clients" in str(err.value)
+
+
+def test_too_many_classes_per_client():
+    with pytest.raises(ConfigError) as err:
+        load_client_data(RunConfig(partitioner="shard", classes_per_client=11), 0, 2)
+    assert err.value.key == "classes-per-client"

@@ -1,0 +1,92 @@
+"""Partitions are seeded and non-IID; Local-T mirrors the train distribution, disjointly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from PIL import Image
+
+import drdfl_flwr.data as data_module
+from drdfl_flwr.config import ConfigError, RunConfig
+from drdfl_flwr.data import load_client_data, split_test_like_train
+
+
+def test_split_test_like_train_is_disjoint_and_proportional():
+    rng = np.random.default_rng(0)
+    test_labels = np.repeat(np.arange(4), 100)
+    counts = np.array([[90, 10, 0, 0], [10, 90, 0, 50], [0, 0, 0, 50]])
+    sets = split_test_like_train(test_labels, counts, rng)
+    union = np.concatenate(sets)
+    assert len(union) == len(np.unique(union)), "Local-T sets overlap"
+    # class 2 is held by nobody, so none of its test samples is dealt out
+    assert not np.isin(np.flatnonzero(test_labels == 2), union).any()
+    per_client = [np.bincount(test_labels[s], minlength=4) for s in sets]
+    np.testing.assert_array_equal(per_client[0], [90, 10, 0, 0])
+    np.testing.assert_array_equal(per_client[1], [10, 90, 0, 50])
+    np.testing.assert_array_equal(per_client[2], [0, 0, 0, 50])
+
+
+def test_digits_partitions_cover_train_and_match_local_t():
+    cfg = RunConfig(partitioner="dirichlet", dirichlet_beta=0.1)
+    parts = [load_client_data(cfg, p, 4) for p in range(4)]
+    assert sum(len(p.y_train) for p in parts) == 1347  # 75 % of 1,797 digits
+    for p in parts:
+        train_classes = set(p.y_train.unique().tolist())
+        assert set(p.y_local_test.unique().tolist()) <= train_classes
+        assert p.x_train.shape[1:] == (1, 8, 8)
+        assert float(p.x_train.min()) >= -1.0 and float(p.x_train.max()) <= 1.0
+    # Global-T is the union of the Local-T sets, identical on every client
+    assert sum(len(p.y_local_test) for p in parts) == len(parts[0].y_global_test)
+    assert all(torch.equal(p.y_global_test, parts[0].y_global_test) for p in parts)
+    # beta = 0.1 is strongly non-IID: clients' label histograms differ
+    hists = [np.bincount(p.y_train.numpy(), minlength=10) / len(p.y_train) for p in parts]
+    assert max(np.abs(hists[0] - h).sum() for h in hists[1:]) > 0.5
+
+
+def test_partition_is_decoded_once_per_process():
+    cfg = RunConfig()
+    assert load_client_data(cfg, 1, 3) is load_client_data(cfg.replace(learning_rate=0.5), 1, 3)
+
+
+def test_shard_partitioner_gives_s_classes_per_client():
+    cfg = RunConfig(partitioner="shard", classes_per_client=3)
+    for p in range(5):
+        assert len(load_client_data(cfg, p, 5).y_train.unique()) == 3
+
+
+def test_iid_partitions_are_seeded():
+    a = load_client_data(RunConfig(partitioner="iid", seed=1), 0, 3).y_train
+    b = load_client_data(RunConfig(partitioner="iid", seed=1), 0, 3).y_train
+    assert torch.equal(a, b)
+
+
+def test_svhn_hub_path_on_data_the_test_makes(monkeypatch):
+    """SVHN has no offline copy: fake the hub's answer, keep the real decoding path."""
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        images = [
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(n)
+        ]
+        return Dataset.from_dict({"image": images, "label": (np.arange(n) % 10).tolist()})
+
+    class FakeHub:
+        def __init__(self, dataset, subset, partitioners):
+            assert (dataset, subset) == ("ufldl-stanford/svhn", "cropped_digits")
+
+        def load_split(self, name):
+            return split(60 if name == "train" else 20)
+
+    monkeypatch.setattr(data_module, "FederatedDataset", FakeHub)
+    client = load_client_data(RunConfig(dataset="svhn", partitioner="iid", seed=3), 0, 2)
+    assert client.x_train.shape == (30, 3, 32, 32)
+    assert client.num_classes == 10
+    assert len(client.y_global_test) == 20
+
+
+def test_unknown_dataset_name():
+    with pytest.raises(ConfigError) as err:
+        RunConfig(dataset="mnist")
+    assert err.value.key == "dataset"
