@@ -1,0 +1,170 @@
+"""The relay routes each payload only to the successor, never averages, survives failures,
+and counts exactly the bytes Flower serializes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import pytest
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.common.serde import recorddict_to_proto
+from flwr.serverapp import Grid
+
+from drdfl_flwr.payload import CONFIG, IN_PAYLOAD_PREFIX, METRICS, OUT_PAYLOAD
+from strategies.relay import RingRelay
+from strategies.topology import Ring, build_topology
+
+
+class FakeGrid(Grid):
+    """Answers messages by calling per-node handlers in-process, logging everything."""
+
+    def __init__(self, num_nodes: int, fail: Callable[[int, int], bool] = lambda p, r: False):
+        # node ids deliberately not in partition order
+        self.partition_of = {1000 + 7 * (num_nodes - p): p for p in range(num_nodes)}
+        self.num_nodes = num_nodes
+        self.fail = fail
+        self.received: dict[tuple[int, int], list[np.ndarray]] = {}  # (partition, round)
+        self.order: list[tuple[int, int]] = []  # training order of (partition, round)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.partition_of)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            partition = self.partition_of[msg.metadata.dst_node_id]
+            if msg.metadata.message_type == MessageType.QUERY:
+                info = ConfigRecord({"partition-id": partition, "num-partitions": self.num_nodes})
+                replies.append(Message(RecordDict({CONFIG: info}), reply_to=msg))
+            elif msg.metadata.message_type == MessageType.TRAIN:
+                rnd = int(msg.content[CONFIG]["server-round"])
+                if self.fail(partition, rnd):
+                    continue  # silent node: no reply within the timeout
+                self.order.append((partition, rnd))
+                self.received[(partition, rnd)] = [
+                    rec["origin"].numpy()
+                    for name, rec in msg.content.array_records.items()
+                    if name.startswith(IN_PAYLOAD_PREFIX)
+                ]
+                # a payload that names its origin and carries some bulk
+                payload = ArrayRecord(
+                    {
+                        "origin": Array(np.array([partition, rnd], dtype=np.int64)),
+                        "bulk": Array(np.full(100 + partition, rnd, np.float32)),
+                    }
+                )
+                replies.append(
+                    Message(
+                        RecordDict({OUT_PAYLOAD: payload, METRICS: MetricRecord({"l": 1.0})}),
+                        reply_to=msg,
+                    )
+                )
+            else:
+                metrics = MetricRecord({"local_t_acc": 0.5, "global_t_acc": 0.25})
+                replies.append(Message(RecordDict({METRICS: metrics}), reply_to=msg))
+        return replies
+
+    # unused by the relay
+    def set_run(self, run):  # pragma: no cover
+        pass
+
+    @property
+    def run(self):  # pragma: no cover
+        raise NotImplementedError
+
+    def create_message(self, *a, **k):  # pragma: no cover
+        raise NotImplementedError
+
+    def push_messages(self, messages):  # pragma: no cover
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):  # pragma: no cover
+        raise NotImplementedError
+
+
+def run(grid: FakeGrid, mode: str, rounds: int = 3) -> list[dict]:
+    records: list[dict] = []
+    RingRelay(Ring(), mode=mode, node_wait_timeout=5, on_round=records.append).start(
+        grid, num_rounds=rounds
+    )
+    return records
+
+
+@pytest.mark.parametrize("num_nodes", [2, 5])
+def test_synchronous_node_receives_only_predecessors_last_round_payload(num_nodes):
+    grid = FakeGrid(num_nodes)
+    run(grid, "synchronous")
+    for p in range(num_nodes):
+        assert grid.received[(p, 1)] == []
+        for rnd in (2, 3):
+            (only,) = grid.received[(p, rnd)]
+            assert only.tolist() == [(p - 1) % num_nodes, rnd - 1]
+
+
+def test_sequential_payload_travels_the_ring_within_a_round():
+    grid = FakeGrid(4)
+    run(grid, "sequential")
+    assert grid.order == [(p, r) for r in (1, 2, 3) for p in range(4)]
+    for rnd in (1, 2, 3):
+        for p in range(1, 4):
+            (only,) = grid.received[(p, rnd)]
+            assert only.tolist() == [p - 1, rnd]  # same round: Algorithm 1
+        expected_first = [] if rnd == 1 else [[3, rnd - 1]]
+        assert [a.tolist() for a in grid.received[(0, rnd)]] == expected_first
+
+
+@pytest.mark.parametrize("mode", ["synchronous", "sequential"])
+def test_failed_node_is_bypassed_and_run_continues(mode):
+    grid = FakeGrid(4, fail=lambda p, r: p == 2 and r == 2)
+    records = run(grid, mode, rounds=3)
+    assert [r["failed"] for r in records] == [[], [2], []]
+    # the successor of the silent node gets the nearest living predecessor's payload
+    (got,) = grid.received[(3, 3 if mode == "synchronous" else 2)]
+    assert got[0] == 1
+    assert (2, 3) in grid.order  # the node is asked again once it is back
+
+
+def test_relay_forwards_payload_unchanged():
+    grid = FakeGrid(3)
+    relay = RingRelay(build_topology("ring"), node_wait_timeout=5)
+    relay.start(grid, num_rounds=2)
+    # what the relay holds is exactly what each node sent last: no averaging
+    for position, member in enumerate(relay.state.members):
+        bulk = relay.state.payloads[position]["bulk"].numpy()
+        np.testing.assert_array_equal(bulk, np.full(100 + member.partition_id, 2, np.float32))
+
+
+def test_counted_bytes_equal_serialized_message():
+    grid = FakeGrid(3)
+    records = run(grid, "synchronous", rounds=2)
+    for rec in records:
+        for partition, metrics in rec["nodes"].items():
+            p, rnd = int(partition), rec["round"]
+            sent = ArrayRecord(
+                {
+                    "origin": Array(np.array([p, rnd], dtype=np.int64)),
+                    "bulk": Array(np.full(100 + p, rnd, np.float32)),
+                }
+            )
+            wire = recorddict_to_proto(RecordDict({OUT_PAYLOAD: sent})).SerializeToString()
+            assert metrics["bytes_sent"] == len(wire)
+            assert metrics["params_sent"] == 2 + 100 + p
+            assert metrics["bytes_received"] > (len(wire) if rnd > 1 else 0)
+
+
+def test_missing_nodes_time_out_with_a_clear_error():
+    class EmptyGrid(FakeGrid):
+        def get_node_ids(self):
+            return []
+
+    with pytest.raises(TimeoutError, match="node-wait-timeout"):
+        RingRelay(Ring(), node_wait_timeout=0.5).start(EmptyGrid(3), num_rounds=1)
