@@ -1,0 +1,81 @@
+"""The ClientApp keeps private modules in context.state and puts only the payload on the wire."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.serde import message_to_proto
+
+from drdfl_flwr.client_app import STATE_KEY, evaluate, train
+from drdfl_flwr.config import RunConfig
+from drdfl_flwr.learner import build_learner
+from drdfl_flwr.payload import CONFIG, IN_PAYLOAD_PREFIX, METRICS, OUT_PAYLOAD, to_array_record
+
+RUN = RunConfig(method="drdfl", local_epochs=1).to_run_config()
+
+
+def context(partition_id: int = 0, num_partitions: int = 3) -> Context:
+    return Context(
+        run_id=1,
+        node_id=partition_id,
+        node_config={"partition-id": partition_id, "num-partitions": num_partitions},
+        state=RecordDict(),
+        run_config=dict(RUN),
+    )
+
+
+def train_message(payloads: dict | None = None) -> Message:
+    content = RecordDict({CONFIG: ConfigRecord({"server-round": 1})})
+    for sender, payload in (payloads or {}).items():
+        content[f"{IN_PAYLOAD_PREFIX}{sender}"] = to_array_record(payload)
+    return Message(content, dst_node_id=0, message_type=MessageType.TRAIN)
+
+
+def test_private_tensors_never_enter_the_reply():
+    ctx = context()
+    reply = train(train_message(), ctx)
+    learner = build_learner(RunConfig.from_run_config(RUN), (1, 8, 8), 10)
+    learner.load_bytes(ctx.state.config_records[STATE_KEY]["blob"])
+    wire = message_to_proto(reply).SerializeToString()
+    sent = [a.numpy() for rec in reply.content.array_records.values() for a in rec.values()]
+    assert list(reply.content.array_records) == [OUT_PAYLOAD]
+    private = {
+        "persona": learner.persona,
+        "decoder": learner.decoder,
+        "classifier": learner.classifier,
+        "adversary": learner.adversary,
+    }
+    for name, module in private.items():
+        for pname, tensor in module.state_dict().items():
+            array = tensor.numpy()
+            if array.size < 16:  # tiny biases could collide by chance; weights cannot
+                continue
+            assert array.tobytes() not in wire, f"{name}.{pname} was serialized into the reply"
+            assert not any(s.shape == array.shape and np.array_equal(s, array) for s in sent)
+    # the optimizer state and the private modules are in context.state instead
+    assert len(ctx.state.config_records[STATE_KEY]["blob"]) > len(wire)
+
+
+def test_state_survives_between_messages_only_through_context_state():
+    ctx = context()
+    train(train_message(), ctx)
+    train(train_message(), ctx)
+    learner = build_learner(RunConfig.from_run_config(RUN), (1, 8, 8), 10)
+    learner.load_bytes(ctx.state.config_records[STATE_KEY]["blob"])
+    assert learner.rounds_trained == 2
+    metrics = evaluate(
+        Message(RecordDict({}), dst_node_id=0, message_type=MessageType.EVALUATE), ctx
+    ).content[METRICS]
+    assert 0.0 <= metrics["local_t_acc"] <= 1.0 and 0.0 <= metrics["global_t_acc"] <= 1.0
+
+
+def test_malformed_neighbour_payload_is_rejected_and_training_goes_on():
+    ctx = context()
+    sender = build_learner(RunConfig.from_run_config(RUN), (1, 8, 8), 10, partition_id=2)
+    bad = sender.shared_payload()
+    bad["stats.mu"] = torch.full_like(bad["stats.mu"], float("nan"))
+    reply = train(train_message({2: bad}), ctx)
+    metrics = reply.content[METRICS]
+    assert metrics["payloads_received"] == 1.0 and metrics["payloads_rejected"] == 1.0
+    assert all(np.isfinite(a.numpy()).all() for a in reply.content[OUT_PAYLOAD].values())
