@@ -169,7 +169,11 @@ class DSLTHLearner(Learner):
         for x, y in self.batches(data, generator):
             record("", self.step(x, y))
         self.rounds_trained += 1
-        return {k: v / steps[k] for k, v in sums.items()}
+        metrics = {k: v / steps[k] for k, v in sums.items()}
+        # The paper's communication count (ones x 1 bit), beside the relay's wire bytes.
+        metrics["paper_payload_bytes"] = self.paper_payload_bits() / 8
+        metrics["keep_ratio"] = self.keep_ratio
+        return metrics
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
