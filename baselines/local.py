@@ -36,10 +36,10 @@ class LocalLearner(Learner):
     def shared_payload(self) -> Tensors:
         return {}
 
-    def fit(self, data: ClientData, partition_id: int = 0) -> dict[str, float]:
+    def fit(self, data: ClientData) -> dict[str, float]:
         self.classifier.train()
         total, steps = 0.0, 0
-        for x, y in self.batches(data, self.round_generator(partition_id)):
+        for x, y in self.batches(data, self.round_generator()):
             loss = F.cross_entropy(self.classifier(x), y)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()

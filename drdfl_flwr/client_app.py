@@ -79,7 +79,7 @@ def train(msg: Message, context: Context) -> Message:
         # nothing had arrived; the relay sees the rejection in the metrics.
         rejected = len(received)
         log(WARNING, "partition %d rejected %d payload(s): %s", partition_id, rejected, err)
-    metrics = learner.fit(data, partition_id)
+    metrics = learner.fit(data)
     save(context, learner)
     metrics.update(
         {

@@ -53,7 +53,7 @@ class Learner(ABC):
         """Merge what the in-neighbours sent. Validate everything before changing anything."""
 
     @abstractmethod
-    def fit(self, data: ClientData, partition_id: int = 0) -> dict[str, float]:
+    def fit(self, data: ClientData) -> dict[str, float]:
         """One round of local training; returns mean training losses."""
 
     @abstractmethod
@@ -116,10 +116,12 @@ class Learner(ABC):
             for idx in order.split(self.cfg.batch_size):
                 yield data.x_train[idx].to(self.device), data.y_train[idx].to(self.device)
 
-    def round_generator(self, partition_id: int) -> torch.Generator:
+    def round_generator(self) -> torch.Generator:
         """Seeded per (seed, node, round) so runs repeat exactly on the same hardware."""
         gen = torch.Generator()
-        gen.manual_seed(self.cfg.seed * 1_000_003 + partition_id * 10_007 + self.rounds_trained)
+        gen.manual_seed(
+            self.cfg.seed * 1_000_003 + self.partition_id * 10_007 + self.rounds_trained
+        )
         return gen
 
 

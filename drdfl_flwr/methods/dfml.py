@@ -159,8 +159,7 @@ class DFMLLearner(Learner):
         *,
         partition_id: int = 0,
     ):
-        super().__init__(cfg, input_shape, num_classes)
-        self.partition_id = partition_id
+        super().__init__(cfg, input_shape, num_classes, partition_id)
         self.period = cfg.dfml_period
         self.alpha_min = cfg.dfml_alpha_min
         self.alpha_max = cfg.dfml_alpha_max
@@ -263,7 +262,7 @@ class DFMLLearner(Learner):
             out.append({"l_wsm": l_wsm, "l_kl": l_kl, "total": (1 - alpha) * l_wsm + alpha * l_kl})
         return out
 
-    def fit(self, data: ClientData, partition_id: int = 0) -> dict[str, float]:
+    def fit(self, data: ClientData) -> dict[str, float]:
         round_index = self.rounds_trained
         alpha = self.alpha(round_index)
         proportions = class_proportions(data.y_train, self.num_classes).to(self.device)
@@ -276,7 +275,7 @@ class DFMLLearner(Learner):
         )
         sums = {"l_wsm": 0.0, "l_kl": 0.0, "l_wsm_peers": 0.0}
         steps = 0
-        for x, y in self.batches(data, self.round_generator(partition_id)):
+        for x, y in self.batches(data, self.round_generator()):
             parts = self.mutual_losses(x, y, alpha, proportions)
             total = torch.stack([p["total"] for p in parts]).sum()
             self.optimizer.zero_grad(set_to_none=True)

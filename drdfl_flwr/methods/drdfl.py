@@ -204,13 +204,13 @@ class DRDFLLearner(Learner):
         self.adversary.zero_grad(set_to_none=True)  # the head's grads from L_adv^u are unused
         return {k: v.item() for k, v in parts.items()}
 
-    def fit(self, data: ClientData, partition_id: int = 0) -> dict[str, float]:
+    def fit(self, data: ClientData) -> dict[str, float]:
         for module in self.modules().values():
             if isinstance(module, nn.Module):
                 module.train()
         sums: dict[str, float] = {}
         steps = 0
-        for x, y in self.batches(data, self.round_generator(partition_id)):
+        for x, y in self.batches(data, self.round_generator()):
             sums["l_adv"] = sums.get("l_adv", 0.0) + self.adversary_step(x, y)
             for k, v in self.main_step(x, y).items():
                 sums[k] = sums.get(k, 0.0) + v

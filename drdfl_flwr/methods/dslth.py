@@ -56,8 +56,7 @@ class DSLTHLearner(Learner):
         *,
         partition_id: int = 0,
     ):
-        super().__init__(cfg, input_shape, num_classes)
-        self.partition_id = partition_id
+        super().__init__(cfg, input_shape, num_classes, partition_id)
         self.keep_ratio = keep_ratio_for(cfg, partition_id)
         self.group_lasso = cfg.dslth_group_lasso
         self.finetune_steps = cfg.dslth_finetune_steps
@@ -149,7 +148,7 @@ class DSLTHLearner(Learner):
         while True:
             yield from self.batches(data, generator)
 
-    def fit(self, data: ClientData, partition_id: int = 0) -> dict[str, float]:
+    def fit(self, data: ClientData) -> dict[str, float]:
         self.net.train()
         sums: dict[str, float] = {}
         steps: dict[str, int] = {}
@@ -160,7 +159,7 @@ class DSLTHLearner(Learner):
                 sums[key] = sums.get(key, 0.0) + v
                 steps[key] = steps.get(key, 0) + 1
 
-        generator = self.round_generator(partition_id)
+        generator = self.round_generator()
         if len(data.y_train) and bool(self.net.pending_finetune) and self.finetune_steps:
             # Personalized fine-tuning right after fusion (paper 003, section III-C).
             for x, y in islice(self.endless_batches(data, generator), self.finetune_steps):
