@@ -43,14 +43,14 @@ def node_partition(context: Context) -> tuple[int, int]:
         ) from None
 
 
-def restore(context: Context) -> tuple[RunConfig, ClientData, Learner, int]:
+def restore(context: Context) -> tuple[ClientData, Learner]:
     cfg = RunConfig.from_run_config(context.run_config)
     partition_id, num_partitions = node_partition(context)
     data = load_client_data(cfg, partition_id, num_partitions)
     learner = build_learner(cfg, data.input_shape, data.num_classes, partition_id)
     if STATE_KEY in context.state.config_records:
         learner.load_bytes(context.state.config_records[STATE_KEY]["blob"])
-    return cfg, data, learner, partition_id
+    return data, learner
 
 
 def save(context: Context, learner: Learner) -> None:
@@ -65,7 +65,7 @@ def describe(msg: Message, context: Context) -> Message:
 
 
 def train(msg: Message, context: Context) -> Message:
-    _, data, learner, partition_id = restore(context)
+    data, learner = restore(context)
     received = [
         from_array_record(record)
         for name, record in sorted(msg.content.array_records.items())
@@ -78,7 +78,13 @@ def train(msg: Message, context: Context) -> Message:
         # absorb() validates before it changes anything, so the node trains on as if
         # nothing had arrived; the relay sees the rejection in the metrics.
         rejected = len(received)
-        log(WARNING, "partition %d rejected %d payload(s): %s", partition_id, rejected, err)
+        log(
+            WARNING,
+            "partition %d rejected %d payload(s): %s",
+            learner.partition_id,
+            rejected,
+            err,
+        )
     metrics = learner.fit(data)
     save(context, learner)
     metrics.update(
@@ -95,7 +101,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def evaluate(msg: Message, context: Context) -> Message:
-    _, data, learner, _ = restore(context)
+    data, learner = restore(context)
     metrics = learner.evaluate(data)
     metrics["num-examples-local-t"] = float(len(data.y_local_test))
     return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)

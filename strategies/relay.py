@@ -50,6 +50,10 @@ class RelayState:
     members: list[RingMember] = field(default_factory=list)  # ring order
     payloads: dict[int, ArrayRecord] = field(default_factory=dict)  # by position
     alive: set[int] = field(default_factory=set)  # positions that answered last time
+    position_of: dict[int, int] = field(init=False)  # node id -> ring position (derived)
+
+    def __post_init__(self) -> None:
+        self.position_of = {m.node_id: i for i, m in enumerate(self.members)}
 
 
 class RingRelay(Strategy):
@@ -157,7 +161,7 @@ class RingRelay(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Store each reply's payload for the node's out-neighbours; never average."""
-        position_of = {m.node_id: i for i, m in enumerate(self.state.members)}
+        position_of = self.state.position_of
         for reply in replies:
             position = position_of.get(reply.metadata.src_node_id)
             if position is None:
@@ -184,7 +188,7 @@ class RingRelay(Strategy):
 
     def _send(self, grid: Grid, messages: list[Message], server_round: int) -> list[Message]:
         """Send train messages; nodes that fail or time out leave ``alive`` for now."""
-        position_of = {m.node_id: i for i, m in enumerate(self.state.members)}
+        position_of = self.state.position_of
         for message in messages:
             position = position_of[message.metadata.dst_node_id]
             self._round_nodes.setdefault(position, {})["bytes_received"] = content_bytes(
@@ -231,7 +235,7 @@ class RingRelay(Strategy):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        position_of = {m.node_id: i for i, m in enumerate(self.state.members)}
+        position_of = self.state.position_of
         for reply in replies:
             if reply.has_error() or reply.metadata.src_node_id not in position_of:
                 continue
