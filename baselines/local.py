@@ -10,7 +10,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from drdfl_flwr.config import RunConfig
 from drdfl_flwr.data import ClientData
 from drdfl_flwr.learner import Learner
 from drdfl_flwr.models import build_classifier
@@ -18,14 +17,8 @@ from drdfl_flwr.payload import PayloadError, Tensors
 
 
 class LocalLearner(Learner):
-    def __init__(
-        self,
-        cfg: RunConfig,
-        input_shape: tuple[int, int, int],
-        num_classes: int,
-        partition_id: int = 0,
-    ):
-        super().__init__(cfg, input_shape, num_classes, partition_id)
+    def setup(self) -> None:
+        cfg, input_shape, num_classes = self.cfg, self.input_shape, self.num_classes
         self.classifier = build_classifier(cfg.classifier, input_shape, num_classes).to(self.device)
         self.optimizer = torch.optim.Adam(self.classifier.parameters(), lr=cfg.learning_rate)
 

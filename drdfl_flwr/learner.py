@@ -32,7 +32,8 @@ assert set(LEARNERS) == set(METHODS), "config.METHODS and LEARNERS must list the
 
 
 class Learner(ABC):
-    """A method's local side. Subclasses hold modules and optimizers as attributes."""
+    """A method's local side. Subclasses build their modules and optimizers in
+    :meth:`setup`; every such attribute is the node's private state."""
 
     def __init__(
         self,
@@ -47,6 +48,11 @@ class Learner(ABC):
         self.num_classes = num_classes
         self.device = resolve_device(cfg.device)
         self.rounds_trained = 0
+        self.setup()
+
+    @abstractmethod
+    def setup(self) -> None:
+        """Build the method's modules and optimizers from ``self.cfg`` and the data shape."""
 
     @abstractmethod
     def absorb(self, payloads: Sequence[Tensors]) -> None:

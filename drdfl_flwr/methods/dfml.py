@@ -151,15 +151,9 @@ def payload_template(arch: str, input_shape: tuple[int, int, int], num_classes: 
 
 
 class DFMLLearner(Learner):
-    def __init__(
-        self,
-        cfg: RunConfig,
-        input_shape: tuple[int, int, int],
-        num_classes: int,
-        *,
-        partition_id: int = 0,
-    ):
-        super().__init__(cfg, input_shape, num_classes, partition_id)
+    def setup(self) -> None:
+        cfg, input_shape, num_classes = self.cfg, self.input_shape, self.num_classes
+        partition_id = self.partition_id
         self.period = cfg.dfml_period
         self.alpha_min = cfg.dfml_alpha_min
         self.alpha_max = cfg.dfml_alpha_max

@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from drdfl_flwr.config import RunConfig
 from drdfl_flwr.data import ClientData
 from drdfl_flwr.learner import Learner
 from drdfl_flwr.models import build_classifier
@@ -94,14 +93,8 @@ def uniform_adversarial_loss(head_logits: torch.Tensor) -> torch.Tensor:
 
 
 class DRDFLLearner(Learner):
-    def __init__(
-        self,
-        cfg: RunConfig,
-        input_shape: tuple[int, int, int],
-        num_classes: int,
-        partition_id: int = 0,
-    ):
-        super().__init__(cfg, input_shape, num_classes, partition_id)
+    def setup(self) -> None:
+        cfg, input_shape, num_classes = self.cfg, self.input_shape, self.num_classes
         with torch.random.fork_rng():
             # Every node starts from the same Learngene, so that averaging received
             # Learngenes is meaningful from round one (private modules differ per node).

@@ -48,15 +48,9 @@ def keep_ratio_for(cfg: RunConfig, partition_id: int) -> float:
 
 
 class DSLTHLearner(Learner):
-    def __init__(
-        self,
-        cfg: RunConfig,
-        input_shape: tuple[int, int, int],
-        num_classes: int,
-        *,
-        partition_id: int = 0,
-    ):
-        super().__init__(cfg, input_shape, num_classes, partition_id)
+    def setup(self) -> None:
+        cfg, input_shape, num_classes = self.cfg, self.input_shape, self.num_classes
+        partition_id = self.partition_id
         self.keep_ratio = keep_ratio_for(cfg, partition_id)
         self.group_lasso = cfg.dslth_group_lasso
         self.finetune_steps = cfg.dslth_finetune_steps
