@@ -44,6 +44,10 @@ def check_payload(received: Mapping[str, torch.Tensor], expected: Mapping[str, t
         raise PayloadError(f"payload keys differ: missing {missing[:5]}, unexpected {extra[:5]}")
     for key, ref in expected.items():
         got = received[key]
+        if not isinstance(got, torch.Tensor):
+            raise PayloadError(f"payload '{key}' is a {type(got).__name__}, not a tensor")
+        if got.is_floating_point() != ref.is_floating_point():
+            raise PayloadError(f"payload '{key}' has dtype {got.dtype}, expected {ref.dtype}")
         if tuple(got.shape) != tuple(ref.shape):
             raise PayloadError(
                 f"payload '{key}' has shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
