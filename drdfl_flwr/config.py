@@ -25,8 +25,11 @@ DENSE_CLASSIFIERS = ("small-cnn", "resnet8", "resnet18")  # alexnet-dslth is DSL
 DSLTH_CLASSIFIERS = ("small-cnn", "alexnet-dslth")
 DFML_SHARES = ("own", "received")
 DFML_PREDICTS = ("peak", "current")
-DSLTH_WEIGHT_INITS = ("signed-constant", "kaiming-normal", "uniform")
-LEARNGENE_MERGES = ("average", "replace")
+DSLTH_WEIGHT_INITS = ("kaiming-uniform", "signed-constant", "kaiming-normal", "uniform")
+DSLTH_PROCEDURES = ("released", "epochs")
+LEARNGENE_MERGES = ("replace", "average", "ema")
+DRDFL_TRAININGS = ("per-block", "joint")
+DRDFL_ABLATIONS = ("none", "no-pr", "no-gl")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -65,7 +68,11 @@ class RunConfig:
     learngene_dim: int = 16
     ema_alpha: float = 0.99
     noise_variance: float = 0.15
-    learngene_merge: str = "average"
+    learngene_merge: str = "replace"
+    learngene_ema_alpha: float = 0.5
+    drdfl_training: str = "per-block"
+    drdfl_ablation: str = "none"
+    isolated: bool = False
     eval_every: int = 1
     results_dir: str = "results"
     run_name: str = ""
@@ -78,11 +85,15 @@ class RunConfig:
     dfml_share: str = "own"
     dfml_predict: str = "peak"
     # DSLTH (paper 003)
-    dslth_keep_ratio: float = 0.5
+    dslth_procedure: str = "released"
+    dslth_keep_ratio_conv: float = 0.3
+    dslth_keep_ratio_fc: float = 0.9
     dslth_keep_ratios: str = ""
+    dslth_score_lr: float = 10.0
+    dslth_weight_decay: float = 5e-4
+    dslth_finetune_scale: float = 10.0
     dslth_group_lasso: float = 0.0
-    dslth_finetune_steps: int = 1
-    dslth_weight_init: str = "signed-constant"
+    dslth_weight_init: str = "kaiming-uniform"
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
@@ -92,6 +103,8 @@ class RunConfig:
         _choice("partitioner", self.partitioner, PARTITIONERS)
         _choice("classifier", self.classifier, CLASSIFIERS)
         _choice("learngene-merge", self.learngene_merge, LEARNGENE_MERGES)
+        _choice("drdfl-training", self.drdfl_training, DRDFL_TRAININGS)
+        _choice("drdfl-ablation", self.drdfl_ablation, DRDFL_ABLATIONS)
         _choice("device", self.device, DEVICES)
         for key in (
             "num-server-rounds",
@@ -108,8 +121,9 @@ class RunConfig:
                 raise ConfigError(key, getattr(self, _attr(key)), "must be >= 0 (0 = use all)")
         for key in ("round-timeout", "node-wait-timeout", "learning-rate", "dirichlet-beta"):
             _positive(key, getattr(self, _attr(key)))
-        if not 0.0 <= self.ema_alpha <= 1.0:
-            raise ConfigError("ema-alpha", self.ema_alpha, "must lie in [0, 1]")
+        for key in ("ema-alpha", "learngene-ema-alpha"):
+            if not 0.0 <= getattr(self, _attr(key)) <= 1.0:
+                raise ConfigError(key, getattr(self, _attr(key)), "must lie in [0, 1]")
         if self.noise_variance < 0:
             raise ConfigError("noise-variance", self.noise_variance, "must be >= 0")
         self._validate_dfml()
@@ -146,16 +160,15 @@ class RunConfig:
             )
 
     def _validate_dslth(self) -> None:
-        if not 0.0 < self.dslth_keep_ratio <= 1.0:
-            raise ConfigError("dslth-keep-ratio", self.dslth_keep_ratio, "must lie in (0, 1]")
-        if any(not 0.0 < r <= 1.0 for r in self.keep_ratio_list()):
-            raise ConfigError(
-                "dslth-keep-ratios", self.dslth_keep_ratios, "every ratio must lie in (0, 1]"
-            )
-        if self.dslth_group_lasso < 0:
-            raise ConfigError("dslth-group-lasso", self.dslth_group_lasso, "must be >= 0")
-        if self.dslth_finetune_steps < 0:
-            raise ConfigError("dslth-finetune-steps", self.dslth_finetune_steps, "must be >= 0")
+        _choice("dslth-procedure", self.dslth_procedure, DSLTH_PROCEDURES)
+        for key in ("dslth-keep-ratio-conv", "dslth-keep-ratio-fc"):
+            if not 0.0 < getattr(self, _attr(key)) <= 1.0:
+                raise ConfigError(key, getattr(self, _attr(key)), "must lie in (0, 1]")
+        self.node_keep_ratio_list()  # raises on malformed entries
+        _positive("dslth-score-lr", self.dslth_score_lr)
+        for key in ("dslth-weight-decay", "dslth-finetune-scale", "dslth-group-lasso"):
+            if getattr(self, _attr(key)) < 0:
+                raise ConfigError(key, getattr(self, _attr(key)), "must be >= 0")
         _choice("dslth-weight-init", self.dslth_weight_init, DSLTH_WEIGHT_INITS)
         if self.method == "dslth":
             _choice("classifier", self.classifier, DSLTH_CLASSIFIERS)
@@ -164,14 +177,31 @@ class RunConfig:
         """``architectures`` split on commas (empty: every node uses ``classifier``)."""
         return [a.strip() for a in self.architectures.split(",") if a.strip()]
 
-    def keep_ratio_list(self) -> list[float]:
-        """``dslth-keep-ratios`` as floats (empty: every node uses ``dslth-keep-ratio``)."""
-        try:
-            return [float(r) for r in self.dslth_keep_ratios.split(",") if r.strip()]
-        except ValueError:
-            raise ConfigError(
-                "dslth-keep-ratios", self.dslth_keep_ratios, "must be comma-separated numbers"
-            ) from None
+    def node_keep_ratio_list(self) -> list[tuple[float, float]]:
+        """``dslth-keep-ratios`` as (conv, fc) pairs, one per node, cycled over partition ids.
+
+        Each comma-separated entry is ``conv/fc`` or ``conv`` (fc then stays
+        ``dslth-keep-ratio-fc``). Empty: every node uses the two global ratios.
+        """
+        pairs = []
+        for entry in (e.strip() for e in self.dslth_keep_ratios.split(",")):
+            if not entry:
+                continue
+            conv, _, fc = entry.partition("/")
+            try:
+                pair = (float(conv), float(fc) if fc else self.dslth_keep_ratio_fc)
+            except ValueError:
+                raise ConfigError(
+                    "dslth-keep-ratios",
+                    self.dslth_keep_ratios,
+                    f"entry {entry!r} is not 'conv' or 'conv/fc' numbers",
+                ) from None
+            if not all(0.0 < r <= 1.0 for r in pair):
+                raise ConfigError(
+                    "dslth-keep-ratios", self.dslth_keep_ratios, "every ratio must lie in (0, 1]"
+                )
+            pairs.append(pair)
+        return pairs
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:
@@ -184,6 +214,19 @@ class RunConfig:
         for key, value in run_config.items():
             kwargs[known[key].name] = _coerce(key, value, known[key].type)
         return cls(**kwargs)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **changes: Any) -> RunConfig:
+        """A run-config file (``conf/*.toml``, flat ``key = value`` as ``flwr run
+        --run-config`` takes it) over the defaults, then ``changes`` (field names)."""
+        import tomllib
+
+        try:
+            with open(path, "rb") as f:
+                values = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError("run-config file", str(path), "no such file") from None
+        return cls.from_run_config(values).replace(**changes)
 
     def to_run_config(self) -> dict[str, Any]:
         """The inverse of :meth:`from_run_config` (for ``run_simulation`` and results)."""
@@ -213,8 +256,13 @@ def _positive(key: str, value: float) -> None:
 
 
 def _coerce(key: str, value: Any, type_name: Any) -> Any:
-    """TOML gives ints where floats are meant (``learning-rate = 1``); accept those only."""
-    expected = {"int": int, "float": float, "str": str}[str(type_name)]
+    """TOML gives ints where floats are meant (``learning-rate = 1``); accept those only.
+    Booleans are accepted only where a bool is meant (``isolated = true``)."""
+    expected = {"int": int, "float": float, "str": str, "bool": bool}[str(type_name)]
+    if expected is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, value, f"expected true or false, got {type(value).__name__}")
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ConfigError(key, value, f"expected {expected.__name__}")
     if expected is float and isinstance(value, int):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from drdfl_flwr.config import ConfigError, RunConfig
 from drdfl_flwr.data import load_client_data
@@ -34,6 +34,10 @@ def test_pyproject_defaults_are_the_typed_defaults():
         ("classifier", "vgg"),
         ("learngene-merge", "sum"),
         ("batch-size", "64"),
+        ("isolated", 1),
+        ("drdfl-training", "both"),
+        ("drdfl-ablation", "no-rec"),
+        ("learngene-ema-alpha", 2.0),
         ("no-such-key", 1),
     ],
 )
@@ -42,6 +46,27 @@ def test_bad_value_names_key_and_value(key, value):
         RunConfig.from_run_config({key: value})
     assert err.value.key == key
     assert key in str(err.value) and repr(value) in str(err.value)
+
+
+def test_conf_files_are_valid_run_configs():
+    for path in sorted(PYPROJECT.parent.joinpath("conf").glob("*.toml")):
+        RunConfig.from_toml(path)
+
+
+def test_paper_payload_budget_is_the_papers_058_m():
+    """conf/drdfl-paper.toml: Learngene + class statistics within 5 % of 0.58 M parameters
+    in the ResNet-18 / CIFAR-10 setting."""
+    from drdfl_flwr.learner import build_learner
+    from drdfl_flwr.payload import num_parameters
+
+    cfg = RunConfig.from_toml(PYPROJECT.parent / "conf" / "drdfl-paper.toml")
+    assert cfg.classifier == "resnet18"
+    params = num_parameters(build_learner(cfg, (3, 32, 32), 10).shared_payload())
+    assert abs(params / 0.58e6 - 1) <= 0.05, params
+
+
+def test_isolated_is_a_boolean_switch():
+    assert RunConfig.from_run_config({"isolated": True}).isolated is True
 
 
 def test_int_is_accepted_where_float_is_meant():
