@@ -1,4 +1,6 @@
-"""DRDFL's learner: the min-max sign, the EMA weight, the Learngene merge, bad payloads."""
+"""DRDFL's learner: the paper's losses, which block each loss trains, the min-max sign,
+the shared class prior, the EMA weight, the Learngene merge, bad payloads, and the
+health alarm that catches a Learngene carrying nothing."""
 
 from __future__ import annotations
 
@@ -8,7 +10,13 @@ import torch.nn.functional as F
 
 from drdfl_flwr.config import RunConfig
 from drdfl_flwr.learner import build_learner
-from drdfl_flwr.methods.drdfl import ClassStatistics, uniform_adversarial_loss
+from drdfl_flwr.methods import drdfl
+from drdfl_flwr.methods.drdfl import (
+    ClassStatistics,
+    gaussian_mixture_losses,
+    reconstruction_loss,
+    uniform_adversarial_loss,
+)
 from drdfl_flwr.payload import PayloadError
 
 SHAPE, K = (1, 8, 8), 10
@@ -108,9 +116,9 @@ def test_ema_uses_alpha_on_own_statistics():
     torch.testing.assert_close(stats.variance().detach(), 0.9 * own_var + 0.1 * got_var)
 
 
-@pytest.mark.parametrize("merge", ["average", "replace"])
-def test_absorb_merges_learngene_and_statistics(merge):
-    learner = make(learngene_merge=merge, ema_alpha=0.75)
+@pytest.mark.parametrize("merge, own_weight", [("average", 0.5), ("replace", 0.0), ("ema", 0.8)])
+def test_absorb_merges_learngene_and_statistics(merge, own_weight):
+    learner = make(learngene_merge=merge, ema_alpha=0.75, learngene_ema_alpha=0.8)
     sender = build_learner(RunConfig(method="drdfl", seed=99), SHAPE, K, partition_id=3)
     received = sender.shared_payload()
     own = learner.shared_payload()
@@ -118,7 +126,7 @@ def test_absorb_merges_learngene_and_statistics(merge):
     after = learner.shared_payload()
     for key in own:
         if key.startswith("learngene."):
-            want = received[key] if merge == "replace" else 0.5 * (own[key] + received[key])
+            want = own_weight * own[key] + (1 - own_weight) * received[key]
         else:  # stats.mu / stats.var: EMA with weight 0.75 on the node's own value
             want = 0.75 * own[key] + 0.25 * received[key]
         torch.testing.assert_close(after[key], want, rtol=1e-5, atol=1e-6)
@@ -162,7 +170,16 @@ def test_malformed_payload_is_rejected_and_changes_nothing(corrupt):
 def test_fit_reports_every_loss_and_learns(tiny_data):
     learner = make(local_epochs=3, learning_rate=3e-3)
     first = learner.fit(tiny_data)
-    assert set(first) == {"l_adv", "l_cls", "l_log", "l_kl", "l_adv_u", "l_rec", "l_ce"}
+    losses = {"l_adv", "l_cls", "l_log", "l_kl", "l_adv_u", "l_rec", "l_ce"}
+    health = {
+        "health_zl_kl_per_dim",
+        "health_rec_gap_zl",
+        "health_rec_err",
+        "health_adv_acc",
+        "health_majority_rate",
+        "alarm_zl_unused",
+    }
+    assert set(first) == losses | health
     for _ in range(4):
         last = learner.fit(tiny_data)
     assert last["l_ce"] < first["l_ce"] and last["l_rec"] < first["l_rec"]
@@ -176,3 +193,142 @@ def test_state_round_trip_restores_predictions(tiny_data):
     clone.load_bytes(learner.to_bytes())
     assert torch.equal(clone.predict(tiny_data.x_train), learner.predict(tiny_data.x_train))
     assert clone.rounds_trained == 1
+
+
+# -- the paper's losses, and which block each one trains ----------------------------------
+def replay_reconstruction(learner, x, seed):
+    """The decoder output of ``losses()`` for the same RNG state, recomputed by hand."""
+    torch.manual_seed(seed)
+    z_p = learner.persona(x)
+    mu, log_var = learner.learngene(x)
+    z_l = mu + torch.randn_like(mu) * (0.5 * log_var).exp()
+    return learner.decoder(torch.cat([z_p, z_l], 1))
+
+
+def test_reconstruction_loss_is_summed_over_pixels(tiny_data):
+    """||x - x'||^2 per sample; a mean over pixels weighs it 64x (3072x on CIFAR) less."""
+    learner = make()
+    x, y = tiny_data.x_train, tiny_data.y_train
+    torch.manual_seed(7)
+    l_rec = learner.losses(x, y)["l_rec"]
+    x_rec = replay_reconstruction(learner, x, seed=7)
+    per_sample = (x_rec - x).pow(2).sum(dim=(1, 2, 3))
+    assert l_rec.item() == pytest.approx(per_sample.mean().item(), rel=1e-5)
+    assert reconstruction_loss(x_rec, x).item() == pytest.approx(per_sample.mean().item())
+
+
+def test_log_likelihood_loss_is_the_full_negative_log_density():
+    stats = ClassStatistics(K, 6)
+    z, y = torch.randn(5, 6), torch.tensor([0, 1, 2, 3, 4])
+    _, l_log = gaussian_mixture_losses(stats, z, y)
+    normal = torch.distributions.Normal(stats.mu[y], stats.variance()[y].sqrt())
+    assert l_log.item() == pytest.approx(-normal.log_prob(z).sum(1).mean().item(), rel=1e-5)
+
+
+def block_grads(learner, loss_name, x, y) -> dict[str, bool]:
+    """Which blocks a single loss term sends gradient to."""
+    for module in learner.modules().values():
+        if isinstance(module, torch.nn.Module):
+            module.zero_grad(set_to_none=True)
+    learner.losses(x, y)[loss_name].backward()
+    blocks = ("persona", "stats", "learngene", "decoder", "classifier")
+    return {
+        b: any(
+            p.grad is not None and p.grad.abs().sum() > 0 for p in getattr(learner, b).parameters()
+        )
+        for b in blocks
+    }
+
+
+def test_each_block_trains_on_its_own_losses(tiny_data):
+    """Algorithm 1: PersonaNet and statistics on L_PR; Learngene on L_GL and the
+    reconstruction; decoder on L_rec; classifier on L_ce. The reconstruction gradient
+    must not reach PersonaNet (its code would bypass the Learngene)."""
+    learner = make()
+    x, y = tiny_data.x_train, tiny_data.y_train
+    assert block_grads(learner, "l_rec", x, y) == {
+        "persona": False,
+        "stats": False,
+        "learngene": True,
+        "decoder": True,
+        "classifier": False,
+    }
+    for name in ("l_cls", "l_log"):
+        reached = block_grads(learner, name, x, y)
+        assert {b for b, hit in reached.items() if hit} <= {"persona", "stats"}
+        assert reached["persona"]
+    for name in ("l_kl", "l_adv_u"):
+        assert {b for b, hit in block_grads(learner, name, x, y).items() if hit} == {"learngene"}
+    assert {b for b, hit in block_grads(learner, "l_ce", x, y).items() if hit} == {"classifier"}
+
+
+def test_joint_training_lets_the_reconstruction_reach_persona(tiny_data):
+    learner = make(drdfl_training="joint")
+    assert block_grads(learner, "l_rec", tiny_data.x_train, tiny_data.y_train)["persona"]
+
+
+@pytest.mark.parametrize(
+    "ablation, dropped",
+    [("no-pr", {"l_cls", "l_log"}), ("no-gl", {"l_kl", "l_adv_u"}), ("none", set())],
+)
+def test_table5_ablations_drop_their_losses(tiny_data, ablation, dropped):
+    parts = make(drdfl_ablation=ablation).losses(tiny_data.x_train, tiny_data.y_train)
+    everything = {"l_cls", "l_log", "l_kl", "l_adv_u", "l_rec", "l_ce"}
+    assert set(parts) == everything - dropped
+
+
+def test_every_node_starts_from_the_same_learngene_and_class_prior():
+    """The EMA of received statistics averages class k with class k only if every node's
+    mu_k started at the same point; private modules still differ per node."""
+    cfg = RunConfig(method="drdfl")
+    a = build_learner(cfg, SHAPE, K, partition_id=0)
+    b = build_learner(cfg, SHAPE, K, partition_id=3)
+    assert torch.equal(a.stats.mu, b.stats.mu) and torch.equal(a.stats.log_var, b.stats.log_var)
+    assert all(
+        torch.equal(p, q)
+        for p, q in zip(a.learngene.parameters(), b.learngene.parameters(), strict=True)
+    )
+    assert not torch.equal(a.persona.net[-1].weight, b.persona.net[-1].weight)
+    other_run = build_learner(cfg.replace(seed=7), SHAPE, K, partition_id=0)
+    assert not torch.equal(a.stats.mu, other_run.stats.mu)
+
+
+def test_collapsed_learngene_raises_the_health_alarm(tiny_data, monkeypatch):
+    """A decoder that ignores z_l (the reviewed collapse) must be flagged, in the
+    metrics and in the node's log."""
+    warnings = []
+    monkeypatch.setattr(drdfl, "log", lambda level, msg, *args: warnings.append(msg % args))
+    learner = make()
+    learner.rounds_trained = drdfl.ZL_WARMUP_ROUNDS
+    with torch.no_grad():
+        learner.decoder.fc.weight[:, learner.cfg.persona_dim :] = 0.0  # z_l inputs cut
+        learner.learngene.moments.weight.zero_()
+        learner.learngene.moments.bias.zero_()  # q(z_l|x) = N(0, I): KL = 0
+    health = learner.health(tiny_data)
+    assert health["alarm_zl_unused"] == 1.0
+    assert health["health_zl_kl_per_dim"] == pytest.approx(0.0, abs=1e-6)
+    assert abs(health["health_rec_gap_zl"]) < 1e-6
+    assert any("z_l looks unused" in w for w in warnings)
+    # An untouched model, whose decoder reads z_l, does not raise it.
+    assert make().health(tiny_data)["alarm_zl_unused"] == 0.0
+
+
+def test_learngene_carries_information_after_training_on_real_digits():
+    """The mechanism, not the plumbing: trained per block (Algorithm 1) on one real
+    digits client, the decoder comes to rely on z_l; trained jointly (the reconstruction
+    also through PersonaNet), PersonaNet's code bypasses it and z_l is ignored."""
+    from drdfl_flwr.data import load_client_data
+
+    gaps = {}
+    for training in ("per-block", "joint"):
+        cfg = RunConfig(method="drdfl", drdfl_training=training, device="cpu")
+        data = load_client_data(cfg, 0, 5)
+        learner = build_learner(cfg, data.input_shape, data.num_classes)
+        for _ in range(12):
+            health = learner.fit(data)
+        gaps[training] = health["health_rec_gap_zl"]
+        if training == "per-block":
+            assert health["health_zl_kl_per_dim"] > 0.01
+            assert health["alarm_zl_unused"] == 0.0
+    assert gaps["per-block"] > 0.05, gaps
+    assert gaps["joint"] < gaps["per-block"] / 2, gaps

@@ -1,0 +1,48 @@
+"""Mechanism health: the per-round numbers that show a method's defining idea at work.
+
+Tests can pass while the science fails (a Learngene that carries nothing, scores that
+grow without bound), so every method reports, each round and per node, the metrics that
+would reveal it. Their keys start with ``health_``; a key starting with ``alarm_`` is a
+0/1 flag that a node raises when its mechanism is visibly broken. The node logs the
+alarm, the ServerApp repeats it in the progress output with the text below, and the
+summary keeps the last round's health means.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+HEALTH_PREFIX = "health_"
+ALARM_PREFIX = "alarm_"
+
+# alarm key -> what it means and what to look at. One entry per alarm a method can raise.
+ALARMS: dict[str, str] = {
+    "alarm_zl_unused": (
+        "DRDFL's Learngene code z_l is unused: replacing it by prior samples changes the "
+        "reconstruction by less than 1 %, so the shared Learngene carries no information "
+        "(check drdfl-training, drdfl-ablation and the latent sizes)"
+    ),
+}
+
+
+def health_view(metrics: Mapping[str, float]) -> dict[str, float]:
+    """Only the health and alarm entries of a metrics mapping."""
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if k.startswith(HEALTH_PREFIX) or k.startswith(ALARM_PREFIX)
+    }
+
+
+def raised_alarms(per_node: Mapping[str, Mapping[str, float]]) -> dict[str, list[str]]:
+    """alarm key -> the nodes that raised it this round."""
+    raised: dict[str, list[str]] = {}
+    for node, metrics in per_node.items():
+        for key, value in metrics.items():
+            if key.startswith(ALARM_PREFIX) and float(value) > 0:
+                raised.setdefault(key, []).append(node)
+    return raised
+
+
+def describe_alarm(key: str) -> str:
+    return ALARMS.get(key, key)
