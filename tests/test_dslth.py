@@ -11,8 +11,8 @@ from flwr.app import RecordDict
 from drdfl_flwr.bitpack import pack_bits, packed_length, unpack_bits
 from drdfl_flwr.config import ConfigError, RunConfig
 from drdfl_flwr.data import ClientData
-from drdfl_flwr.methods.dslth import DSLTHLearner, keep_ratio_for
-from drdfl_flwr.models.masked import MaskedAlexNet, kept_entries
+from drdfl_flwr.methods.dslth import DSLTHLearner, keep_ratios_for
+from drdfl_flwr.models.masked import MaskedAlexNet, MaskedConv2d, kept_entries
 from drdfl_flwr.payload import (
     PayloadError,
     content_bytes,
@@ -59,41 +59,59 @@ def test_bitpack_roundtrip_and_padding_check():
 
 
 def test_payload_is_one_bit_per_entry_plus_small_header():
-    learner = DSLTHLearner(make_cfg(dslth_keep_ratio=0.3), SHAPE, K)
+    learner = DSLTHLearner(make_cfg(), SHAPE, K)
     payload = learner.shared_payload()
-    sizes = [layer.num_entries for layer in learner.net.masked_layers().values()]
+    layers = list(learner.net.masked_layers().values())
+    sizes = [layer.num_entries for layer in layers]
     assert all(t.dtype == torch.uint8 for t in payload.values())
     bound = sum(math.ceil(n / 8) for n in sizes) + HEADER_BYTES_PER_LAYER * len(sizes)
     assert wire_bytes(payload) <= bound
     # ... and far below the float32 weights it stands for
     assert wire_bytes(payload) < 4 * sum(sizes) / 16
-    assert learner.paper_payload_bits() == sum(kept_entries(n, 0.3) for n in sizes)
+    ratio = {"conv": 0.3, "fc": 0.9}
+    assert learner.paper_payload_bits() == sum(
+        kept_entries(layer.num_entries, ratio[layer.kind]) for layer in layers
+    )
 
 
-def test_alexnet_payload_bound_and_shapes():
-    net = MaskedAlexNet((3, 32, 32), 10, 0.5, weight_seed=0, score_seed=1)
-    shapes = [tuple(m.weight.shape) for m in net.masked_layers().values()]
-    assert shapes == [
+def test_released_mce_pl_network():
+    """models/alex_cifar_att2.py of ZhuoJTian/MCE-PL: 1,227,328 mask entries for K = 10."""
+    net = MaskedAlexNet((3, 32, 32), 10, (0.3, 0.9), weight_seed=0, score_seed=1)
+    layers = net.masked_layers()
+    assert [tuple(m.weight.shape) for m in layers.values()] == [
         (64, 3, 5, 5),
         (128, 64, 5, 5),
         (256, 128, 5, 5),
-        (1024, 4096),
         (192, 1024),
         (10, 192),
     ]
-    payload = {n: pack_bits(m.binary_mask()) for n, m in net.masked_layers().items()}
-    sizes = [math.prod(s) for s in shapes]
-    bound = sum(math.ceil(n / 8) for n in sizes) + HEADER_BYTES_PER_LAYER * len(sizes)
-    assert wire_bytes(payload) <= bound
+    assert sum(m.num_entries for m in layers.values()) == 1_227_328
+    assert [m.keep_ratio for m in layers.values()] == [0.3, 0.3, 0.3, 0.9, 0.9]
+    assert [m.padding for m in net.features if isinstance(m, MaskedConv2d)] == [1, 1, 1]
+    assert sum(isinstance(m, torch.nn.ELU) for m in net.modules()) == 5
+    assert sum(isinstance(m, torch.nn.LocalResponseNorm) for m in net.modules()) == 3
+    pools = [m for m in net.features if isinstance(m, torch.nn.MaxPool2d)]
+    assert [(p.kernel_size, p.stride, p.padding) for p in pools] == [
+        (3, 2, 0),
+        (3, 2, 0),
+        (3, 2, 1),
+    ]
+    dense = [m for m in layers.values() if m.kind == "fc"]
+    assert all(m.bias is not None for m in dense)  # fixed biases, not trained
+    assert [n for n, _ in net.named_parameters()] == [f"{n}.scores" for n in layers]
     assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    payload = {n: pack_bits(m.binary_mask()) for n, m in layers.items()}
+    assert sum(p.numel() for p in payload.values()) == sum(
+        math.ceil(m.num_entries / 8) for m in layers.values()
+    )
 
 
 def test_nodes_share_fixed_weights_but_not_scores():
-    cfg = make_cfg(dslth_keep_ratios="0.2,0.7")
+    cfg = make_cfg(dslth_keep_ratios="0.2/0.5,0.7")
     a = DSLTHLearner(cfg, SHAPE, K, partition_id=0)
     torch.manual_seed(12345)  # the global RNG must not matter
     b = DSLTHLearner(cfg, SHAPE, K, partition_id=1)
-    assert a.keep_ratio == 0.2 and b.keep_ratio == 0.7
+    assert a.keep_ratios == (0.2, 0.5) and b.keep_ratios == (0.7, 0.9)
     wa, wb = weights(a), weights(b)
     assert wa.keys() == wb.keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -108,7 +126,7 @@ def test_fixed_weights_do_not_change_during_training():
     scores_before = learner.net.features[0].scores.detach().clone()
     learner.absorb([DSLTHLearner(make_cfg(), SHAPE, K, partition_id=1).shared_payload()])
     metrics = learner.fit(make_data())
-    assert {"l_ce", "l_group_lasso", "finetune_l_ce"} <= set(metrics)
+    assert {"l_ce", "l_group_lasso"} <= set(metrics)
     after = weights(learner)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not torch.equal(scores_before, learner.net.features[0].scores.detach())
@@ -118,19 +136,22 @@ def test_fixed_weights_do_not_change_during_training():
 
 
 @pytest.mark.parametrize("ratio", [0.05, 0.3, 0.5, 1.0])
-def test_top_r_keeps_exact_fraction_per_layer(ratio):
-    learner = DSLTHLearner(make_cfg(dslth_keep_ratio=ratio), SHAPE, K)
+def test_top_r_keeps_exact_fraction_of_fused_scores_per_layer(ratio):
+    learner = DSLTHLearner(
+        make_cfg(dslth_keep_ratio_conv=ratio, dslth_keep_ratio_fc=ratio), SHAPE, K
+    )
     for layer in learner.net.masked_layers().values():
         mask = layer.binary_mask()
-        assert int(mask.sum()) == max(1, round(ratio * mask.numel()))
-        kept = layer.scores.detach().abs()[mask]
-        dropped = layer.scores.detach().abs()[~mask]
-        if dropped.numel():
-            assert kept.min() >= dropped.max()  # the largest |s| are the kept ones
+        n = mask.numel()
+        assert int(mask.sum()) == max(1, n - math.floor((1 - ratio) * n))
+        z = layer.scores.detach()
+        y = (z + z.abs().mean() * z.sign() * layer.neighbour_mean).abs()
+        if (~mask).any():
+            assert y[mask].min() >= y[~mask].max()  # the largest |y| are the kept ones
 
 
 def test_straight_through_gradients_reach_all_scores():
-    learner = DSLTHLearner(make_cfg(dslth_keep_ratio=0.3), SHAPE, K)
+    learner = DSLTHLearner(make_cfg(), SHAPE, K)
     data = make_data()
     loss = torch.nn.functional.cross_entropy(learner.net(data.x_train), data.y_train)
     loss.backward()
@@ -138,21 +159,75 @@ def test_straight_through_gradients_reach_all_scores():
         grad = layer.scores.grad
         assert grad is not None and torch.isfinite(grad).all()
         dropped = ~layer.binary_mask()
-        assert grad[dropped].abs().sum() > 0  # masked-out entries learn too (STE)
+        if dropped.any():
+            assert grad[dropped].abs().sum() > 0  # masked-out entries learn too (STE)
         assert layer.weight.grad is None
 
 
-def test_fusion_follows_intermediate_tensor():
-    a = DSLTHLearner(make_cfg(), SHAPE, K, partition_id=0)
-    payloads = [DSLTHLearner(make_cfg(), SHAPE, K, partition_id=p).shared_payload() for p in (1, 2)]
-    wire = [from_array_record(to_array_record(p)) for p in payloads]  # through Flower types
-    layer = a.net.features[0]
-    s = layer.scores.detach().clone()
-    masks = torch.stack([unpack_bits(p["mask.features.0"], s.shape) for p in wire]).float()
-    expected = s + s.abs().mean() * s.sign() * masks.mean(0)
-    a.absorb(wire)
-    assert torch.allclose(layer.scores.detach(), expected)
-    assert bool(a.net.pending_finetune)
+def received_masks(partitions=(1, 2)):
+    payloads = [
+        DSLTHLearner(make_cfg(), SHAPE, K, partition_id=p).shared_payload() for p in partitions
+    ]
+    return [from_array_record(to_array_record(p)) for p in payloads]  # through Flower types
+
+
+def test_absorbing_masks_never_changes_the_scores():
+    """The fusion is recomputed in every forward pass; it must not be written into z."""
+    node = DSLTHLearner(make_cfg(), SHAPE, K, partition_id=0)
+    wire = received_masks()
+    scores = {n: m.scores.detach().clone() for n, m in node.net.masked_layers().items()}
+    node.absorb(wire)
+    for name, layer in node.net.masked_layers().items():
+        assert torch.equal(layer.scores.detach(), scores[name])
+        shape = layer.scores.shape
+        masks = torch.stack([unpack_bits(p[f"mask.{name}"], shape) for p in wire]).float()
+        assert torch.equal(layer.neighbour_mean, masks.mean(0))
+    # ... and the mask does follow the received ones: y = z + mean|z| sign(z) m_bar
+    layer = node.net.features[0]
+    z = layer.scores.detach()
+    y = z + z.abs().mean() * z.sign() * layer.neighbour_mean
+    top = torch.zeros(y.numel())
+    top[y.abs().flatten().topk(layer.num_kept).indices] = 1
+    assert torch.equal(layer.binary_mask().flatten().float(), top)
+
+
+def test_released_round_is_one_sgd_step_then_masked_finetuning():
+    cfg = make_cfg(batch_size=16)
+    node = DSLTHLearner(cfg, SHAPE, K)
+    layer = node.net.features[0]
+    z0 = layer.scores.detach().clone()
+    node.fit(make_data())
+    g = layer.last_grad.clone()
+    assert g.abs().sum() > 0
+    # exactly one SGD step: z1 = z0 - lr (g + wd z0)
+    expected = z0 - cfg.dslth_score_lr * (g + cfg.dslth_weight_decay * z0)
+    assert torch.allclose(layer.scores.detach(), expected, atol=1e-6)
+    z1 = layer.scores.detach().clone()
+    node.absorb(received_masks())
+    # fine-tuning with the new masks: z <- z - 10 g m_bar_new
+    expected = z1 - cfg.dslth_finetune_scale * g * layer.neighbour_mean
+    assert torch.allclose(layer.scores.detach(), expected, atol=1e-6)
+
+
+def test_scores_stay_bounded_and_masks_keep_moving_on_a_ring():
+    """The reviewed bug: fusion written into the scores grew mean |z| ~1.5x per round and
+    froze the masks. With fusion as a view, 15 rounds on a 2-node ring stay bounded."""
+    cfg = make_cfg(dslth_procedure="epochs", local_epochs=1)
+    nodes = [DSLTHLearner(cfg, SHAPE, K, partition_id=p) for p in (0, 1)]
+    data = [make_data(seed=p) for p in (0, 1)]
+    start = nodes[0].health()["health_score_abs_mean"]
+    flips = []
+    for round_index in range(15):
+        sent = [n.shared_payload() for n in nodes]
+        for i, node in enumerate(nodes):
+            node.absorb([sent[1 - i]])
+            metrics = node.fit(data[i])
+        assert ("health_bits_flipped" in metrics) == (round_index > 0)  # none before a send
+        flips.append(metrics.get("health_bits_flipped", 0.0))
+        assert 0.0 <= metrics["health_mask_overlap"] <= 1.0
+    end = metrics["health_score_abs_mean"]
+    assert end < 3 * start, (start, end)
+    assert sum(f > 0 for f in flips[-5:]) >= 3  # masks still change late in the run
 
 
 def test_malformed_payloads_are_rejected_without_change():
@@ -188,24 +263,29 @@ def test_state_roundtrip_and_seed_check():
 
 
 def test_keep_ratio_parsing():
-    assert make_cfg().keep_ratio_list() == []
-    assert make_cfg(dslth_keep_ratios="0.2, 0.5").keep_ratio_list() == [0.2, 0.5]
-    assert keep_ratio_for(make_cfg(dslth_keep_ratios="0.2,0.5"), 3) == 0.5
-    assert keep_ratio_for(make_cfg(dslth_keep_ratio=0.4), 3) == 0.4
-    for bad in ("0", "1.5", "a,0.3"):
+    assert make_cfg().node_keep_ratio_list() == []
+    assert make_cfg(dslth_keep_ratios="0.2/0.5, 0.4").node_keep_ratio_list() == [
+        (0.2, 0.5),
+        (0.4, 0.9),
+    ]
+    assert keep_ratios_for(make_cfg(dslth_keep_ratios="0.2,0.5"), 3) == (0.5, 0.9)
+    assert keep_ratios_for(make_cfg(dslth_keep_ratio_conv=0.4), 3) == (0.4, 0.9)
+    for bad in ("0", "1.5", "a,0.3", "0.3/x", "0.3/0"):
         with pytest.raises(ConfigError) as err:
             make_cfg(dslth_keep_ratios=bad)
-        assert err.value.key.startswith("dslth-keep-ratio")
+        assert err.value.key == "dslth-keep-ratios"
     with pytest.raises(ConfigError) as err:
-        make_cfg(dslth_keep_ratio=0.0)
-    assert err.value.key.startswith("dslth-keep-ratio")
+        make_cfg(dslth_keep_ratio_conv=0.0)
+    assert err.value.key == "dslth-keep-ratio-conv"
 
 
 @pytest.mark.parametrize(
     "key, value",
     [
         ("dslth_group_lasso", -1e-3),
-        ("dslth_finetune_steps", -1),
+        ("dslth_finetune_scale", -1.0),
+        ("dslth_score_lr", 0.0),
+        ("dslth_procedure", "adam"),
         ("dslth_weight_init", "zeros"),
         ("classifier", "resnet18"),
     ],

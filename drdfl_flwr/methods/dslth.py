@@ -1,29 +1,45 @@
-"""DSLTH / MCE-PL (paper 003): personalized binary masks over shared fixed random weights.
+"""DSLTH / MCE-PL (paper 003, released code ZhuoJTian/MCE-PL): personalized binary masks
+over shared fixed random weights.
 
 Every node builds the same fixed random weights ``w`` from the run seed (they never
-cross the wire) and learns private real-valued scores ``s``; its model is
-``w * m(s)``, ``m`` keeping the top ``r`` fraction of ``|s|`` per layer, trained with
-straight-through gradients (see :mod:`drdfl_flwr.models.masked`). ``r`` may differ per
-node (node heterogeneity): ``dslth-keep-ratios`` lists one ratio per partition.
-An optional group lasso ``lambda * sum_filters ||s_filter||_2`` (``dslth-group-lasso``)
-pushes whole filters out of the mask (structured sparsity).
+cross the wire) and learns private real-valued scores ``z``; its model is ``w * m``,
+where ``m`` keeps the top fraction of the fused scores ``|y|`` per layer,
+``y = z + mean|z| * sign(z) * m_bar``, recomputed in every forward pass from the current
+scores and the mean ``m_bar`` of the latest received masks (see
+:mod:`drdfl_flwr.models.masked`). Absorbing masks changes ``m_bar`` only; the scores
+are never overwritten by the fusion.
 
-Shared each round: the binary mask, 1 bit per entry (``numpy.packbits``, one uint8
-tensor per layer, key ``mask.<layer>``; the shape is implied by the receiver's own,
-identical layer). :meth:`DSLTHLearner.paper_payload_bits` gives the paper's count
-(the number of ones, 1 bit each) beside the bytes the relay measures on the wire.
+Keep ratios: ``dslth-keep-ratio-conv`` (0.3) for convolutions and ``dslth-keep-ratio-fc``
+(0.9) for dense layers, as released; ``dslth-keep-ratios`` gives nodes their own
+(node heterogeneity).
 
-On receipt (:meth:`absorb`) the masks are fused into the scores through the paper's
-intermediate tensor, per layer ``y = s + mean|s| * sign(s) * mean_j(m_j)``, ``s <- y``;
-then :meth:`fit` first runs ``dslth-finetune-steps`` mini-batch steps of personalized
-fine-tuning of the scores on local data, followed by the usual ``local-epochs`` of
-local training. Both steps train the scores only; ``w`` never changes.
+One round (``dslth-procedure = "released"``, the release's ``train_MCE.py``):
+
+1. on receipt of the neighbours' new masks, the personalized fine-tuning step of the
+   previous round: ``z <- z - dslth-finetune-scale * g * m_bar_new`` (the release's factor
+   10), ``g`` being the score gradient of the previous round's training step;
+2. one SGD step (lr ``dslth-score-lr`` = 10, momentum 0, weight decay 5e-4) on **one**
+   mini-batch of ``batch-size`` local samples (the release: 128), fusing with those masks;
+3. the binary mask top-r(|y|) is sent, packed 1 bit per entry.
+
+On a synchronous ring this is the release's order exactly: the fine-tuning of round t
+uses round t's gradient and the masks the neighbours sent in round t.
+``dslth-procedure = "epochs"`` replaces step 2 by ``local-epochs`` epochs of the same
+SGD steps (``g`` is then the last step's gradient): more local computation per
+exchanged mask, for short runs.
+
+An optional group lasso ``lambda * sum_filters ||y_filter||_2`` (``dslth-group-lasso``)
+is added to the loss (the release only logs it; lambda = 0 reproduces that).
+
+Health, every round: mean |score| per layer (bounded: weight decay, no fusion writes),
+the fraction of this node's kept entries that the received masks also keep
+(``health_mask_overlap``), and the fraction of mask bits that flipped since the mask
+sent the round before (``health_bits_flipped``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from itertools import islice
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,28 +54,25 @@ from drdfl_flwr.payload import PayloadError, Tensors
 MASK_PREFIX = "mask."
 
 
-def keep_ratio_for(cfg: RunConfig, partition_id: int) -> float:
-    """This node's r: ``dslth-keep-ratios[partition_id % len]`` if set, else
-    ``dslth-keep-ratio``."""
-    ratios = cfg.keep_ratio_list()
-    if ratios:
-        return ratios[partition_id % len(ratios)]
-    return cfg.dslth_keep_ratio
+def keep_ratios_for(cfg: RunConfig, partition_id: int) -> tuple[float, float]:
+    """This node's (conv, fc) keep ratios: ``dslth-keep-ratios[partition_id % len]`` if
+    set, else (``dslth-keep-ratio-conv``, ``dslth-keep-ratio-fc``)."""
+    pairs = cfg.node_keep_ratio_list()
+    if pairs:
+        return pairs[partition_id % len(pairs)]
+    return cfg.dslth_keep_ratio_conv, cfg.dslth_keep_ratio_fc
 
 
 class DSLTHLearner(Learner):
     def setup(self) -> None:
-        cfg, input_shape, num_classes = self.cfg, self.input_shape, self.num_classes
-        partition_id = self.partition_id
-        self.keep_ratio = keep_ratio_for(cfg, partition_id)
-        self.group_lasso = cfg.dslth_group_lasso
-        self.finetune_steps = cfg.dslth_finetune_steps
+        cfg, partition_id = self.cfg, self.partition_id
+        self.keep_ratios = keep_ratios_for(cfg, partition_id)
         try:
             net = build_masked_classifier(
                 cfg.classifier,
-                input_shape,
-                num_classes,
-                self.keep_ratio,
+                self.input_shape,
+                self.num_classes,
+                self.keep_ratios,
                 weight_seed=cfg.seed,  # shared by every node: the fixed weights
                 score_seed=cfg.seed * 1_000_033 + 7_919 * partition_id + 1,  # private
                 init=cfg.dslth_weight_init,
@@ -67,7 +80,24 @@ class DSLTHLearner(Learner):
         except ValueError as err:
             raise ConfigError("classifier", cfg.classifier, str(err)) from None
         self.net = net.to(self.device)
-        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.learning_rate)
+        layers = self.net.masked_layers().values()
+        # Private bookkeeping, persistent through state_dict: the last training step's
+        # score gradient (for the fine-tuning step), the mask sent last, and whether a
+        # neighbour's mask has arrived yet.
+        for layer in layers:
+            layer.register_buffer("last_grad", torch.zeros_like(layer.scores.detach()))
+            layer.register_buffer("last_sent", torch.zeros_like(layer.scores, dtype=torch.bool))
+        self.net.register_buffer("has_grad", torch.zeros((), dtype=torch.bool, device=self.device))
+        self.net.register_buffer("has_sent", torch.zeros((), dtype=torch.bool, device=self.device))
+        self.net.register_buffer(
+            "has_received", torch.zeros((), dtype=torch.bool, device=self.device)
+        )
+        self.optimizer = torch.optim.SGD(
+            self.net.parameters(),
+            lr=cfg.dslth_score_lr,
+            momentum=0.0,
+            weight_decay=cfg.dslth_weight_decay,
+        )
 
     # -- communication -------------------------------------------------------------
     def layer_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -110,62 +140,88 @@ class DSLTHLearner(Learner):
         }
 
     def absorb(self, payloads: Sequence[Tensors]) -> None:
+        """Store the received masks' mean as m_bar, then run the fine-tuning step."""
         if not payloads:
             return
         decoded = [self.decode_payload(p) for p in payloads]  # validate all, change nothing
-        with torch.no_grad():
-            for name, layer in self.net.masked_layers().items():
-                mean_mask = torch.stack([d[name] for d in decoded]).float().mean(0)
-                s = layer.scores
-                # y = s + mean|s| * sign(s) * mean_j(m_j): entries the neighbours keep grow
-                # in magnitude, so they are more likely to enter this node's top-r.
-                s.add_(s.abs().mean() * s.sign() * mean_mask.to(s.device))
-            self.net.pending_finetune.fill_(True)
+        means = {
+            name: torch.stack([d[name] for d in decoded]).float().mean(0)
+            for name in self.net.masked_layers()
+        }
+        self.net.set_neighbour_masks(means)
+        self.net.has_received.fill_(True)
+        if bool(self.net.has_grad):
+            self.finetune()
+
+    @torch.no_grad()
+    def finetune(self) -> None:
+        """z <- z - scale * g * m_bar: the previous step's gradient, restricted to the
+        entries the neighbours keep (the release's personalized fine-tuning)."""
+        scale = self.cfg.dslth_finetune_scale
+        for layer in self.net.masked_layers().values():
+            layer.scores.sub_(scale * layer.last_grad * layer.neighbour_mean)
 
     # -- training --------------------------------------------------------------------
     def step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         ce = F.cross_entropy(self.net(x), y)
         loss = ce
         parts = {"l_ce": ce.item()}
-        if self.group_lasso > 0:
+        if self.cfg.dslth_group_lasso > 0:
             penalty = self.net.group_lasso()
-            loss = loss + self.group_lasso * penalty
+            loss = loss + self.cfg.dslth_group_lasso * penalty
             parts["l_group_lasso"] = penalty.item()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        with torch.no_grad():
+            for layer in self.net.masked_layers().values():
+                layer.last_grad.copy_(layer.scores.grad)
         self.optimizer.step()
+        self.net.has_grad.fill_(True)
         return parts
-
-    def endless_batches(
-        self, data: ClientData, generator: torch.Generator
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        while True:
-            yield from self.batches(data, generator)
 
     def fit(self, data: ClientData) -> dict[str, float]:
         self.net.train()
         sums: dict[str, float] = {}
-        steps: dict[str, int] = {}
-
-        def record(prefix: str, parts: dict[str, float]) -> None:
-            for k, v in parts.items():
-                key = k if not prefix else f"{prefix}_{k}"
-                sums[key] = sums.get(key, 0.0) + v
-                steps[key] = steps.get(key, 0) + 1
-
-        generator = self.round_generator()
-        if len(data.y_train) and bool(self.net.pending_finetune) and self.finetune_steps:
-            # Personalized fine-tuning right after fusion (paper 003, section III-C).
-            for x, y in islice(self.endless_batches(data, generator), self.finetune_steps):
-                record("finetune", self.step(x, y))
-        self.net.pending_finetune.fill_(False)
-        for x, y in self.batches(data, generator):
-            record("", self.step(x, y))
+        steps = 0
+        batches = self.batches(data, self.round_generator())
+        if self.cfg.dslth_procedure == "released":
+            batches = iter([next(batches)]) if len(data.y_train) else iter([])
+        for x, y in batches:
+            for k, v in self.step(x, y).items():
+                sums[k] = sums.get(k, 0.0) + v
+            steps += 1
         self.rounds_trained += 1
-        metrics = {k: v / steps[k] for k, v in sums.items()}
+        metrics = {k: v / max(steps, 1) for k, v in sums.items()}
         # The paper's communication count (ones x 1 bit), beside the relay's wire bytes.
         metrics["paper_payload_bytes"] = self.paper_payload_bits() / 8
-        metrics["keep_ratio"] = self.keep_ratio
+        metrics["keep_ratio_conv"], metrics["keep_ratio_fc"] = self.keep_ratios
+        metrics.update(self.health())
+        with torch.no_grad():  # what is sent this round, to count flipped bits next round
+            for layer in self.net.masked_layers().values():
+                layer.last_sent.copy_(layer.binary_mask())
+            self.net.has_sent.fill_(True)
+        return metrics
+
+    @torch.no_grad()
+    def health(self) -> dict[str, float]:
+        """Scores bounded, masks moving, masks sharing entries with the neighbours'."""
+        metrics: dict[str, float] = {}
+        kept = overlap = flipped = entries = 0.0
+        score_abs_sum = 0.0
+        for name, layer in self.net.masked_layers().items():
+            mask = layer.binary_mask()
+            score_abs = layer.scores.abs().mean().item()
+            metrics[f"health_score_abs.{name}"] = score_abs
+            score_abs_sum += layer.scores.abs().sum().item()
+            kept += mask.sum().item()
+            overlap += (mask.float() * layer.neighbour_mean).sum().item()
+            flipped += (mask != layer.last_sent).sum().item()
+            entries += mask.numel()
+        metrics["health_score_abs_mean"] = score_abs_sum / entries
+        if bool(self.net.has_received):
+            metrics["health_mask_overlap"] = overlap / max(kept, 1.0)
+        if bool(self.net.has_sent):
+            metrics["health_bits_flipped"] = flipped / entries
         return metrics
 
     @torch.no_grad()

@@ -1,22 +1,29 @@
-"""Masked networks for DSLTH (paper 003): fixed random weights, learned scores, top-r masks.
+"""Masked networks for DSLTH / MCE-PL (paper 003): fixed random weights, learned scores.
 
-Every masked layer computes with ``w * m / sqrt(r)`` where
+Every masked layer computes with ``w * m`` where
 
-* ``w`` is a fixed random weight, a *buffer* drawn from a generator seeded with the run
-  seed only, so every node builds the identical tensor without ever sending it. It is
-  not persistent (not in ``state_dict``): it is regenerated from the seed on load, and
-  a persistent checksum (:attr:`MaskedNet.weight_checksum`) catches a node whose seed
-  differs from the one its saved state was trained with;
-* ``m`` keeps exactly ``max(1, round(r * n))`` of the layer's ``n`` entries: those with
-  the largest ``|s|``, ``s`` being the layer's learned real-valued scores (private);
-* the gradient of the top-r selection is the straight-through one: ``dL/d|s| = dL/dm``,
-  so every score, kept or not, learns (``dL/ds = dL/dm * sign(s)`` through ``|.|``);
-* ``1 / sqrt(r)`` is a per-node constant that restores the Kaiming variance of the kept
-  sub-network; it scales logits only, never the shared ``w``, so nodes with different
-  ``r`` still share identical weights.
+* ``w`` (and, where the layer has one, the bias) is fixed and random, a *buffer* drawn
+  from a generator seeded with the run seed only, so every node builds the identical
+  tensor without ever sending it. It is not persistent (not in ``state_dict``): it is
+  regenerated from the seed on load, and a persistent checksum
+  (:attr:`MaskedNet.weight_checksum`) catches a node whose seed differs from the one its
+  saved state was trained with;
+* ``m`` is recomputed in *every forward pass* from the layer's private real-valued
+  scores ``z`` and the mean ``m_bar`` of the neighbours' latest binary masks (a
+  non-trainable buffer, set by :meth:`MaskedNet.set_neighbour_masks`), as the released
+  MCE-PL code does::
 
-Layers have no biases: the paper's convolutions have none, and the strong-lottery-ticket
-setting it proves its result in has none either.
+      y = z + sg(mean|z|) * sg(sign z) * m_bar      (sg: treated as a constant)
+      m = 1 on the largest |y| entries, keeping all but floor((1 - r) * n) of the n entries
+
+  The scores are never overwritten by ``y``: fusion is a view, not an update, so
+  scores stay bounded by their own training (weight decay) however many rounds pass;
+* the top-r selection has the straight-through gradient, so
+  ``dL/dz = (dL/dw_eff * w) * sign(y)``.
+
+``rescale`` (used by the small CNN, not by the released network) multiplies the
+effective weight by ``1 / sqrt(r)``, restoring the Kaiming variance of the kept
+sub-network; it scales activations only, never the shared ``w``.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-WEIGHT_INITS = ("signed-constant", "kaiming-normal", "uniform")
+WEIGHT_INITS = ("kaiming-uniform", "signed-constant", "kaiming-normal", "uniform")
 
 
 class TopRMask(torch.autograd.Function):
@@ -47,27 +54,31 @@ class TopRMask(torch.autograd.Function):
 
 
 def kept_entries(num_entries: int, keep_ratio: float) -> int:
-    """How many entries a top-r mask keeps: round(r * n), at least one."""
-    return max(1, min(num_entries, round(keep_ratio * num_entries)))
+    """How many entries a top-r mask keeps: all but floor((1 - r) n), as released; >= 1."""
+    return max(1, num_entries - math.floor((1.0 - keep_ratio) * num_entries))
 
 
-def fixed_weight(
+def fixed_tensor(
     shape: tuple[int, ...], fan_in: int, init: str, generator: torch.Generator
 ) -> torch.Tensor:
-    """A fixed random weight drawn only from ``generator`` (the shared seed)."""
+    """A fixed random weight (or bias) drawn only from ``generator`` (the shared seed)."""
+    if init == "kaiming-uniform":  # torch's default layer init: U(+-1/sqrt(fan_in))
+        return (torch.rand(shape, generator=generator) * 2 - 1) / math.sqrt(fan_in)
     std = math.sqrt(2.0 / fan_in)  # Kaiming, ReLU gain
     if init == "signed-constant":
         signs = torch.randint(0, 2, shape, generator=generator).float() * 2 - 1
         return signs * std
     if init == "kaiming-normal":
         return torch.randn(shape, generator=generator) * std
-    if init == "uniform":  # the paper's U[-1, 1]
+    if init == "uniform":  # the paper summary's U[-1, 1]
         return torch.rand(shape, generator=generator) * 2 - 1
     raise ValueError(f"unknown DSLTH weight init {init!r}; choose one of {WEIGHT_INITS}")
 
 
 class MaskedLayer(nn.Module):
     """Shared machinery of masked convolutions and dense layers."""
+
+    kind: str  # "conv" or "fc": which keep ratio applies
 
     def __init__(
         self,
@@ -76,17 +87,26 @@ class MaskedLayer(nn.Module):
         init: str,
         weight_generator: torch.Generator,
         score_generator: torch.Generator,
+        bias: bool = False,
+        rescale: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 < keep_ratio <= 1.0:
             raise ValueError(f"keep ratio must lie in (0, 1], got {keep_ratio}")
         fan_in = math.prod(shape[1:])
         self.keep_ratio = float(keep_ratio)
+        self.rescale = rescale
         self.register_buffer(
-            "weight", fixed_weight(shape, fan_in, init, weight_generator), persistent=False
+            "weight", fixed_tensor(shape, fan_in, init, weight_generator), persistent=False
         )
-        bound = 1.0 / math.sqrt(fan_in)  # torch's default (Kaiming-uniform, a = sqrt 5)
+        fixed_bias = fixed_tensor((shape[0],), fan_in, "kaiming-uniform", weight_generator)
+        self.register_buffer("bias", fixed_bias if bias else None, persistent=False)
+        bound = 1.0 / math.sqrt(fan_in)  # Kaiming-uniform with a = sqrt 5, as released
         self.scores = nn.Parameter((torch.rand(shape, generator=score_generator) * 2 - 1) * bound)
+        # Mean of the neighbours' latest binary masks; before any arrives, Bernoulli(r)
+        # samples as the release initialises it. Private, persistent, never trained.
+        initial = (torch.rand(shape, generator=score_generator) < keep_ratio).float()
+        self.register_buffer("neighbour_mean", initial)
 
     @property
     def num_entries(self) -> int:
@@ -96,23 +116,32 @@ class MaskedLayer(nn.Module):
     def num_kept(self) -> int:
         return kept_entries(self.num_entries, self.keep_ratio)
 
+    def fused_scores(self) -> torch.Tensor:
+        """y = z + sg(mean|z|) * sg(sign z) * m_bar (differentiable in z, slope 1)."""
+        z = self.scores
+        amplitude = z.detach().abs().mean()
+        return z + amplitude * z.detach().sign() * self.neighbour_mean
+
     def mask(self) -> torch.Tensor:
         """The float 0/1 mask, differentiable (straight-through) with respect to the scores."""
-        return TopRMask.apply(self.scores.abs(), self.num_kept)
+        return TopRMask.apply(self.fused_scores().abs(), self.num_kept)
 
     @torch.no_grad()
     def binary_mask(self) -> torch.Tensor:
-        return TopRMask.apply(self.scores.abs(), self.num_kept).bool()
+        return self.mask().bool()
 
     def effective_weight(self) -> torch.Tensor:
-        return self.weight * self.mask() / math.sqrt(self.keep_ratio)
+        weight = self.weight * self.mask()
+        return weight / math.sqrt(self.keep_ratio) if self.rescale else weight
 
     def group_norms(self) -> torch.Tensor:
-        """||s_g||_2 for each output filter (conv) or output unit (dense): the lasso groups."""
-        return self.scores.flatten(1).norm(dim=1)
+        """||y_g||_2 of the fused scores per output filter (conv) or unit (dense)."""
+        return self.fused_scores().flatten(1).norm(dim=1)
 
 
 class MaskedConv2d(MaskedLayer):
+    kind = "conv"
+
     def __init__(
         self,
         in_channels: int,
@@ -123,6 +152,7 @@ class MaskedConv2d(MaskedLayer):
         init: str,
         weight_generator: torch.Generator,
         score_generator: torch.Generator,
+        rescale: bool = False,
     ) -> None:
         super().__init__(
             (out_channels, in_channels, kernel_size, kernel_size),
@@ -130,6 +160,8 @@ class MaskedConv2d(MaskedLayer):
             init,
             weight_generator,
             score_generator,
+            bias=False,
+            rescale=rescale,
         )
         self.padding = padding
 
@@ -138,6 +170,8 @@ class MaskedConv2d(MaskedLayer):
 
 
 class MaskedLinear(MaskedLayer):
+    kind = "fc"
+
     def __init__(
         self,
         in_features: int,
@@ -146,13 +180,21 @@ class MaskedLinear(MaskedLayer):
         init: str,
         weight_generator: torch.Generator,
         score_generator: torch.Generator,
+        bias: bool = False,
+        rescale: bool = False,
     ) -> None:
         super().__init__(
-            (out_features, in_features), keep_ratio, init, weight_generator, score_generator
+            (out_features, in_features),
+            keep_ratio,
+            init,
+            weight_generator,
+            score_generator,
+            bias=bias,
+            rescale=rescale,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.effective_weight())
+        return F.linear(x, self.effective_weight(), self.bias)
 
 
 class MaskedNet(nn.Module):
@@ -164,9 +206,6 @@ class MaskedNet(nn.Module):
     def _finish(self) -> None:
         """Call at the end of a subclass's ``__init__``: records the weights' checksum."""
         self.register_buffer("weight_checksum", self.compute_checksum())
-        # Set when received masks were fused into the scores and the personalized
-        # fine-tuning step has not run yet; persistent, so it survives a state round-trip.
-        self.register_buffer("pending_finetune", torch.zeros((), dtype=torch.bool))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -175,19 +214,24 @@ class MaskedNet(nn.Module):
         """Masked layers by module name, in forward order (the payload's key order)."""
         return {n: m for n, m in self.named_modules() if isinstance(m, MaskedLayer)}
 
-    def set_keep_ratio(self, keep_ratio: float) -> None:
-        if not 0.0 < keep_ratio <= 1.0:
-            raise ValueError(f"keep ratio must lie in (0, 1], got {keep_ratio}")
-        for layer in self.masked_layers().values():
-            layer.keep_ratio = float(keep_ratio)
+    @torch.no_grad()
+    def set_neighbour_masks(self, means: dict[str, torch.Tensor]) -> None:
+        """Store m_bar per layer (the mean of the received binary masks); scores untouched."""
+        for name, layer in self.masked_layers().items():
+            layer.neighbour_mean.copy_(means[name].to(layer.neighbour_mean))
 
     @torch.no_grad()
     def compute_checksum(self) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float64)
-        for i, layer in enumerate(self.masked_layers().values()):
-            w = layer.weight.detach().double().cpu().flatten()
-            position = torch.arange(1, w.numel() + 1, dtype=torch.float64)
-            total += (i + 1) * (w * position.remainder(997)).sum()
+        i = 0
+        for layer in self.masked_layers().values():
+            for fixed in (layer.weight, layer.bias):
+                if fixed is None:
+                    continue
+                i += 1
+                w = fixed.detach().double().cpu().flatten()
+                position = torch.arange(1, w.numel() + 1, dtype=torch.float64)
+                total += i * (w * position.remainder(997)).sum()
         return total
 
     def check_weights(self) -> None:
@@ -200,7 +244,7 @@ class MaskedNet(nn.Module):
             )
 
     def group_lasso(self) -> torch.Tensor:
-        """sum over layers and filters of ||s_filter||_2 (paper's R(z) without lambda)."""
+        """sum over layers and filters of ||y_filter||_2 (paper's R(z) without lambda)."""
         return sum(layer.group_norms().sum() for layer in self.masked_layers().values())
 
 
@@ -211,80 +255,99 @@ def _generators(weight_seed: int, score_seed: int) -> tuple[torch.Generator, tor
 
 
 class MaskedAlexNet(MaskedNet):
-    """The paper's AlexNet-style CNN: three bias-free 5x5 convs (64, 128, 256 filters; padding
-    2, each followed by ReLU and 2x2 max-pooling), then dense 1024 -> 192 -> K."""
+    """The released MCE-PL network (``models/alex_cifar_att2.py``): three bias-free 5x5
+    convolutions 3 -> 64 -> 128 -> 256 with padding 1, each followed by ELU,
+    LocalResponseNorm(4) and 3x3/2 max-pooling (the third padded by 1), then dense
+    1024 -> 192 -> K with fixed biases, ELU after both (the output too). For 32x32 inputs
+    and K = 10 the mask has 1,227,328 entries. No 1/sqrt(r) rescaling (off in the release).
+    """
 
     def __init__(
         self,
         input_shape: tuple[int, int, int],
         num_classes: int,
-        keep_ratio: float,
+        keep_ratios: tuple[float, float],
         weight_seed: int,
         score_seed: int,
-        init: str = "signed-constant",
+        init: str = "kaiming-uniform",
     ) -> None:
         super().__init__()
         c, h, w = input_shape
-        if h < 8 or w < 8:
-            raise ValueError(f"alexnet-dslth needs images of at least 8x8, got {h}x{w}")
+        conv_r, fc_r = keep_ratios
         gw, gs = _generators(weight_seed, score_seed)
-        args = (keep_ratio, init, gw, gs)
+        conv = (conv_r, init, gw, gs)
         self.features = nn.Sequential(
-            MaskedConv2d(c, 64, 5, 2, *args),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            MaskedConv2d(64, 128, 5, 2, *args),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            MaskedConv2d(128, 256, 5, 2, *args),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
+            MaskedConv2d(c, 64, 5, 1, *conv),
+            nn.ELU(),
+            nn.LocalResponseNorm(4, alpha=2e-5, beta=0.75),
+            nn.MaxPool2d(3, stride=2),
+            MaskedConv2d(64, 128, 5, 1, *conv),
+            nn.ELU(),
+            nn.LocalResponseNorm(4, alpha=1e-4, beta=0.75),
+            nn.MaxPool2d(3, stride=2),
+            MaskedConv2d(128, 256, 5, 1, *conv),
+            nn.ELU(),
+            nn.LocalResponseNorm(4, alpha=1e-4, beta=0.75),
+            nn.MaxPool2d(3, stride=2, padding=1),
             nn.Flatten(),
         )
-        flat = 256 * (h // 2 // 2 // 2) * (w // 2 // 2 // 2)
+        flat = _flat_features(self.features, input_shape, "alexnet-dslth")
+        fc = (fc_r, init, gw, gs, True)
         self.head = nn.Sequential(
-            MaskedLinear(flat, 1024, *args),
-            nn.ReLU(),
-            MaskedLinear(1024, 192, *args),
-            nn.ReLU(),
-            MaskedLinear(192, num_classes, *args),
+            MaskedLinear(flat, 192, *fc),
+            nn.ELU(),
+            MaskedLinear(192, num_classes, *fc),
+            nn.ELU(),
         )
         self._finish()
 
 
 class MaskedSmallCNN(MaskedNet):
-    """:class:`drdfl_flwr.models.classifiers.SmallCNN`'s layer sizes, masked and bias-free."""
+    """:class:`drdfl_flwr.models.classifiers.SmallCNN`'s layer sizes, masked and bias-free,
+    with 1/sqrt(r) rescaling (ReLU, no normalisation layers to absorb the lost variance)."""
 
     def __init__(
         self,
         input_shape: tuple[int, int, int],
         num_classes: int,
-        keep_ratio: float,
+        keep_ratios: tuple[float, float],
         weight_seed: int,
         score_seed: int,
-        init: str = "signed-constant",
+        init: str = "kaiming-uniform",
     ) -> None:
         super().__init__()
         c, h, w = input_shape
         if h % 4 or w % 4:
             raise ValueError(f"small-cnn needs height and width divisible by 4, got {h}x{w}")
+        conv_r, fc_r = keep_ratios
         gw, gs = _generators(weight_seed, score_seed)
-        args = (keep_ratio, init, gw, gs)
+        conv = (conv_r, init, gw, gs, True)
+        fc = (fc_r, init, gw, gs, False, True)
         self.features = nn.Sequential(
-            MaskedConv2d(c, 32, 3, 1, *args),
+            MaskedConv2d(c, 32, 3, 1, *conv),
             nn.ReLU(),
             nn.MaxPool2d(2),
-            MaskedConv2d(32, 64, 3, 1, *args),
+            MaskedConv2d(32, 64, 3, 1, *conv),
             nn.ReLU(),
             nn.MaxPool2d(2),
             nn.Flatten(),
         )
         self.head = nn.Sequential(
-            MaskedLinear(64 * (h // 4) * (w // 4), 128, *args),
+            MaskedLinear(64 * (h // 4) * (w // 4), 128, *fc),
             nn.ReLU(),
-            MaskedLinear(128, num_classes, *args),
+            MaskedLinear(128, num_classes, *fc),
         )
         self._finish()
+
+
+def _flat_features(features: nn.Module, input_shape: tuple[int, int, int], name: str) -> int:
+    """Width of ``features``' flattened output for one input; a clear error if it vanishes."""
+    try:
+        with torch.no_grad():
+            out = features(torch.zeros(1, *input_shape))
+    except RuntimeError as err:
+        raise ValueError(f"{name} cannot take {input_shape} inputs: {err}") from None
+    return out.shape[1]
 
 
 MASKED_CLASSIFIERS: dict[str, type[MaskedNet]] = {
@@ -297,14 +360,17 @@ def build_masked_classifier(
     name: str,
     input_shape: tuple[int, int, int],
     num_classes: int,
-    keep_ratio: float,
+    keep_ratios: tuple[float, float],
     weight_seed: int,
     score_seed: int,
-    init: str = "signed-constant",
+    init: str = "kaiming-uniform",
 ) -> MaskedNet:
-    """A masked network by ``classifier`` name; weights depend on ``weight_seed`` only."""
+    """A masked network by ``classifier`` name; ``keep_ratios`` = (conv, fc).
+    Fixed weights depend on ``weight_seed`` only."""
     if init not in WEIGHT_INITS:
         raise ValueError(f"unknown DSLTH weight init {init!r}; choose one of {WEIGHT_INITS}")
+    if not all(0.0 < r <= 1.0 for r in keep_ratios):
+        raise ValueError(f"keep ratios must lie in (0, 1], got {keep_ratios}")
     try:
         cls = MASKED_CLASSIFIERS[name]
     except KeyError:
@@ -312,4 +378,4 @@ def build_masked_classifier(
             f"classifier {name!r} has no masked version; DSLTH supports "
             f"{', '.join(MASKED_CLASSIFIERS)}"
         ) from None
-    return cls(input_shape, num_classes, keep_ratio, weight_seed, score_seed, init)
+    return cls(input_shape, num_classes, keep_ratios, weight_seed, score_seed, init)
