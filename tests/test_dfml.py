@@ -99,14 +99,16 @@ def test_loss_weight_follows_schedule(round_index, moves):
     assert still is not moves
 
 
-def test_mutual_losses_combine_with_alpha():
-    node, other = learner(0), learner(1)
+@pytest.mark.parametrize("share, students", [("own", 1), ("received", 2)])
+def test_mutual_losses_combine_with_alpha(share, students):
+    node, other = learner(0, dfml_share=share), learner(1)
     node.absorb([other.shared_payload()])
     data = make_data()
     beta = class_proportions(data.y_train, K)
     for alpha in (0.0, 0.3, 1.0):
         parts = node.mutual_losses(data.x_train, data.y_train, alpha, beta)
-        assert len(parts) == 2
+        assert len(parts) == students
+        assert all(p["l_kl"].item() > 0 for p in parts)  # every student distils
         for p in parts:
             assert p["total"].item() == pytest.approx(
                 (1 - alpha) * p["l_wsm"].item() + alpha * p["l_kl"].item(), rel=1e-5
@@ -323,3 +325,38 @@ def test_resnet18_payload_over_the_wire_on_cifar_shapes():
     tiny = DFMLLearner(make_cfg(architectures="resnet8"), (1, 6, 6), K)  # 6x6: no small-cnn
     with pytest.raises(PayloadError, match="cannot run here"):
         tiny.absorb([small.shared_payload() | {"arch_id": torch.tensor([0])}])
+
+
+# -- no training whose result is thrown away --------------------------------------------------
+def test_received_models_only_teach_when_the_own_model_is_shared():
+    """With dfml-share=own a node cannot return a received model, so it must not spend
+    training on it; only its own model changes."""
+    node = learner(0, dfml_share="own")
+    node.absorb([learner(1).shared_payload(), learner(2).shared_payload()])
+    peers_before = {k: params(p) for k, p in node.peers.items()}
+    own_before = params(node.model)
+    node.fit(make_data())
+    for k, peer in node.peers.items():
+        assert all(torch.equal(v, params(peer)[n]) for n, v in peers_before[k].items())
+    assert any(not torch.equal(v, params(node.model)[n]) for n, v in own_before.items())
+
+
+def test_the_passed_on_model_is_trained_and_sent_when_sharing_received():
+    node = learner(0, dfml_share="received")
+    node.absorb([learner(1).shared_payload(), learner(2).shared_payload()])
+    first, second = params(node.peers["0"]), params(node.peers["1"])
+    node.fit(make_data())
+    assert any(not torch.equal(v, params(node.peers["0"])[n]) for n, v in first.items())
+    assert all(torch.equal(v, params(node.peers["1"])[n]) for n, v in second.items())
+    sent = node.shared_payload()
+    trained = params(node.peers["0"])
+    assert all(torch.equal(sent[f"model.{n}"], v.cpu()) for n, v in trained.items())
+
+
+def test_health_reports_alpha_and_distance_to_received_predictions():
+    node = learner(0)
+    alone = node.fit(make_data())
+    assert alone["health_alpha"] == alone["alpha"] and "health_kl_to_received" not in alone
+    node.absorb([learner(1).shared_payload()])
+    metrics = node.fit(make_data())
+    assert metrics["health_kl_to_received"] >= 0.0

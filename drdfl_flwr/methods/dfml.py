@@ -38,14 +38,15 @@ Mapping the paper onto a relay topology. In the paper a random aggregator receiv
 anchors' models, runs mutual learning on its data and returns each updated model to its
 owner. On a ring a node cannot answer its predecessor, so each node acts as the
 aggregator of the models it receives and sends its own (updated) model on. The received
-models are trained too (they are students, not frozen teachers, exactly as at the
-paper's aggregator) and are kept in :attr:`peers` (an ``nn.ModuleDict``, part of the
-private state) until the next payload replaces them: a round with no payload
-mutual-learns with the peers kept from before. With ``dfml-share = "received"`` the
-node instead passes on the updated model it received (the first in-neighbour's), so
-models travel along the ring and are trained on every node's data in turn, closer to the
-paper's "model goes out, comes back improved"; the node's own model then learns from
-the travellers by distillation only.
+models are kept in :attr:`peers` (an ``nn.ModuleDict``, part of the private state)
+until the next payload replaces them: a round with no payload mutual-learns with the
+peers kept from before. With ``dfml-share = "own"`` (default) the received models are
+teachers only: a node cannot return them to their owner, so training them would be work
+thrown away. With ``dfml-share = "received"`` the node passes on the model it received
+from its first in-neighbour (lowest ring position) after training it as a second
+student, so models travel along the ring and are trained on every node's data in turn,
+closer to the paper's "model goes out, comes back improved"; other received models
+teach only.
 
 Payload: ``arch_id`` (int64, shape (1,), an index into :data:`ARCHITECTURES`) and the
 model's full ``state_dict`` under ``model.<key>`` (BatchNorm statistics included).
@@ -231,17 +232,29 @@ class DFMLLearner(Learner):
         self.peer_archs = list(archs)
 
     # -- training -------------------------------------------------------------------------
+    def students(self) -> list[nn.Module]:
+        """The models this node trains: its own, plus the model it passes on
+        (``dfml-share = "received"``: the first in-neighbour's). Every other received
+        model only teaches: training it would be thrown away when the next payload
+        replaces it."""
+        if self.share == "received" and len(self.peers):
+            return [self.model, self.peers["0"]]
+        return [self.model]
+
     def mutual_losses(
         self, x: torch.Tensor, y: torch.Tensor, alpha: float, proportions: torch.Tensor
     ) -> list[dict[str, torch.Tensor]]:
-        """Per model (own first, then peers): ``l_wsm``, ``l_kl`` and the weighted ``total``."""
-        models = [self.model, *self.peers.values()]
-        logits = [m(x) for m in models]
-        log_probs = [F.log_softmax(z, dim=1).detach() for z in logits]
+        """Per student (own first): ``l_wsm``, ``l_kl`` to every other model, ``total``."""
+        students = self.students()
+        teachers = [p for p in self.peers.values() if all(p is not s for s in students)]
+        logits = [m(x) for m in students]
+        with torch.no_grad():
+            teacher_log_probs = [F.log_softmax(t(x), dim=1) for t in teachers]
+        log_probs = [F.log_softmax(z, dim=1).detach() for z in logits] + teacher_log_probs
         out = []
         for i, z in enumerate(logits):
             l_wsm = wsm_cross_entropy(z, y, proportions)
-            if len(models) == 1:
+            if len(log_probs) == 1:
                 out.append({"l_wsm": l_wsm, "l_kl": z.new_zeros(()), "total": l_wsm})
                 continue
             l_kl = kl_to_peers(z, [lp for j, lp in enumerate(log_probs) if j != i])
@@ -252,14 +265,16 @@ class DFMLLearner(Learner):
         round_index = self.rounds_trained
         alpha = self.alpha(round_index)
         proportions = class_proportions(data.y_train, self.num_classes).to(self.device)
-        self.model.train()
-        self.peers.train()
+        students = self.students()
+        self.peers.eval()  # teachers predict in eval mode
+        for model in students:
+            model.train()
         peer_opt = (
-            torch.optim.Adam(self.peers.parameters(), lr=self.cfg.learning_rate)
-            if len(self.peers)
+            torch.optim.Adam(students[1].parameters(), lr=self.cfg.learning_rate)
+            if len(students) > 1
             else None
         )
-        sums = {"l_wsm": 0.0, "l_kl": 0.0, "l_wsm_peers": 0.0}
+        sums = {"l_wsm": 0.0, "l_kl": 0.0}
         steps = 0
         for x, y in self.batches(data, self.round_generator()):
             parts = self.mutual_losses(x, y, alpha, proportions)
@@ -273,8 +288,6 @@ class DFMLLearner(Learner):
                 peer_opt.step()
             sums["l_wsm"] += parts[0]["l_wsm"].item()
             sums["l_kl"] += parts[0]["l_kl"].item()
-            if len(parts) > 1:
-                sums["l_wsm_peers"] += sum(p["l_wsm"].item() for p in parts[1:]) / (len(parts) - 1)
             steps += 1
         if is_peak_round(round_index, self.period):
             self.peak.load_state_dict(self.model.state_dict())
@@ -283,6 +296,24 @@ class DFMLLearner(Learner):
         metrics = {k: v / max(steps, 1) for k, v in sums.items()}
         metrics["alpha"] = alpha
         metrics["num_peers"] = float(len(self.peers))
+        metrics.update(self.health(data))
+        return metrics
+
+    @torch.no_grad()
+    def health(self, data: ClientData) -> dict[str, float]:
+        """The distillation weight, and how far the own model's predictions are from the
+        received models' (KL(p_received || p_own) on up to 512 training samples, after
+        training): mutual learning should pull it down over a period."""
+        metrics = {"health_alpha": self.alpha(self.rounds_trained - 1)}
+        if not len(self.peers):
+            return metrics
+        x = data.x_train[:512].to(self.device)
+        self.model.eval()
+        self.peers.eval()
+        own = self.model(x)
+        metrics["health_kl_to_received"] = kl_to_peers(
+            own, [F.log_softmax(p(x), dim=1) for p in self.peers.values()]
+        ).item()
         return metrics
 
     @torch.no_grad()
