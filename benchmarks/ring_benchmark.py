@@ -1,18 +1,21 @@
 """Side-by-side benchmark of the ring methods on one dataset, through the real simulation.
 
-Every method runs on the same partitions (same seed), clients, rounds and model family,
+Every variant runs on the same partitions (same seed), clients, rounds and model family,
 one after another in one process, and one table is printed at the end:
 
-    method | Local-T last / best | Global-T last / best | bytes/round/client | s/round
+    variant | Local-T last / best | Global-T last / best | bytes/round/client | s/round
 
-plus the communication of DRDFL in the paper's setting (ResNet-18 classifier, CIFAR-10)
+then each variant's mechanism health at the last round (mean over nodes), the
+communication of DRDFL in the paper's payload budget (``conf/drdfl-paper.toml``)
 beside the paper's 0.58 M parameters, and DSLTH's payload against sending the same
 model's float32 weights.
 
-Example (the issue's setting: CIFAR-10, 10 clients, Dirichlet beta 0.1, small CNN):
+A variant is a method name, optionally ``+isolated`` (the same run with sharing cut
+off: ``isolated = true``). ``--set key=value`` (run-config keys, repeatable) applies to
+every variant. Example (CIFAR-10, 10 clients, Dirichlet beta 0.1, small CNN):
 
     python benchmarks/ring_benchmark.py --data-dir ../shared/datasets/cifar10 \\
-        --methods drdfl,local,dfml,dslth --rounds 10
+        --methods drdfl,drdfl+isolated,local --rounds 20
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import json
 import os
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 from flwr.app import RecordDict
@@ -32,6 +36,7 @@ from drdfl_flwr.payload import OUT_PAYLOAD, content_bytes, num_parameters, to_ar
 from drdfl_flwr.simulation import simulate
 
 PAPER_DRDFL_PARAMS = 0.58e6
+PAPER_CONF = Path(__file__).resolve().parents[1] / "conf" / "drdfl-paper.toml"
 
 
 def payload_size(cfg: RunConfig, input_shape=(3, 32, 32), num_classes=10) -> tuple[int, int]:
@@ -68,6 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", default="synchronous")
     parser.add_argument("--cpus-per-client", type=float, default=1.0)
     parser.add_argument("--out", default="results/benchmark")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run-config override for every variant, TOML value syntax (repeatable)",
+    )
     args = parser.parse_args(argv)
 
     if not Path(args.data_dir).is_dir():
@@ -87,12 +99,19 @@ def main(argv: list[str] | None = None) -> int:
         mode=args.mode,
         results_dir=args.out,
     )
+    overrides = tomllib.loads("\n".join(args.set))
+    base = RunConfig.from_run_config({**base.to_run_config(), **overrides})
     rows = []
-    for method in args.methods.split(","):
-        cfg = base.replace(method=method, run_name=f"{method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    for variant in args.methods.split(","):
+        method, _, flag = variant.partition("+")
+        cfg = base.replace(
+            method=method,
+            isolated=flag == "isolated",
+            run_name=f"{method}{'-' + flag if flag else ''}-{time.strftime('%Y%m%d-%H%M%S')}",
+        )
         started = time.time()
         summary = simulate(cfg, args.clients, cpus_per_client=args.cpus_per_client)
-        rows.append((method, summary, time.time() - started))
+        rows.append((variant, summary, time.time() - started))
 
     print(
         f"\n{args.dataset}, {args.clients} clients, Dirichlet beta {args.beta}, "
@@ -100,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.mode}; mean ± std over clients, %"
     )
     header = (
-        f"{'method':8} {'Local-T last':>14} {'Local-T best':>14} {'Global-T last':>14} "
+        f"{'variant':15} {'Local-T last':>14} {'Local-T best':>14} {'Global-T last':>14} "
         f"{'Global-T best':>14} {'bytes/rnd/cl':>13} {'s/round':>8}"
     )
     print(header)
@@ -112,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             return f"{100 * v['mean']:6.2f}±{100 * v['std']:5.2f}"
 
         print(
-            f"{method:8} {cell('last', 'local_t_acc'):>14} "
+            f"{method:15} {cell('last', 'local_t_acc'):>14} "
             f"{cell('best_by_local_t_acc', 'local_t_acc'):>14} "
             f"{cell('last', 'global_t_acc'):>14} "
             f"{cell('best_by_global_t_acc', 'global_t_acc'):>14} "
@@ -120,16 +139,29 @@ def main(argv: list[str] | None = None) -> int:
             f"{s['mean_seconds_per_round']:8.2f}"
         )
 
-    params, nbytes = payload_size(RunConfig(method="drdfl", classifier="resnet18"))
-    print(
-        f"\nDRDFL payload in the paper's setting (ResNet-18 classifier, CIFAR-10; the payload "
-        f"does not depend on the number of clients): {params:,} parameters "
-        f"({params / 1e6:.3f} M) = {nbytes:,} bytes serialized; paper: "
-        f"{PAPER_DRDFL_PARAMS / 1e6:.2f} M parameters"
-    )
+    print("\nMechanism health at the last round (mean over nodes):")
+    for method, s, _ in rows:
+        health = {
+            k.removeprefix("health_"): v
+            for k, v in s.get("last_health", {}).items()
+            if "." not in k
+        }
+        print(f"  {method:15} " + ", ".join(f"{k} {v:.4g}" for k, v in health.items()))
+
+    for label, cfg in (
+        ("CPU default", RunConfig(method="drdfl")),
+        ("paper budget", RunConfig.from_toml(PAPER_CONF)),
+    ):
+        params, nbytes = payload_size(cfg)
+        print(
+            f"DRDFL payload, {label} (learngene-dim {cfg.learngene_dim}, persona-dim "
+            f"{cfg.persona_dim}, CIFAR-10): {params:,} parameters ({params / 1e6:.3f} M, "
+            f"{params / PAPER_DRDFL_PARAMS - 1:+.1%} vs the paper's "
+            f"{PAPER_DRDFL_PARAMS / 1e6:.2f} M) = {nbytes:,} bytes serialized"
+        )
     by_method = {m: s for m, s, _ in rows}
     if "dslth" in by_method:
-        dense = dense_weights_bytes(base.replace(method="dslth"))
+        dense = dense_weights_bytes(base.replace(method="dslth", isolated=False))
         sent = by_method["dslth"]["mean_bytes_sent_per_client_per_round"]
         print(
             f"DSLTH: {sent:,.0f} bytes/round/client on the wire vs {dense:,} bytes for the same "

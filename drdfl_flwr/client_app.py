@@ -21,11 +21,10 @@ from drdfl_flwr.data import ClientData, load_client_data
 from drdfl_flwr.learner import Learner, build_learner
 from drdfl_flwr.payload import (
     CONFIG,
-    IN_PAYLOAD_PREFIX,
     METRICS,
     OUT_PAYLOAD,
     PayloadError,
-    from_array_record,
+    received_payloads,
     to_array_record,
 )
 
@@ -65,19 +64,22 @@ def describe(msg: Message, context: Context) -> Message:
 
 
 def train(msg: Message, context: Context) -> Message:
+    """Absorb the in-neighbours' payloads, train one round, reply with the own payload.
+
+    With ``isolated = true`` the node neither absorbs nor sends anything and changes
+    nothing else (same data, seeds, model, schedule): the "does sharing help?" control.
+    """
     data, learner = restore(context)
-    received = [
-        from_array_record(record)
-        for name, record in sorted(msg.content.array_records.items())
-        if name.startswith(IN_PAYLOAD_PREFIX)
-    ]
+    isolated = learner.cfg.isolated
+    received: list = []
     rejected = 0
     try:
+        received = [] if isolated else received_payloads(msg.content)
         learner.absorb(received)
     except PayloadError as err:
         # absorb() validates before it changes anything, so the node trains on as if
         # nothing had arrived; the relay sees the rejection in the metrics.
-        rejected = len(received)
+        rejected = max(len(received), 1)
         log(
             WARNING,
             "partition %d rejected %d payload(s): %s",
@@ -94,9 +96,8 @@ def train(msg: Message, context: Context) -> Message:
             "payloads_rejected": float(rejected),
         }
     )
-    content = RecordDict(
-        {OUT_PAYLOAD: to_array_record(learner.shared_payload()), METRICS: MetricRecord(metrics)}
-    )
+    outgoing = {} if isolated else learner.shared_payload()
+    content = RecordDict({OUT_PAYLOAD: to_array_record(outgoing), METRICS: MetricRecord(metrics)})
     return Message(content, reply_to=msg)
 
 

@@ -35,6 +35,25 @@ def from_array_record(record: ArrayRecord) -> Tensors:
     return {k: torch.from_numpy(v.numpy().copy()) for k, v in record.items()}
 
 
+def in_payload_name(sender_position: int) -> str:
+    """Record name of the payload a node receives from the sender at ``sender_position``."""
+    return f"{IN_PAYLOAD_PREFIX}{sender_position}"
+
+
+def received_payloads(content: RecordDict) -> list[Tensors]:
+    """The in-neighbours' payloads of a train message, ordered by sender ring position
+    (numerically: ``in-payload.2`` before ``in-payload.10``)."""
+    positions = []
+    for name in content.array_records:
+        if not name.startswith(IN_PAYLOAD_PREFIX):
+            continue
+        suffix = name.removeprefix(IN_PAYLOAD_PREFIX)
+        if not suffix.isdigit():
+            raise PayloadError(f"received record {name!r} does not name a sender position")
+        positions.append(int(suffix))
+    return [from_array_record(content.array_records[in_payload_name(p)]) for p in sorted(positions)]
+
+
 def check_payload(received: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]):
     """Raise :class:`PayloadError` naming the first key that is missing, extra, misshapen or
     not finite. Run before anything is applied, so a bad payload changes nothing."""

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from drdfl_flwr.health import health_view
+
 ACCURACY_KEYS = ("local_t_acc", "global_t_acc")
 
 
@@ -58,6 +60,9 @@ class ResultsWriter:
                 r["mean"].get("params_sent", 0.0) for r in self.rounds
             ),
         }
+        if self.rounds:
+            # The last round's mechanism health, mean over nodes (see drdfl_flwr.health).
+            summary["last_health"] = health_view(self.rounds[-1]["mean"])
         if evaluated:
             summary["last"] = _accuracy_view(evaluated[-1])
             for key in ACCURACY_KEYS:

@@ -7,7 +7,7 @@ per-round results. Progress goes to the log, one line per round.
 from __future__ import annotations
 
 import time
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 from flwr.app import Context
@@ -15,6 +15,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from drdfl_flwr.config import RunConfig
+from drdfl_flwr.health import HEALTH_PREFIX, describe_alarm, health_view, raised_alarms
 from drdfl_flwr.results import ResultsWriter
 from strategies.relay import RingRelay
 from strategies.topology import build_topology
@@ -23,7 +24,9 @@ app = ServerApp()
 
 
 def run_dir_for(cfg: RunConfig) -> Path:
-    name = cfg.run_name or f"{cfg.method}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    isolated = "-isolated" if cfg.isolated else ""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = cfg.run_name or f"{cfg.method}{isolated}-{cfg.dataset}-{stamp}"
     return (Path(cfg.results_dir).expanduser() / name).resolve()
 
 
@@ -34,6 +37,10 @@ def progress_line(record: dict, num_rounds: int) -> str:
         if key in mean:
             parts.append(f"{label} {100 * mean[key]:.2f}±{100 * std[key]:.2f}%")
     parts.append(f"sent {mean.get('bytes_sent', 0) / 1024:.1f} KiB/client")
+    health = {k.removeprefix(HEALTH_PREFIX): v for k, v in health_view(mean).items()}
+    shown = [f"{k} {v:.3g}" for k, v in health.items() if "." not in k and "alarm" not in k]
+    if shown:
+        parts.append("health: " + ", ".join(shown))
     if record["failed"]:
         parts.append(f"skipped partitions {record['failed']}")
     return " | ".join(parts)
@@ -47,6 +54,16 @@ def run_relay(grid: Grid, cfg: RunConfig) -> dict:
     def on_round(record: dict) -> None:
         writer.log_round(record)
         log(INFO, progress_line(record, cfg.num_server_rounds))
+        for key, nodes in raised_alarms(record["nodes"]).items():
+            log(
+                WARNING,
+                "[round %d] %d of %d nodes (partitions %s): %s",
+                record["round"],
+                len(nodes),
+                len(record["nodes"]),
+                ",".join(nodes),
+                describe_alarm(key),
+            )
 
     relay = RingRelay(
         topology=build_topology(cfg.topology),

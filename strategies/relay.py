@@ -30,7 +30,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.result import Result
 
-from drdfl_flwr.payload import CONFIG, IN_PAYLOAD_PREFIX, METRICS, OUT_PAYLOAD, content_bytes
+from drdfl_flwr.payload import CONFIG, METRICS, OUT_PAYLOAD, content_bytes, in_payload_name
 from drdfl_flwr.results import mean_std
 from strategies.topology import Topology
 
@@ -140,7 +140,7 @@ class RingRelay(Strategy):
             )
             if p in self.state.payloads
         ]
-        content = RecordDict({f"{IN_PAYLOAD_PREFIX}{p}": self.state.payloads[p] for p in senders})
+        content = RecordDict({in_payload_name(p): self.state.payloads[p] for p in senders})
         round_config = ConfigRecord(dict(config))
         round_config["server-round"] = server_round
         round_config["senders"] = [self.state.members[p].partition_id for p in senders]
@@ -177,10 +177,15 @@ class RingRelay(Strategy):
                 )
                 continue
             payload = reply.content.array_records.get(OUT_PAYLOAD, ArrayRecord())
-            self.state.payloads[position] = payload
+            if len(payload):  # a node that shares nothing (isolated, local) sends nothing on
+                self.state.payloads[position] = payload
+            else:
+                self.state.payloads.pop(position, None)
             self.state.alive.add(position)
             metrics = dict(reply.content[METRICS]) if METRICS in reply.content else {}
-            metrics["bytes_sent"] = content_bytes(RecordDict({OUT_PAYLOAD: payload}))
+            metrics["bytes_sent"] = (
+                content_bytes(RecordDict({OUT_PAYLOAD: payload})) if len(payload) else 0
+            )
             metrics["params_sent"] = sum(int(a.numpy().size) for a in payload.values())
             self._round_nodes.setdefault(position, {}).update(metrics)
         mean, _ = mean_std(self._round_nodes)

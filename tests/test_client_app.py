@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.serde import message_to_proto
@@ -10,18 +11,27 @@ from flwr.common.serde import message_to_proto
 from drdfl_flwr.client_app import STATE_KEY, evaluate, train
 from drdfl_flwr.config import RunConfig
 from drdfl_flwr.learner import build_learner
-from drdfl_flwr.payload import CONFIG, IN_PAYLOAD_PREFIX, METRICS, OUT_PAYLOAD, to_array_record
+from drdfl_flwr.payload import (
+    CONFIG,
+    IN_PAYLOAD_PREFIX,
+    METRICS,
+    OUT_PAYLOAD,
+    PayloadError,
+    received_payloads,
+    to_array_record,
+)
 
 RUN = RunConfig(method="drdfl", local_epochs=1).to_run_config()
 
 
-def context(partition_id: int = 0, num_partitions: int = 3) -> Context:
+def context(partition_id: int = 0, num_partitions: int = 3, **changes) -> Context:
+    run_config = {**RUN, **{k.replace("_", "-"): v for k, v in changes.items()}}
     return Context(
         run_id=1,
         node_id=partition_id,
         node_config={"partition-id": partition_id, "num-partitions": num_partitions},
         state=RecordDict(),
-        run_config=dict(RUN),
+        run_config=run_config,
     )
 
 
@@ -79,3 +89,33 @@ def test_malformed_neighbour_payload_is_rejected_and_training_goes_on():
     metrics = reply.content[METRICS]
     assert metrics["payloads_received"] == 1.0 and metrics["payloads_rejected"] == 1.0
     assert all(np.isfinite(a.numpy()).all() for a in reply.content[OUT_PAYLOAD].values())
+
+
+def test_payloads_arrive_in_numeric_sender_order():
+    """'in-payload.10' sorts before 'in-payload.2' as text; the first in-neighbour is 2."""
+    content = RecordDict(
+        {
+            f"{IN_PAYLOAD_PREFIX}{p}": to_array_record({"origin": torch.tensor([p])})
+            for p in (10, 2, 33, 7)
+        }
+    )
+    assert [int(p["origin"]) for p in received_payloads(content)] == [2, 7, 10, 33]
+    content[f"{IN_PAYLOAD_PREFIX}x"] = to_array_record({"origin": torch.tensor([0])})
+    with pytest.raises(PayloadError, match="sender position"):
+        received_payloads(content)
+
+
+def test_isolated_node_absorbs_nothing_and_sends_nothing():
+    """``isolated`` cuts collaboration and nothing else: an isolated node that is handed a
+    neighbour's payload trains exactly as a node that received none."""
+    sender = build_learner(RunConfig.from_run_config(RUN), (1, 8, 8), 10, partition_id=2)
+    payload = sender.shared_payload()
+    isolated, alone, sharing = context(isolated=True), context(), context()
+    reply = train(train_message({2: payload}), isolated)
+    train(train_message(), alone)
+    train(train_message({2: payload}), sharing)
+    assert len(reply.content[OUT_PAYLOAD]) == 0
+    assert reply.content[METRICS]["payloads_received"] == 0.0
+    blob = isolated.state.config_records[STATE_KEY]["blob"]
+    assert blob == alone.state.config_records[STATE_KEY]["blob"]
+    assert blob != sharing.state.config_records[STATE_KEY]["blob"]
