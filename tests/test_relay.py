@@ -27,11 +27,17 @@ from strategies.topology import Ring, build_topology
 class FakeGrid(Grid):
     """Answers messages by calling per-node handlers in-process, logging everything."""
 
-    def __init__(self, num_nodes: int, fail: Callable[[int, int], bool] = lambda p, r: False):
+    def __init__(
+        self,
+        num_nodes: int,
+        fail: Callable[[int, int], bool] = lambda p, r: False,
+        silent: frozenset[int] = frozenset(),
+    ):
         # node ids deliberately not in partition order
         self.partition_of = {1000 + 7 * (num_nodes - p): p for p in range(num_nodes)}
         self.num_nodes = num_nodes
         self.fail = fail
+        self.silent = silent  # partitions that reply with an empty payload (isolated)
         self.received: dict[tuple[int, int], list[np.ndarray]] = {}  # (partition, round)
         self.order: list[tuple[int, int]] = []  # training order of (partition, round)
 
@@ -62,6 +68,8 @@ class FakeGrid(Grid):
                         "bulk": Array(np.full(100 + partition, rnd, np.float32)),
                     }
                 )
+                if partition in self.silent:
+                    payload = ArrayRecord()
                 replies.append(
                     Message(
                         RecordDict({OUT_PAYLOAD: payload, METRICS: MetricRecord({"l": 1.0})}),
@@ -168,3 +176,17 @@ def test_missing_nodes_time_out_with_a_clear_error():
 
     with pytest.raises(TimeoutError, match="node-wait-timeout"):
         RingRelay(Ring(), node_wait_timeout=0.5).start(EmptyGrid(3), num_rounds=1)
+
+
+def test_a_node_that_shares_nothing_sends_nothing_on():
+    """An isolated node's empty reply is not forwarded as an empty record, and counts 0
+    bytes; its successor receives nothing, not a stale payload."""
+    grid = FakeGrid(3, silent=frozenset({1}))
+    records = run(grid, "synchronous", rounds=3)
+    for rnd in (2, 3):
+        assert grid.received[(2, rnd)] == []
+        (got,) = grid.received[(1, rnd)]
+        assert got.tolist() == [0, rnd - 1]
+    for rec in records:
+        assert rec["nodes"]["1"]["bytes_sent"] == 0 and rec["nodes"]["1"]["params_sent"] == 0
+        assert rec["nodes"]["0"]["bytes_sent"] > 0
