@@ -16,6 +16,14 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+# A health metric each method must report per node once a neighbour's payload is in.
+HEALTH_AFTER_RECEIPT = {
+    "drdfl": "health_rec_gap_zl",
+    "dfml": "health_kl_to_received",
+    "dslth": "health_mask_overlap",
+}
+
+
 @pytest.mark.parametrize("method", ["drdfl", "dfml", "dslth"])
 def test_ring_run_on_cifar10_slice(method, tmp_path):
     cfg = RunConfig(
@@ -42,6 +50,10 @@ def test_ring_run_on_cifar10_slice(method, tmp_path):
     # round 2: every node received exactly one payload (its predecessor's) and accepted it
     assert all(n["payloads_received"] == 1.0 for n in rounds[1]["nodes"].values())
     assert all(n["payloads_rejected"] == 0.0 for n in rounds[1]["nodes"].values())
+    # the mechanism's health travels from every node into the record and the summary
+    health_key = HEALTH_AFTER_RECEIPT[method]
+    assert all(health_key in n for n in rounds[1]["nodes"].values())
+    assert health_key in summary["last_health"]
     assert summary["last"]["round"] == 2
     assert (run_dir / "convergence.png").stat().st_size > 0
     assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 2
