@@ -47,7 +47,7 @@ class RunConfig:
     """Every knob of a run. Field ``foo_bar`` is run-config key ``foo-bar``."""
 
     method: str = "drdfl"
-    num_server_rounds: int = 8
+    num_server_rounds: int = 16
     mode: str = "synchronous"
     topology: str = "ring"
     round_timeout: float = 600.0

@@ -46,3 +46,34 @@ def raised_alarms(per_node: Mapping[str, Mapping[str, float]]) -> dict[str, list
 
 def describe_alarm(key: str) -> str:
     return ALARMS.get(key, key)
+
+
+class AlarmTracker:
+    """Turns per-round alarm flags into messages worth reading: one when an alarm is
+    raised, one when it clears, and a reminder at the last round if it never did.
+    (Repeating it every round would bury the progress lines.)"""
+
+    def __init__(self) -> None:
+        self.active: dict[str, list[str]] = {}
+
+    def update(
+        self, round_index: int, per_node: Mapping[str, Mapping[str, float]], last: bool
+    ) -> list[tuple[bool, str]]:
+        """(is_warning, message) pairs for this round."""
+        raised = raised_alarms(per_node)
+        messages = []
+        for key, nodes in raised.items():
+            if key not in self.active or last:
+                state = "still raised at the last round" if key in self.active else "raised"
+                messages.append(
+                    (
+                        True,
+                        f"[round {round_index}] alarm {state} on {len(nodes)} of "
+                        f"{len(per_node)} nodes (partitions {','.join(nodes)}): "
+                        f"{describe_alarm(key)}",
+                    )
+                )
+        for key in self.active.keys() - raised.keys():
+            messages.append((False, f"[round {round_index}] alarm cleared on every node: {key}"))
+        self.active = raised
+        return messages

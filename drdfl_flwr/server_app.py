@@ -15,7 +15,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from drdfl_flwr.config import RunConfig
-from drdfl_flwr.health import HEALTH_PREFIX, describe_alarm, health_view, raised_alarms
+from drdfl_flwr.health import HEALTH_PREFIX, AlarmTracker, health_view
 from drdfl_flwr.results import ResultsWriter
 from strategies.relay import RingRelay
 from strategies.topology import build_topology
@@ -51,19 +51,14 @@ def run_relay(grid: Grid, cfg: RunConfig) -> dict:
     writer = ResultsWriter(run_dir_for(cfg), cfg.to_run_config())
     log(INFO, "Results go to %s", writer.run_dir)
 
+    alarms = AlarmTracker()
+
     def on_round(record: dict) -> None:
         writer.log_round(record)
         log(INFO, progress_line(record, cfg.num_server_rounds))
-        for key, nodes in raised_alarms(record["nodes"]).items():
-            log(
-                WARNING,
-                "[round %d] %d of %d nodes (partitions %s): %s",
-                record["round"],
-                len(nodes),
-                len(record["nodes"]),
-                ",".join(nodes),
-                describe_alarm(key),
-            )
+        last = record["round"] == cfg.num_server_rounds
+        for is_warning, message in alarms.update(record["round"], record["nodes"], last):
+            log(WARNING if is_warning else INFO, message)
 
     relay = RingRelay(
         topology=build_topology(cfg.topology),
