@@ -80,18 +80,6 @@ class DSLTHLearner(Learner):
         except ValueError as err:
             raise ConfigError("classifier", cfg.classifier, str(err)) from None
         self.net = net.to(self.device)
-        layers = self.net.masked_layers().values()
-        # Private bookkeeping, persistent through state_dict: the last training step's
-        # score gradient (for the fine-tuning step), the mask sent last, and whether a
-        # neighbour's mask has arrived yet.
-        for layer in layers:
-            layer.register_buffer("last_grad", torch.zeros_like(layer.scores.detach()))
-            layer.register_buffer("last_sent", torch.zeros_like(layer.scores, dtype=torch.bool))
-        self.net.register_buffer("has_grad", torch.zeros((), dtype=torch.bool, device=self.device))
-        self.net.register_buffer("has_sent", torch.zeros((), dtype=torch.bool, device=self.device))
-        self.net.register_buffer(
-            "has_received", torch.zeros((), dtype=torch.bool, device=self.device)
-        )
         self.optimizer = torch.optim.SGD(
             self.net.parameters(),
             lr=cfg.dslth_score_lr,

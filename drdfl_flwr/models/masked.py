@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-WEIGHT_INITS = ("kaiming-uniform", "signed-constant", "kaiming-normal", "uniform")
+from drdfl_flwr.config import DSLTH_WEIGHT_INITS as WEIGHT_INITS
 
 
 class TopRMask(torch.autograd.Function):
@@ -107,6 +107,11 @@ class MaskedLayer(nn.Module):
         # samples as the release initialises it. Private, persistent, never trained.
         initial = (torch.rand(shape, generator=score_generator) < keep_ratio).float()
         self.register_buffer("neighbour_mean", initial)
+        # DSLTH's per-round bookkeeping, private and persistent: the last training step's
+        # score gradient (for the fine-tuning step) and the mask sent last (to count
+        # flipped bits).
+        self.register_buffer("last_grad", torch.zeros(shape))
+        self.register_buffer("last_sent", torch.zeros(shape, dtype=torch.bool))
 
     @property
     def num_entries(self) -> int:
@@ -206,6 +211,9 @@ class MaskedNet(nn.Module):
     def _finish(self) -> None:
         """Call at the end of a subclass's ``__init__``: records the weights' checksum."""
         self.register_buffer("weight_checksum", self.compute_checksum())
+        # Whether a training step, a sent mask and a received mask exist yet (persistent).
+        for flag in ("has_grad", "has_sent", "has_received"):
+            self.register_buffer(flag, torch.zeros((), dtype=torch.bool))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
