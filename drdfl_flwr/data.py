@@ -10,6 +10,10 @@ Local-T of client m holds test samples with m's training class distribution: for
 class k, the test samples of k are dealt out to the clients in proportion to how many
 training samples of k each holds, so the sets are disjoint and their union (Global-T)
 is, up to rounding, every test sample of every class that some client trains on.
+
+The run's ``seed`` reaches every random choice here: the shuffle of both splits before
+partitioning (flwr-datasets fixes it at 42 unless told), the partitioner, the subsets
+and the dealing of the test set.
 """
 
 from __future__ import annotations
@@ -105,22 +109,32 @@ def _client_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> Clie
     y_train = torch.tensor(train[spec.label_column], dtype=torch.long)
     x_test, y_test = _decoded_test(cfg)
     local_idx = plan.local_test_indices[partition_id]
-    global_idx = np.concatenate(plan.local_test_indices)
+    x_global, y_global = _global_test(cfg, num_partitions)
     return ClientData(
         x_train=x_train,
         y_train=y_train,
         x_local_test=x_test[local_idx],
         y_local_test=y_test[local_idx],
-        x_global_test=x_test[global_idx],
-        y_global_test=y_test[global_idx],
+        x_global_test=x_global,
+        y_global_test=y_global,
         num_classes=spec.num_classes,
     )
+
+
+@functools.lru_cache(maxsize=4)
+def _global_test(cfg: RunConfig, num_partitions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global-T, once per process: every client's ClientData points at these same
+    tensors (a copy per client cost 20 x 25 MB per process for 2,000 CIFAR test images)."""
+    x_test, y_test = _decoded_test(cfg)
+    global_idx = np.concatenate(_partition_plan(cfg, num_partitions).local_test_indices)
+    return x_test[global_idx], y_test[global_idx]
 
 
 @dataclass(frozen=True)
 class _PartitionPlan:
     partitioner: Partitioner
     local_test_indices: list[np.ndarray]
+    label_counts: np.ndarray  # (clients, classes): training samples of class k on client m
 
 
 @functools.lru_cache(maxsize=4)
@@ -146,11 +160,20 @@ def _partition_plan(cfg: RunConfig, num_partitions: int) -> _PartitionPlan:
     local = split_test_like_train(
         np.asarray(test[spec.label_column]), counts, np.random.default_rng(cfg.seed)
     )
-    return _PartitionPlan(partitioner, local)
+    return _PartitionPlan(partitioner, local, counts)
+
+
+def label_counts(cfg: RunConfig, num_partitions: int) -> np.ndarray:
+    """How many training samples of each class every client holds, shape (clients,
+    classes): the partition a run trains on, for label-distribution plots and tables.
+    Read from the cached plan, so it is exactly what the clients load."""
+    return _partition_plan(_data_key(cfg), num_partitions).label_counts.copy()
 
 
 def make_partitioner(cfg: RunConfig, num_partitions: int, spec: DatasetSpec) -> Partitioner:
     if cfg.partitioner == "iid":
+        # IidPartitioner takes no seed: it cuts the split in order, and the split was
+        # shuffled with the run's seed (_splits), so the seed still decides who gets what.
         return IidPartitioner(num_partitions)
     if cfg.partitioner == "dirichlet":
         return DirichletPartitioner(
@@ -204,11 +227,17 @@ def split_test_like_train(
 def _splits(cfg: RunConfig) -> tuple[Dataset, Dataset]:
     spec = dataset_spec(cfg)
     if cfg.data_dir:
-        train, test = _parquet_splits(Path(cfg.data_dir).expanduser())
+        train, test = _parquet_splits(Path(cfg.data_dir).expanduser(), cfg.seed)
     elif cfg.dataset == "digits":
-        train, test = _digits_splits()
+        train, test = _digits_splits(cfg.seed)
     else:
-        fds = FederatedDataset(dataset=spec.hub_name, subset=spec.hub_subset, partitioners={})
+        fds = FederatedDataset(
+            dataset=spec.hub_name,
+            subset=spec.hub_subset,
+            partitioners={},
+            shuffle=True,
+            seed=cfg.seed,
+        )
         train, test = fds.load_split("train"), fds.load_split("test")
     for split, name in ((train, "train"), (test, "test")):
         missing = {spec.image_column, spec.label_column} - set(split.column_names)
@@ -225,16 +254,20 @@ def _splits(cfg: RunConfig) -> tuple[Dataset, Dataset]:
     return train, test
 
 
-def _parquet_splits(folder: Path) -> tuple[Dataset, Dataset]:
+def _parquet_splits(folder: Path, seed: int) -> tuple[Dataset, Dataset]:
     if not folder.is_dir():
         raise ConfigError("data-dir", str(folder), "no such folder")
     files = {s: str(folder / f"{s}.parquet") for s in ("train", "test")}
-    fds = FederatedDataset(dataset="parquet", data_files=files, partitioners={})
+    fds = FederatedDataset(
+        dataset="parquet", data_files=files, partitioners={}, shuffle=True, seed=seed
+    )
     return fds.load_split("train"), fds.load_split("test")
 
 
-def _digits_splits() -> tuple[Dataset, Dataset]:
-    """scikit-learn's 1,797 real 8x8 digits, split 75/25 stratified with a fixed seed."""
+def _digits_splits(seed: int) -> tuple[Dataset, Dataset]:
+    """scikit-learn's 1,797 real 8x8 digits, split 75/25 stratified with a fixed seed (the
+    split is the dataset's definition, like CIFAR's), then shuffled with the run's seed as
+    FederatedDataset shuffles the hub's datasets."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -244,8 +277,8 @@ def _digits_splits() -> tuple[Dataset, Dataset]:
         pixels, digits.target, test_size=0.25, stratify=digits.target, random_state=0
     )
     return (
-        Dataset.from_dict({"pixels": list(x_tr), "label": y_tr.tolist()}),
-        Dataset.from_dict({"pixels": list(x_te), "label": y_te.tolist()}),
+        Dataset.from_dict({"pixels": list(x_tr), "label": y_tr.tolist()}).shuffle(seed=seed),
+        Dataset.from_dict({"pixels": list(x_te), "label": y_te.tolist()}).shuffle(seed=seed),
     )
 
 

@@ -73,8 +73,9 @@ def test_svhn_hub_path_on_data_the_test_makes(monkeypatch):
         return Dataset.from_dict({"image": images, "label": (np.arange(n) % 10).tolist()})
 
     class FakeHub:
-        def __init__(self, dataset, subset, partitioners):
+        def __init__(self, dataset, subset, partitioners, shuffle, seed):
             assert (dataset, subset) == ("ufldl-stanford/svhn", "cropped_digits")
+            assert shuffle and seed == 3  # the run's seed reaches the hub's shuffle
 
         def load_split(self, name):
             return split(60 if name == "train" else 20)
@@ -90,3 +91,20 @@ def test_unknown_dataset_name():
     with pytest.raises(ConfigError) as err:
         RunConfig(dataset="mnist")
     assert err.value.key == "dataset"
+
+
+@pytest.mark.parametrize("partitioner", ["iid", "dirichlet", "shard"])
+def test_the_seed_decides_the_partition_and_the_same_seed_repeats_it(partitioner):
+    """The seed reaches the shuffle before partitioning (the IID partitioner takes no
+    seed of its own), so two seeds give two partitions and one seed always the same."""
+    from drdfl_flwr.data import label_counts
+
+    def client_labels(seed: int) -> list[int]:
+        cfg = RunConfig(partitioner=partitioner, classes_per_client=4, seed=seed)
+        return load_client_data(cfg, 0, 5).y_train.tolist()
+
+    assert client_labels(1) == client_labels(1)
+    assert client_labels(1) != client_labels(2)
+    counts = [label_counts(RunConfig(partitioner=partitioner, seed=s), 5) for s in (1, 2)]
+    assert counts[0].shape == counts[1].shape == (5, 10)
+    assert not np.array_equal(counts[0], counts[1])
