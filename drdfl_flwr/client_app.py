@@ -9,8 +9,11 @@ Nothing private ever goes into a reply: the reply holds the learner's
 
 from __future__ import annotations
 
+import time
+import uuid
 from logging import WARNING
 
+import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
@@ -21,14 +24,30 @@ from drdfl_flwr.data import ClientData, load_client_data
 from drdfl_flwr.learner import Learner, build_learner
 from drdfl_flwr.payload import (
     CONFIG,
+    EVALUATE_KEY,
     METRICS,
     OUT_PAYLOAD,
     PayloadError,
     received_payloads,
     to_array_record,
 )
+from drdfl_flwr.warm import WARM
 
 STATE_KEY = "learner"
+
+
+class Stopwatch:
+    """Seconds spent in each step of a message (``time_*`` metrics), so a slow round can
+    be told apart: restoring state, absorbing, training, saving, evaluating."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self._last
+        self._last = now
 
 
 def node_partition(context: Context) -> tuple[int, int]:
@@ -42,18 +61,38 @@ def node_partition(context: Context) -> tuple[int, int]:
         ) from None
 
 
-def restore(context: Context) -> tuple[ClientData, Learner]:
+def warm_key(context: Context) -> tuple[int, int, int]:
+    return context.run_id, context.node_id, node_partition(context)[0]
+
+
+def restore(context: Context) -> tuple[ClientData, Learner, bool]:
+    """The node's data and its learner as ``context.state`` holds it: the warm learner of
+    this process when it holds that very state (see :mod:`drdfl_flwr.warm`), else built
+    and loaded from the saved bytes. The flag says which (the ``warm_start`` metric)."""
     cfg = RunConfig.from_run_config(context.run_config)
     partition_id, num_partitions = node_partition(context)
     data = load_client_data(cfg, partition_id, num_partitions)
+    saved = context.state.config_records.get(STATE_KEY)
+    token = str(saved["token"]) if saved is not None and "token" in saved else None
+    learner = WARM.take(warm_key(context), token)
+    if learner is not None:
+        return data, learner, True
     learner = build_learner(cfg, data.input_shape, data.num_classes, partition_id)
-    if STATE_KEY in context.state.config_records:
-        learner.load_bytes(context.state.config_records[STATE_KEY]["blob"])
-    return data, learner
+    if saved is not None:
+        learner.load_bytes(saved["blob"])
+    return data, learner, False
 
 
 def save(context: Context, learner: Learner) -> None:
-    context.state.config_records[STATE_KEY] = ConfigRecord({"blob": learner.to_bytes()})
+    """Write the private state into ``context.state`` under a fresh token, and keep the
+    learner warm for this node's next message."""
+    blob, token = learner.to_bytes(), uuid.uuid4().hex
+    context.state.config_records[STATE_KEY] = ConfigRecord({"blob": blob, "token": token})
+    keep_warm(context, learner, token, len(blob))
+
+
+def keep_warm(context: Context, learner: Learner, token: str, nbytes: int) -> None:
+    WARM.put(warm_key(context), token, learner, nbytes, learner.cfg.warm_cache_mib * 2**20)
 
 
 def describe(msg: Message, context: Context) -> Message:
@@ -69,13 +108,16 @@ def train(msg: Message, context: Context) -> Message:
     With ``isolated = true`` the node neither absorbs nor sends anything and changes
     nothing else (same data, seeds, model, schedule): the "does sharing help?" control.
     """
-    data, learner = restore(context)
+    clock = Stopwatch()
+    data, learner, warm = restore(context)
+    clock.lap("time_restore")
     isolated = learner.cfg.isolated
     received: list = []
     rejected = 0
     try:
         received = [] if isolated else received_payloads(msg.content)
         learner.absorb(received)
+        clock.lap("time_absorb")
     except PayloadError as err:
         # absorb() validates before it changes anything, so the node trains on as if
         # nothing had arrived; the relay sees the rejection in the metrics.
@@ -87,16 +129,27 @@ def train(msg: Message, context: Context) -> Message:
             rejected,
             err,
         )
+    clock.lap("time_absorb")
+    torch.manual_seed(learner.round_seed)  # the same draws wherever the message runs
     metrics = learner.fit(data)
+    clock.lap("time_fit")
     save(context, learner)
+    clock.lap("time_save")
+    round_config = msg.content.config_records.get(CONFIG, ConfigRecord())
+    if round_config.get(EVALUATE_KEY, False):  # the relay asks for it here (see Router)
+        metrics.update(learner.evaluate(data))
+        metrics["num-examples-local-t"] = float(len(data.y_local_test))
+        clock.lap("time_evaluate")
+    outgoing = {} if isolated else learner.shared_payload()
     metrics.update(
         {
             "num-examples": float(len(data.y_train)),
             "payloads_received": float(len(received)),
             "payloads_rejected": float(rejected),
+            "warm_start": float(warm),
+            **clock.laps,
         }
     )
-    outgoing = {} if isolated else learner.shared_payload()
     content = RecordDict({OUT_PAYLOAD: to_array_record(outgoing), METRICS: MetricRecord(metrics)})
     return Message(content, reply_to=msg)
 
@@ -106,14 +159,22 @@ def evaluate(msg: Message, context: Context) -> Message:
     the round's fresh aggregate: the node evaluates the model it will train from next
     (FedAvg's global model; FedRep's global body with its own head), without keeping it;
     the next train message brings the same aggregate for good."""
-    data, learner = restore(context)
+    clock = Stopwatch()
+    data, learner, _ = restore(context)
+    clock.lap("time_eval_restore")
+    incoming: list = []
     try:
         incoming = [] if learner.cfg.isolated else received_payloads(msg.content)
         learner.absorb(incoming)
     except PayloadError as err:
         log(WARNING, "partition %d evaluates without the aggregate: %s", learner.partition_id, err)
     metrics = learner.evaluate(data)
+    clock.lap("time_evaluate")
     metrics["num-examples-local-t"] = float(len(data.y_local_test))
+    metrics.update(clock.laps)
+    saved = context.state.config_records.get(STATE_KEY)
+    if not incoming and saved is not None:  # unchanged: still the saved state
+        keep_warm(context, learner, str(saved["token"]), len(saved["blob"]))
     return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 

@@ -112,6 +112,7 @@ class RunConfig:
     results_dir: str = "results"
     run_name: str = ""
     device: str = "auto"
+    warm_cache_mib: int = 1024
     sections: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
@@ -134,6 +135,8 @@ class RunConfig:
             "eval-every",
         ):
             _positive(key, getattr(self, _attr(key)))
+        if self.warm_cache_mib < 0:
+            raise ConfigError("warm-cache-mib", self.warm_cache_mib, "must be >= 0 (0 = off)")
         for key in ("subset-train", "subset-test"):
             if getattr(self, _attr(key)) < 0:
                 raise ConfigError(key, getattr(self, _attr(key)), "must be >= 0 (0 = use all)")

@@ -173,12 +173,17 @@ class Learner(ABC):
             steps += 1
         return total / max(steps, 1), steps
 
+    @property
+    def round_seed(self) -> int:
+        """One seed per (run seed, node, round): the round's data order and, set as torch's
+        global seed before training, its noise draws, so runs repeat exactly on the same
+        hardware whichever process serves the node."""
+        return self.cfg.seed * 1_000_003 + self.partition_id * 10_007 + self.rounds_trained
+
     def round_generator(self) -> torch.Generator:
-        """Seeded per (seed, node, round) so runs repeat exactly on the same hardware."""
+        """A generator seeded with :attr:`round_seed` (the round's shuffles)."""
         gen = torch.Generator()
-        gen.manual_seed(
-            self.cfg.seed * 1_000_003 + self.partition_id * 10_007 + self.rounds_trained
-        )
+        gen.manual_seed(self.round_seed)
         return gen
 
 

@@ -23,6 +23,7 @@ IN_PAYLOAD_PREFIX = "in-payload."  # relay/hub -> node: one record per sender
 IN_META_PREFIX = "in-meta."  # beside each: who sent it, with what weight, peer or hub
 HUB = "hub"  # sender name of the hub's aggregate
 CONFIG = "config"
+EVALUATE_KEY = "evaluate"  # in a train message's config: evaluate after training
 METRICS = "metrics"
 PEER, AGGREGATE = "peer", "hub"  # Incoming.origin
 

@@ -9,8 +9,10 @@ and writes per-round results. Progress goes to the log, one line per round.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from logging import INFO, WARNING
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Context
 from flwr.common import log
@@ -60,19 +62,24 @@ def build_router(cfg: RunConfig) -> Router:
     return Relay(build_topology(cfg.resolved_topology, k=cfg.topology_k, seed=cfg.seed))
 
 
-def run_job(grid: Grid, cfg: RunConfig) -> dict:
-    """Run the configured job on ``grid``; returns the summary that was written."""
+def run_job(
+    grid: Grid, cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None = None
+) -> dict:
+    """Run the configured job on ``grid``; returns the summary that was written.
+    ``on_round`` also gets every round's record (the grid runner's progress)."""
     writer = ResultsWriter(run_dir_for(cfg), cfg.to_run_config())
     log(INFO, "Results go to %s", writer.run_dir)
 
     alarms = AlarmTracker()
 
-    def on_round(record: dict) -> None:
+    def record_round(record: dict) -> None:
         writer.log_round(record)
         log(INFO, progress_line(record, cfg.num_server_rounds))
         last = record["round"] == cfg.num_server_rounds
         for is_warning, message in alarms.update(record["round"], record["nodes"], last):
             log(WARNING if is_warning else INFO, message)
+        if on_round is not None:
+            on_round(record)
 
     loop = RoundLoop(
         build_router(cfg),
@@ -80,7 +87,7 @@ def run_job(grid: Grid, cfg: RunConfig) -> dict:
         round_timeout=cfg.round_timeout,
         node_wait_timeout=cfg.node_wait_timeout,
         eval_every=cfg.eval_every,
-        on_round=on_round,
+        on_round=record_round,
     )
     loop.start(grid, num_rounds=cfg.num_server_rounds)
     summary = writer.finish()

@@ -9,6 +9,7 @@ nodes by a client mod, because ``run_simulation`` itself takes none.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from flwr.app import Context
@@ -26,22 +27,29 @@ def simulate(
     cpus_per_client: float = 1.0,
     gpus_per_client: float = 0.0,
     verbose: bool = False,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run ``cfg`` on ``num_clients`` simulated SuperNodes; returns the written summary.
 
     ``cpus_per_client`` / ``gpus_per_client`` are Ray resources per ClientApp actor:
-    with 8 CPUs and 2 per client, 4 clients train at a time.
+    with 8 CPUs and 2 per client, 4 clients train at a time. ``on_round`` gets every
+    round's record as it is written (progress bars, benchmarks).
     """
     if num_clients < 2:
         raise ValueError(f"num_clients={num_clients}: a ring needs at least 2 nodes")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     summary: dict[str, Any] = {}
+    failures: list[Exception] = []
 
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        summary.update(run_job(grid, cfg))
+        try:
+            summary.update(run_job(grid, cfg, on_round=on_round))
+        except Exception as err:
+            failures.append(err)  # run_simulation only logs it; the caller gets it
+            raise
 
     client_app = build_client_app(mods=[with_run_config(cfg.to_run_config())])
     run_simulation(
@@ -54,6 +62,8 @@ def simulate(
         },
         verbose_logging=verbose,
     )
+    if failures:
+        raise failures[0]
     if not summary:
         raise RuntimeError("the simulation ended without a summary; see the log above")
     return summary

@@ -27,6 +27,7 @@ from strategies.rounds import Member, Router
 class Hub(Router):
     topology_name = "star"
     modes = ("synchronous",)
+    evaluates_after_training = False  # nodes evaluate on the fresh aggregate
 
     def __init__(self, reducer: str | None) -> None:
         if reducer not in REDUCERS:

@@ -30,7 +30,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.result import Result
 
-from drdfl_flwr.payload import CONFIG, METRICS, OUT_PAYLOAD, content_bytes
+from drdfl_flwr.payload import CONFIG, EVALUATE_KEY, METRICS, OUT_PAYLOAD, content_bytes
 from drdfl_flwr.results import mean_std
 from strategies.reducers import Reply
 
@@ -77,6 +77,11 @@ class Router(ABC):
 
     topology_name: str
     modes: tuple[str, ...] = ("synchronous", "sequential")
+    # True: a node evaluates the model it has just trained, so the train message asks for
+    # the evaluation too (one restore of private state, one message and one barrier fewer
+    # per node and round). False: a separate evaluation message (the hub: it carries the
+    # fresh aggregate).
+    evaluates_after_training: bool = True
 
     @abstractmethod
     def content_for(
@@ -117,6 +122,7 @@ class RoundLoop(Strategy):
         self.round_timeout = round_timeout
         self.node_wait_timeout = node_wait_timeout
         self.eval_every = eval_every
+        self.num_rounds = 0  # set by start()
         self.on_round = on_round
         self.members: list[Member] = []
         self.alive: set[int] = set()
@@ -180,11 +186,15 @@ class RoundLoop(Strategy):
         return members
 
     # -- training ----------------------------------------------------------------------
-    def message_for(self, position: int, server_round: int, config: ConfigRecord) -> Message:
+    def message_for(
+        self, position: int, server_round: int, config: ConfigRecord, evaluate: bool = False
+    ) -> Message:
         content, senders = self.router.content_for(position, server_round, self.members, self.alive)
         round_config = ConfigRecord(dict(config))
         round_config["server-round"] = server_round
         round_config["senders"] = senders
+        if evaluate:
+            round_config[EVALUATE_KEY] = True
         content[CONFIG] = round_config
         partition = self.members[position].partition_id
         self.report.received_from[partition] = senders
@@ -196,7 +206,16 @@ class RoundLoop(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return [self.message_for(p, server_round, config) for p in range(len(self.members))]
+        evaluate = self._evaluates_in_training(server_round)
+        return [
+            self.message_for(p, server_round, config, evaluate) for p in range(len(self.members))
+        ]
+
+    def _evaluation_due(self, server_round: int) -> bool:
+        return server_round % self.eval_every == 0 or server_round == self.num_rounds
+
+    def _evaluates_in_training(self, server_round: int) -> bool:
+        return self.router.evaluates_after_training and self._evaluation_due(server_round)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -253,8 +272,9 @@ class RoundLoop(Strategy):
             messages = list(self.configure_train(server_round, ArrayRecord(), config, grid))
             self.aggregate_train(server_round, self._send(grid, messages, server_round))
             return
+        evaluate = self._evaluates_in_training(server_round)
         for position in range(len(self.members)):
-            message = self.message_for(position, server_round, config)
+            message = self.message_for(position, server_round, config, evaluate)
             self.aggregate_train(server_round, self._send(grid, [message], server_round))
 
     # -- evaluation --------------------------------------------------------------------
@@ -296,6 +316,7 @@ class RoundLoop(Strategy):
         evaluate_fn: Callable | None = None,
     ) -> Result:
         self.summary()
+        self.num_rounds = num_rounds
         self.discover(grid)
         result = Result()
         train_config = train_config or ConfigRecord()
@@ -309,7 +330,7 @@ class RoundLoop(Strategy):
                 for p in range(len(self.members))
                 if p not in self.alive
             )
-            if server_round % self.eval_every == 0 or server_round == num_rounds:
+            if self._evaluation_due(server_round) and not self._evaluates_in_training(server_round):
                 messages = list(
                     self.configure_evaluate(server_round, ArrayRecord(), evaluate_config, grid)
                 )

@@ -16,7 +16,9 @@ from flwr.app import (
 )
 from flwr.serverapp import Grid
 
-from drdfl_flwr.payload import CONFIG, IN_PAYLOAD_PREFIX, METRICS, OUT_PAYLOAD
+from drdfl_flwr.payload import CONFIG, EVALUATE_KEY, IN_PAYLOAD_PREFIX, METRICS, OUT_PAYLOAD
+
+EVAL_METRICS = {"local_t_acc": 0.5, "global_t_acc": 0.25}
 
 
 class FakeGrid(Grid):
@@ -39,6 +41,7 @@ class FakeGrid(Grid):
         self.contents: dict[tuple[int, int], RecordDict] = {}  # train message per (p, round)
         self.eval_contents: dict[tuple[int, int], RecordDict] = {}  # evaluate messages
         self.payload_fn = payload_fn  # (partition, round) -> reply payload
+        self.evaluated_in_training: list[tuple[int, int]] = []  # train messages that evaluated
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.partition_of)
@@ -72,24 +75,22 @@ class FakeGrid(Grid):
                     payload = self.payload_fn(partition, rnd)
                 if partition in self.silent:
                     payload = ArrayRecord()
+                metrics = {"l": 1.0, "num-examples": 10.0 * (partition + 1)}
+                if msg.content[CONFIG].get(EVALUATE_KEY, False):
+                    metrics.update(EVAL_METRICS)
+                    self.evaluated_in_training.append((partition, rnd))
                 replies.append(
                     Message(
-                        RecordDict(
-                            {
-                                OUT_PAYLOAD: payload,
-                                METRICS: MetricRecord(
-                                    {"l": 1.0, "num-examples": 10.0 * (partition + 1)}
-                                ),
-                            }
-                        ),
+                        RecordDict({OUT_PAYLOAD: payload, METRICS: MetricRecord(metrics)}),
                         reply_to=msg,
                     )
                 )
             else:
                 rnd = int(msg.content[CONFIG]["server-round"])
                 self.eval_contents[(partition, rnd)] = msg.content
-                metrics = MetricRecord({"local_t_acc": 0.5, "global_t_acc": 0.25})
-                replies.append(Message(RecordDict({METRICS: metrics}), reply_to=msg))
+                replies.append(
+                    Message(RecordDict({METRICS: MetricRecord(EVAL_METRICS)}), reply_to=msg)
+                )
         return replies
 
     # unused by the relay

@@ -14,6 +14,7 @@ from drdfl_flwr.data import load_client_data
 from drdfl_flwr.learner import build_learner
 from drdfl_flwr.payload import (
     CONFIG,
+    EVALUATE_KEY,
     HUB,
     IN_META_PREFIX,
     IN_PAYLOAD_PREFIX,
@@ -152,3 +153,45 @@ def test_hub_method_evaluates_the_fresh_aggregate_without_keeping_it():
     data = load_client_data(cfg, 0, 3)
     assert metrics["local_t_acc"] == other.accuracy(data.x_local_test, data.y_local_test)
     assert ctx.state.config_records[STATE_KEY]["blob"] == before
+
+
+def saved_learner(ctx: Context):
+    learner = build_learner(RunConfig.from_run_config(ctx.run_config), (1, 8, 8), 10)
+    learner.load_bytes(ctx.state.config_records[STATE_KEY]["blob"])
+    return learner
+
+
+def test_a_warm_learner_gives_exactly_what_a_reload_from_context_state_gives():
+    """Keeping the learner alive between messages is an optimisation only: the same
+    replies and the same saved state as rebuilding it from context.state every time."""
+    warm, cold = context(), context(warm_cache_mib=0)
+    for _ in range(3):
+        replies = [train(train_message(), ctx) for ctx in (warm, cold)]
+        for name, array in replies[0].content[OUT_PAYLOAD].items():
+            assert np.array_equal(array.numpy(), replies[1].content[OUT_PAYLOAD][name].numpy())
+    for (name, a), (_, b) in zip(
+        saved_learner(warm).classifier.state_dict().items(),
+        saved_learner(cold).classifier.state_dict().items(),
+        strict=True,
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_context_state_wins_over_a_warm_learner_that_holds_another_state():
+    """A node whose context.state was written elsewhere (another process, an older copy)
+    continues from that state, not from whatever this process kept warm."""
+    ctx = context()
+    train(train_message(), ctx)
+    after_one = ConfigRecord(dict(ctx.state.config_records[STATE_KEY]))
+    train(train_message(), ctx)  # this process now holds the learner after two rounds
+    ctx.state.config_records[STATE_KEY] = after_one
+    train(train_message(), ctx)
+    assert saved_learner(ctx).rounds_trained == 2
+
+
+def test_a_train_message_can_ask_for_the_evaluation_too():
+    msg = train_message()
+    msg.content[CONFIG][EVALUATE_KEY] = True
+    metrics = train(msg, context()).content[METRICS]
+    assert 0.0 <= metrics["local_t_acc"] <= 1.0 and 0.0 <= metrics["global_t_acc"] <= 1.0
+    assert "local_t_acc" not in train(train_message(), context()).content[METRICS]

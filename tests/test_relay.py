@@ -110,3 +110,17 @@ def test_a_node_that_shares_nothing_sends_nothing_on():
     for rec in records:
         assert rec["nodes"]["1"]["bytes_sent"] == 0 and rec["nodes"]["1"]["params_sent"] == 0
         assert rec["nodes"]["0"]["bytes_sent"] > 0
+
+
+@pytest.mark.parametrize("mode", ["synchronous", "sequential"])
+def test_relay_nodes_evaluate_in_the_train_message_on_evaluation_rounds(mode):
+    """No separate evaluation message (one restore and one barrier fewer per round), and
+    the accuracies still reach the round's record, on the rounds eval-every names."""
+    grid, records = FakeGrid(3), []
+    loop = RoundLoop(
+        Relay(Ring()), mode=mode, node_wait_timeout=5, eval_every=2, on_round=records.append
+    )
+    loop.start(grid, num_rounds=3)
+    assert grid.eval_contents == {}
+    assert sorted(grid.evaluated_in_training) == [(p, r) for p in range(3) for r in (2, 3)]
+    assert ["local_t_acc" in r["mean"] for r in records] == [False, True, True]
