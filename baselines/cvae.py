@@ -231,4 +231,9 @@ class CVAELearner(Learner):
         return self.classifier(x)
 
 
-SPEC = MethodSpec(name="cvae", learner=CVAELearner, options=CVAEOptions)
+SPEC = MethodSpec(
+    name="cvae",
+    personalized="decoder + classifier (encoder shared)",
+    learner=CVAELearner,
+    options=CVAEOptions,
+)

@@ -142,4 +142,10 @@ class DFedPGPLearner(HeadBodyLearner):
         return metrics
 
 
-SPEC = MethodSpec(name="dfedpgp", learner=DFedPGPLearner, options=DFedPGPOptions, reducer=None)
+SPEC = MethodSpec(
+    name="dfedpgp",
+    personalized="output layer (head)",
+    learner=DFedPGPLearner,
+    options=DFedPGPOptions,
+    reducer=None,
+)

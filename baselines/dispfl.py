@@ -320,4 +320,10 @@ class DisPFLLearner(Learner):
         return self.classifier(x)
 
 
-SPEC = MethodSpec(name="dispfl", learner=DisPFLLearner, options=DisPFLOptions, reducer=None)
+SPEC = MethodSpec(
+    name="dispfl",
+    personalized="sparse mask and its weights",
+    learner=DisPFLLearner,
+    options=DisPFLOptions,
+    reducer=None,
+)

@@ -11,5 +11,9 @@ from drdfl_flwr.methods.drdfl import DRDFLLearner, DRDFLOptions
 from drdfl_flwr.registry import MethodSpec
 
 SPEC = MethodSpec(
-    name="drdfl-cfl", learner=DRDFLLearner, options=DRDFLOptions, reducer="weighted-mean"
+    name="drdfl-cfl",
+    personalized="PersonaNet + decoder + classifier",
+    learner=DRDFLLearner,
+    options=DRDFLOptions,
+    reducer="weighted-mean",
 )

@@ -13,4 +13,9 @@ class FedAvgLearner(ClassifierLearner):
     """Shares every floating-point state entry of the classifier."""
 
 
-SPEC = MethodSpec(name="fedavg", learner=FedAvgLearner, reducer="weighted-mean")
+SPEC = MethodSpec(
+    name="fedavg",
+    personalized="none (one global model)",
+    learner=FedAvgLearner,
+    reducer="weighted-mean",
+)

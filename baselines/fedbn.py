@@ -60,5 +60,9 @@ class FedBNLearner(ClassifierLearner):
 
 
 SPEC = MethodSpec(
-    name="fedbn", learner=FedBNLearner, reducer="weighted-mean", check=check_has_batchnorm
+    name="fedbn",
+    personalized="BatchNorm layers",
+    learner=FedBNLearner,
+    reducer="weighted-mean",
+    check=check_has_batchnorm,
 )

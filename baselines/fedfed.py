@@ -386,6 +386,7 @@ def mu_shape(x: torch.Tensor, latent_dim: int) -> torch.Size:
 
 SPEC = MethodSpec(
     name="fedfed",
+    personalized="none (one global model)",
     learner=FedFedLearner,
     options=FedFedOptions,
     reducer="fedfed",

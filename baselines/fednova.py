@@ -186,4 +186,10 @@ class FedNovaLearner(Learner):
         return self.classifier(x)
 
 
-SPEC = MethodSpec(name="fednova", learner=FedNovaLearner, options=FedNovaOptions, reducer="fednova")
+SPEC = MethodSpec(
+    name="fednova",
+    personalized="none (one global model)",
+    learner=FedNovaLearner,
+    options=FedNovaOptions,
+    reducer="fednova",
+)

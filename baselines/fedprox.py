@@ -44,5 +44,9 @@ class FedProxLearner(ClassifierLearner):
 
 
 SPEC = MethodSpec(
-    name="fedprox", learner=FedProxLearner, options=FedProxOptions, reducer="weighted-mean"
+    name="fedprox",
+    personalized="none (one global model)",
+    learner=FedProxLearner,
+    options=FedProxOptions,
+    reducer="weighted-mean",
 )

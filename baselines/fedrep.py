@@ -124,5 +124,9 @@ def _relative_change(
 
 
 SPEC = MethodSpec(
-    name="fedrep", learner=FedRepLearner, options=FedRepOptions, reducer="weighted-mean"
+    name="fedrep",
+    personalized="output layer (head)",
+    learner=FedRepLearner,
+    options=FedRepOptions,
+    reducer="weighted-mean",
 )

@@ -23,4 +23,4 @@ class LocalLearner(ClassifierLearner):
         return {}
 
 
-SPEC = MethodSpec(name="local", learner=LocalLearner)
+SPEC = MethodSpec(name="local", personalized="full model (nothing shared)", learner=LocalLearner)

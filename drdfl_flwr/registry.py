@@ -45,10 +45,13 @@ class MethodSpec:
     ``reducer`` names the hub's reduction (:data:`strategies.reducers.REDUCERS`) for a
     centralized method; ``None`` means decentralized: peers' payloads are routed by the
     relay and never averaged by anyone but the receiving node.
+    ``personalized`` says in words which part stays on the node (the paper's Table 1
+    column), for the experiment runner's communication table.
     """
 
     name: str
     learner: type
+    personalized: str  # what stays on the node, for the communication table (Table 1)
     options: type[MethodOptions] | None = None
     reducer: str | None = None
     classifiers: tuple[str, ...] = DENSE_CLASSIFIERS
@@ -72,8 +75,10 @@ def method_spec(name: str) -> MethodSpec:
 
 def option_classes() -> dict[str, type[MethodOptions]]:
     """Section name -> options class, over every registered method (sections may be shared:
-    drdfl-cfl reads the drdfl section)."""
-    classes: dict[str, type[MethodOptions]] = {}
+    drdfl-cfl reads the drdfl section), plus the experiment runner's ``grid`` section."""
+    from drdfl_flwr.experiments.grid import GridOptions
+
+    classes: dict[str, type[MethodOptions]] = {GridOptions.SECTION: GridOptions}
     for name in METHODS:
         options = method_spec(name).options
         if options is not None:

@@ -81,15 +81,15 @@ class ResultsWriter:
         return summary
 
     def plot(self) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        """``convergence.png``, drawn on a bare Figure: no pyplot, so matplotlib's global
+        backend (a notebook's inline one) is left alone."""
+        from matplotlib.figure import Figure
 
         evaluated = [r for r in self.rounds if "local_t_acc" in r["mean"]]
         if not evaluated:
             return
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig = Figure(figsize=(6, 4))
+        ax = fig.subplots()
         rounds = [r["round"] for r in evaluated]
         for key, label in zip(ACCURACY_KEYS, ("Local-T", "Global-T"), strict=True):
             mean = np.array([r["mean"][key] for r in evaluated])
@@ -103,7 +103,6 @@ class ResultsWriter:
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(self.run_dir / "convergence.png", dpi=120)
-        plt.close(fig)
 
 
 def _accuracy_view(record: dict[str, Any]) -> dict[str, Any]:

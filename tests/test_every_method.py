@@ -1,47 +1,51 @@
 """Every registered method, and DRDFL on every decentralized topology, end to end through
-Flower's Ray simulation engine on the embedded digits (a few rounds, tiny settings)."""
+Flower's Ray simulation engine: the ``cpu-smoke`` preset (embedded digits, 3 clients, two
+rounds) run by the grid runner, as a user runs it, then its report and a resume."""
 
 from __future__ import annotations
 
+import csv
 import json
+from pathlib import Path
 
 import pytest
 
 from drdfl_flwr import registry
-from drdfl_flwr.simulation import simulate
-from tests.conftest import make_config
+from drdfl_flwr.experiments.grid import load_grid
+from drdfl_flwr.experiments.outcomes import DONE
+from drdfl_flwr.experiments.runner import run_grid
 
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "conf" / "cpu-smoke.toml"
 NODES = 3
-# Per-method settings that keep the run tiny or that the method needs.
-EXTRA: dict[str, dict] = {
-    "fedbn": {"classifier_norm": "batch"},  # FedBN keeps BatchNorm on the node
-    "fedfed": {"fedfed_distill_rounds": 1, "num_server_rounds": 3},  # share, then use pool
-    "dslth": {"dslth_procedure": "epochs"},
-}
 
 
-def run(tmp_path, method: str, **changes) -> tuple[dict, list[dict]]:
-    settings = {
-        "method": method,
-        "num_server_rounds": 2,
-        "local_epochs": 1,
-        "batch_size": 32,
-        "device": "cpu",
-        "results_dir": str(tmp_path),
-        "run_name": "run",
-        **EXTRA.get(method, {}),
-        **changes,
-    }
-    summary = simulate(make_config(**settings), num_clients=NODES)
-    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    return summary, [json.loads(line) for line in lines]
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cpu-smoke")
+    grid = load_grid(SMOKE)
+    outcomes = run_grid(grid, out)
+    return grid, {o.run.variant: o for o in outcomes}, out
+
+
+def rounds_of(outcome) -> list[dict]:
+    lines = (outcome.run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_the_smoke_grid_covers_every_method(smoke):
+    grid, _, _ = smoke
+    assert {run.cfg.method for run in grid.runs} == set(registry.METHODS)
 
 
 @pytest.mark.parametrize("method", list(registry.METHODS))
-def test_every_method_runs_end_to_end(method, tmp_path):
+def test_every_method_runs_end_to_end(method, smoke):
+    _, by_variant, _ = smoke
+    outcome = next(o for v, o in by_variant.items() if o.run.cfg.method == method)
+    assert outcome.status == DONE, outcome.error
     spec = registry.method_spec(method)
-    summary, rounds = run(tmp_path, method)
-    assert summary["last"]["round"] == len(rounds)
+    rounds = rounds_of(outcome)
+    assert outcome.summary["last"]["round"] == len(rounds) == outcome.run.cfg.num_server_rounds
     last = rounds[-1]
     assert last["failed"] == [] and sorted(last["nodes"]) == ["0", "1", "2"]
     assert last["topology"] == ("star" if spec.centralized else "ring")
@@ -57,18 +61,25 @@ def test_every_method_runs_end_to_end(method, tmp_path):
         assert node["payloads_received"] == 1.0 and node["payloads_rejected"] == 0.0
 
 
+def test_isolated_drdfl_sends_and_receives_nothing(smoke):
+    _, by_variant, _ = smoke
+    last = rounds_of(by_variant["drdfl+isolated"])[-1]
+    for node in last["nodes"].values():
+        assert node["bytes_sent"] == 0 and node["payloads_received"] == 0.0
+
+
 @pytest.mark.parametrize(
-    ("topology", "expected"),
+    ("variant", "expected"),
     [
-        ("bi-ring", lambda p: sorted({(p - 1) % NODES, (p + 1) % NODES})),
-        ("full", lambda p: sorted(set(range(NODES)) - {p})),
-        ("random-k", None),
+        ("drdfl@bi-ring", lambda p: sorted({(p - 1) % NODES, (p + 1) % NODES})),
+        ("drdfl@full", lambda p: sorted(set(range(NODES)) - {p})),
+        ("drdfl@random-k{topology-k=1}", None),
     ],
 )
-def test_drdfl_runs_on_every_decentralized_topology(topology, expected, tmp_path):
-    _, rounds = run(tmp_path, "drdfl", topology=topology, topology_k=1)
-    last = rounds[-1]
-    assert last["topology"] == topology and last["failed"] == []
+def test_drdfl_runs_on_every_decentralized_topology(variant, expected, smoke):
+    _, by_variant, _ = smoke
+    last = rounds_of(by_variant[variant])[-1]
+    assert last["topology"] == variant.split("@")[1].split("{")[0] and last["failed"] == []
     for partition, node in last["nodes"].items():
         senders = last["received_from"][partition]
         p = int(partition)
@@ -77,3 +88,38 @@ def test_drdfl_runs_on_every_decentralized_topology(topology, expected, tmp_path
         else:
             assert senders == expected(p)
         assert node["payloads_received"] == len(senders) and node["payloads_rejected"] == 0.0
+
+
+def test_the_report_has_every_variant_with_its_own_numbers(smoke):
+    grid, by_variant, out = smoke
+    tables = (out / "tables.md").read_text()
+    for variant, outcome in by_variant.items():
+        assert f"| {variant} |" in tables
+        last = outcome.summary["last"]["local_t_acc"]
+        assert f"{100 * last['mean']:.2f} ± {100 * last['std']:.2f}" in tables
+    rows = list(csv.DictReader((out / "runs.csv").open()))
+    assert {row["run_id"] for row in rows} == {run.run_id for run in grid.runs}
+    assert (out / "convergence_digits.png").is_file()
+    assert (out / "grid.toml").read_text() == SMOKE.read_text()
+
+
+def test_a_rerun_of_a_finished_grid_runs_nothing(smoke):
+    grid, _, out = smoke
+    before = (out / "tables.md").read_text()
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished run was run again")
+
+    outcomes = run_grid(grid, out, simulate_fn=must_not_run)
+    assert all(o.status == DONE for o in outcomes)
+    assert (out / "tables.md").read_text() == before
+
+
+def test_the_same_seed_gives_the_same_numbers(smoke, tmp_path):
+    """Two grids, same seed: the runs they share give the same table rows."""
+    _, _, out = smoke
+    grid = load_grid(SMOKE, {"grid.variants": "local, drdfl"})
+    run_grid(grid, tmp_path)
+    first = {r["run_id"]: r for r in csv.DictReader((out / "runs.csv").open())}
+    for row in csv.DictReader((tmp_path / "runs.csv").open()):
+        assert row == first[row["run_id"]]

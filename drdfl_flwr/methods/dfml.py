@@ -381,4 +381,9 @@ class DFMLLearner(Learner):
         super().load_state_dict(state)
 
 
-SPEC = MethodSpec(name="dfml", learner=DFMLLearner, options=DFMLOptions)
+SPEC = MethodSpec(
+    name="dfml",
+    personalized="full model (own architecture)",
+    learner=DFMLLearner,
+    options=DFMLOptions,
+)

@@ -363,4 +363,9 @@ class DRDFLLearner(Learner):
         return self.classifier(x)
 
 
-SPEC = MethodSpec(name="drdfl", learner=DRDFLLearner, options=DRDFLOptions)
+SPEC = MethodSpec(
+    name="drdfl",
+    personalized="PersonaNet + decoder + classifier",
+    learner=DRDFLLearner,
+    options=DRDFLOptions,
+)

@@ -272,6 +272,7 @@ class DSLTHLearner(Learner):
 
 SPEC = MethodSpec(
     name="dslth",
+    personalized="binary mask (scores)",
     learner=DSLTHLearner,
     options=DSLTHOptions,
     classifiers=("small-cnn", "alexnet-dslth"),

@@ -1,0 +1,80 @@
+"""What a grid run left on disk, read back: the one input of tables and plots.
+
+A run's folder (``<out>/runs/<run_id>/``) holds ``run_config.json`` (the exact config),
+``metrics.jsonl`` (one record per round) and, once it finished, ``summary.json``; a run
+that raised leaves ``error.txt`` instead. Reading state from the folder, never from
+memory, is what lets an interrupted grid resume and a report be rebuilt at any time.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from drdfl_flwr.experiments.grid import GridRun
+from drdfl_flwr.registry import method_spec
+
+DONE, FAILED, PENDING = "done", "failed", "pending"
+LOCATION_KEYS = ("results-dir", "run-name")
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    run: GridRun
+    status: str  # done | failed | pending
+    run_dir: Path
+    error: str = ""
+    summary: dict[str, Any] | None = None
+    rounds: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl records
+
+
+def read_outcome(run: GridRun, runs_dir: Path) -> RunOutcome:
+    """The state of ``run`` under ``runs_dir``: done (summary written by the same config),
+    failed (error.txt), or pending (nothing, or a run cut off part way)."""
+    run_dir = runs_dir / run.run_id
+    rounds = _read_rounds(run_dir / "metrics.jsonl")
+    summary_path, error_path = run_dir / "summary.json", run_dir / "error.txt"
+    if summary_path.is_file() and _same_config(run, run_dir):
+        summary = json.loads(summary_path.read_text())
+        return RunOutcome(run, DONE, run_dir, summary=summary, rounds=rounds)
+    if error_path.is_file():
+        return RunOutcome(run, FAILED, run_dir, error=error_path.read_text().strip(), rounds=rounds)
+    return RunOutcome(run, PENDING, run_dir, rounds=rounds)
+
+
+def _same_config(run: GridRun, run_dir: Path) -> bool:
+    """A finished folder counts only if it ran this run's config (a changed conf file
+    re-runs the runs it changed, and only those)."""
+    path = run_dir / "run_config.json"
+    if not path.is_file():
+        return False
+    ran = json.loads(path.read_text())
+    wanted = json.loads(json.dumps(run.cfg.to_run_config()))
+    return _what_counts(ran, run.cfg.method) == _what_counts(wanted, run.cfg.method)
+
+
+def _what_counts(values: dict[str, Any], method: str) -> dict[str, Any]:
+    """The keys a run's results depend on: the generic ones and its method's own section.
+    Where results go does not change them, nor another method's section (changing
+    ``drdfl.noise-variance`` re-runs DRDFL's cells, not FedAvg's)."""
+    options = method_spec(method).options
+    own = f"{options.SECTION}." if options is not None else None
+    return {
+        k: v
+        for k, v in values.items()
+        if k not in LOCATION_KEYS and ("." not in k or (own and k.startswith(own)))
+    }
+
+
+def _read_rounds(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut off by an interruption
+            break
+    return records

@@ -1,0 +1,527 @@
+"""A grid's tables, in the paper's layouts, as Markdown and CSV.
+
+Everything here is a pure function of the runs' outcomes (:mod:`.outcomes`), so a
+report can be rebuilt at any time, from a finished or a half-finished grid. The tables
+and CSV files hold no timing, no timestamps and no absolute paths: two grids that ran
+the same seeds to the same results write byte-identical files, which makes a report
+something to diff. Timing goes to its own ``timing.md``.
+
+Layout (the paper's Tables 2 and 3): one row per variant, one column group per
+(dataset, partition setting), each with Local-T and Global-T, cells ``mean ± std`` in
+percent. With one seed the std is over clients; with several it is over seeds (of the
+per-seed client mean). The best variant of every column is bold.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from drdfl_flwr.experiments.grid import Partition
+from drdfl_flwr.experiments.outcomes import DONE, FAILED, RunOutcome
+from drdfl_flwr.health import HEALTH_PREFIX
+from drdfl_flwr.registry import method_spec
+
+LAYOUTS = {
+    "dirichlet": "Dirichlet-based non-IID (the paper's Table 2 layout)",
+    "shard": "Shard-based non-IID (Table 3 layout)",
+    "iid": "IID",
+}
+METRICS = (("local_t_acc", "Local-T"), ("global_t_acc", "Global-T"))
+VIEWS = {
+    "last": "last round",
+    "best": "best round (by mean Local-T; the round is given)",
+}
+SUMMARY_KEY = {"last": "last", "best": "best_by_local_t_acc"}
+MISSING = "–"
+VALUE = "value"
+
+
+# -- numbers ------------------------------------------------------------------------
+
+
+def fmt(value: float, digits: int = 2) -> str:
+    """The one number format of every table and CSV: fixed decimals, no locale and no
+    float repr noise, so equal results always give equal bytes."""
+    return f"{value:.{digits}f}"
+
+
+def _count(value: float) -> str:
+    """A parameter count as the paper's Table 1 writes it (``0.58 M``)."""
+    for scale, unit in ((1e6, " M"), (1e3, " k")):
+        if abs(value) >= scale:
+            return fmt(value / scale) + unit
+    return fmt(value, 0)
+
+
+def _bytes(value: float) -> str:
+    """Decimal units: a payload of 1.2 MB reads as such, not as 1,234,567."""
+    for scale, unit in ((1e9, " GB"), (1e6, " MB"), (1e3, " kB")):
+        if abs(value) >= scale:
+            return fmt(value / scale) + unit
+    return fmt(value, 0) + " B"
+
+
+# -- cells --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SeedResult:
+    """One run's accuracies (percent) at the round a view picks."""
+
+    round: int
+    mean: dict[str, float]
+    std: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (variant, dataset, partition) over its seeds: a value, failed, or missing."""
+
+    state: str  # VALUE | FAILED | MISSING
+    seeds: int = 0  # runs the grid has for this cell
+    done: int = 0  # of which have a result
+    mean: dict[str, float] = field(default_factory=dict)
+    std: dict[str, float] = field(default_factory=dict)
+    rounds: tuple[int, ...] = ()
+
+
+def seed_result(outcome: RunOutcome, view: str) -> SeedResult | None:
+    """``view`` (last | best) of one finished run. The best view is the summary's
+    ``best_by_local_t_acc`` entry, which holds the Global-T of that same round: the
+    paper selects by the personalization metric and reports both at that round."""
+    if outcome.status != DONE or not outcome.summary:
+        return None
+    entry = outcome.summary.get(SUMMARY_KEY[view])
+    if not entry:
+        return None  # finished without a single evaluated round
+    mean = {key: 100.0 * entry[key]["mean"] for key, _ in METRICS if key in entry}
+    std = {key: 100.0 * entry[key]["std"] for key, _ in METRICS if key in entry}
+    return SeedResult(int(entry["round"]), mean, std)
+
+
+def aggregate(outcomes: Sequence[RunOutcome], view: str) -> Cell:
+    """A cell from the runs of its seeds. A single result keeps its std over clients;
+    several give the mean over seeds of the client mean, ± the population std over
+    seeds (np.std), because seed-to-seed spread is what a reader compares methods by.
+    Any failed seed fails the cell: a mean over the seeds that happened to work would
+    hide the failure."""
+    seeds = len(outcomes)
+    if any(o.status == FAILED for o in outcomes):
+        return Cell(FAILED, seeds)
+    results = [r for o in outcomes if (r := seed_result(o, view)) is not None]
+    if not results:
+        return Cell(MISSING, seeds)
+    rounds = tuple(r.round for r in results)
+    if len(results) == 1:
+        return Cell(VALUE, seeds, 1, results[0].mean, results[0].std, rounds)
+    keys = [k for k, _ in METRICS if all(k in r.mean for r in results)]
+    mean = {k: float(np.mean([r.mean[k] for r in results])) for k in keys}
+    std = {k: float(np.std([r.mean[k] for r in results])) for k in keys}
+    return Cell(VALUE, seeds, len(results), mean, std, rounds)
+
+
+# -- table structure ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column group: a dataset under one partition setting."""
+
+    dataset: str
+    partition: Partition
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset} {self.partition.label}"
+
+
+def _first_seen(items: Iterable[Any]) -> list[Any]:
+    return list(dict.fromkeys(items))
+
+
+def variants(outcomes: Sequence[RunOutcome]) -> list[str]:
+    """Rows, in the order the conf file lists the variants."""
+    return _first_seen(o.run.variant for o in outcomes)
+
+
+def kinds(outcomes: Sequence[RunOutcome]) -> list[str]:
+    """Partition kinds present, in the paper's order (Table 2, Table 3, then IID)."""
+    present = {o.run.partition.kind for o in outcomes}
+    return [kind for kind in LAYOUTS if kind in present]
+
+
+def columns(outcomes: Sequence[RunOutcome], kind: str) -> list[Column]:
+    """Column groups of one partition kind, datasets and partitions in grid order."""
+    chosen = [o.run for o in outcomes if o.run.partition.kind == kind]
+    return _first_seen(Column(run.dataset, run.partition) for run in chosen)
+
+
+def cells(outcomes: Sequence[RunOutcome], kind: str, view: str) -> dict[tuple[str, Column], Cell]:
+    """Every (variant, column) of one partition kind; absent pairs are missing cells."""
+    groups: dict[tuple[str, Column], list[RunOutcome]] = {}
+    for o in outcomes:
+        if o.run.partition.kind == kind:
+            key = (o.run.variant, Column(o.run.dataset, o.run.partition))
+            groups.setdefault(key, []).append(o)
+    return {
+        (variant, column): aggregate(groups.get((variant, column), []), view)
+        for variant in variants(outcomes)
+        for column in columns(outcomes, kind)
+    }
+
+
+def best_values(table: dict[tuple[str, Column], Cell]) -> dict[tuple[Column, str], float]:
+    """The top value (as displayed, 2 decimals) of every (column, metric), for bold.
+    Only where at least two variants have a number: a lone value is no win."""
+    values: dict[tuple[Column, str], list[float]] = {}
+    for (_, column), cell in table.items():
+        for key, value in cell.mean.items():
+            values.setdefault((column, key), []).append(round(value, 2))
+    return {k: max(v) for k, v in values.items() if len(v) >= 2}
+
+
+# -- markdown -----------------------------------------------------------------------
+
+
+def _md_row(cells_: Sequence[str]) -> str:
+    return "| " + " | ".join(c.replace("|", "\\|") for c in cells_) + " |"
+
+
+def _md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    lines = [_md_row(header), _md_row(["---"] * len(header))]
+    return lines + [_md_row(row) for row in rows]
+
+
+def _rounds_text(rounds: Sequence[int]) -> str:
+    return f"round {rounds[0]}" if len(rounds) == 1 else "rounds " + ", ".join(map(str, rounds))
+
+
+def cell_text(cell: Cell, key: str, view: str, bold: bool) -> str:
+    """A Markdown cell: ``92.86 ± 0.20``, bold for the column's best; the best view adds
+    the round to Local-T, a partly done cell adds ``(k/N seeds)``."""
+    if cell.state == FAILED:
+        return "failed"
+    if cell.state == MISSING or key not in cell.mean:
+        return MISSING
+    text = f"{fmt(cell.mean[key])} ± {fmt(cell.std[key])}"
+    text = f"**{text}**" if bold else text
+    if view == "best" and key == METRICS[0][0]:
+        text += f" ({_rounds_text(cell.rounds)})"
+    if cell.done < cell.seeds:
+        text += f" ({cell.done}/{cell.seeds} seeds)"
+    return text
+
+
+def caption(table: dict[tuple[str, Column], Cell], view: str) -> str:
+    """What the numbers are: the reader must never mistake a peak for a final value, or
+    a spread over clients for one over seeds."""
+    seeds = max((c.seeds for c in table.values()), default=1)
+    where = (
+        "at the last evaluated round"
+        if view == "last"
+        else "at the evaluated round with the highest mean Local-T (per seed), and Global-T "
+        "at that same round"
+    )
+    if seeds <= 1:
+        spread = "mean ± std over clients."
+    else:
+        spread = (
+            f"mean over {seeds} seeds of the mean over clients ± std over the seeds "
+            "(population std). A cell marked (k/N seeds) has only k seeds done (with k = 1 "
+            "its std is over clients)."
+        )
+    legend = f"**Bold**: best variant per column. {MISSING}: no result yet."
+    return f"Accuracy in %, {where}: {spread} {legend}"
+
+
+def markdown_table(outcomes: Sequence[RunOutcome], kind: str, view: str) -> list[str]:
+    """One accuracy table of one partition kind, with its heading and caption."""
+    table = cells(outcomes, kind, view)
+    cols = columns(outcomes, kind)
+    best = best_values(table)
+    header = ["method"] + [f"{c.name} {label}" for c in cols for _, label in METRICS]
+    rows = []
+    for variant in variants(outcomes):
+        row = [variant]
+        for column in cols:
+            cell = table[(variant, column)]
+            for key, _ in METRICS:
+                top = best.get((column, key))
+                bold = top is not None and key in cell.mean and round(cell.mean[key], 2) == top
+                row.append(cell_text(cell, key, view, bold))
+        rows.append(row)
+    lines = [f"### {VIEWS[view]}", "", caption(table, view), ""]
+    return lines + _md_table(header, rows) + [""]
+
+
+def error_line(outcome: RunOutcome) -> str:
+    """The last line of a traceback is the one that says what went wrong."""
+    lines = outcome.error.strip().splitlines()
+    return lines[-1].strip() if lines else ""
+
+
+def failed_section(outcomes: Sequence[RunOutcome]) -> list[str]:
+    failed = [o for o in outcomes if o.status == FAILED]
+    if not failed:
+        return []
+    lines = ["## Failed runs", ""]
+    lines += [f"- `{o.run.run_id}`: {error_line(o) or '(no message)'}" for o in failed]
+    return lines + [""]
+
+
+def status_line(outcomes: Sequence[RunOutcome]) -> str:
+    counts = {s: sum(o.status == s for o in outcomes) for s in (DONE, FAILED)}
+    pending = len(outcomes) - sum(counts.values())
+    return f"{len(outcomes)} runs: {counts[DONE]} done, {counts[FAILED]} failed, {pending} pending."
+
+
+# -- communication (Table 1) --------------------------------------------------------
+
+
+COMMUNICATION_HEADER = (
+    "variant",
+    "dataset",
+    "method",
+    "runs on",
+    "personalized part",
+    "params sent/round/client",
+    "bytes sent/round/client",
+    "bytes received/round/client",
+)
+COMMUNICATION_KEYS = (
+    "mean_params_sent_per_client_per_round",
+    "mean_bytes_sent_per_client_per_round",
+    "mean_bytes_received_per_client_per_round",
+)
+
+
+def communication_rows(outcomes: Sequence[RunOutcome]) -> list[tuple[list[str], list[float]]]:
+    """One row per (variant, dataset), since payloads grow with the class count: the
+    descriptive columns, and the three per-round means from the first finished run
+    (empty while none finished)."""
+    rows = []
+    for variant, dataset in _first_seen((o.run.variant, o.run.dataset) for o in outcomes):
+        group = [o for o in outcomes if (o.run.variant, o.run.dataset) == (variant, dataset)]
+        cfg = group[0].run.cfg
+        spec = method_spec(cfg.method)
+        runs_on = f"{'hub' if spec.centralized else 'relay'} ({cfg.resolved_topology})"
+        described = [variant, dataset, cfg.method, runs_on, spec.personalized]
+        done = next((o for o in group if o.status == DONE and o.summary), None)
+        numbers = [float(done.summary.get(k, 0.0)) for k in COMMUNICATION_KEYS] if done else []
+        rows.append((described, numbers))
+    return rows
+
+
+def communication_markdown(outcomes: Sequence[RunOutcome]) -> list[str]:
+    rows = []
+    for described, numbers in communication_rows(outcomes):
+        if numbers:
+            params, sent, received = numbers
+            rows.append(described + [_count(params), _bytes(sent), _bytes(received)])
+        else:
+            rows.append(described + [MISSING] * 3)
+    lines = [
+        "## Communication (the paper's Table 1 layout)",
+        "",
+        "Per client and round, mean over clients and rounds, of the first finished run of "
+        "each variant and dataset. Runs on: hub = a server averages (centralized), relay = "
+        "the server only forwards peers' payloads (decentralized).",
+        "",
+    ]
+    return lines + _md_table(COMMUNICATION_HEADER, rows) + [""]
+
+
+def tables_markdown(outcomes: Sequence[RunOutcome], title: str) -> str:
+    lines = [f"# {title}", "", status_line(outcomes), ""]
+    for kind in kinds(outcomes):
+        lines += [f"## {LAYOUTS[kind]}", ""]
+        for view in VIEWS:
+            lines += markdown_table(outcomes, kind, view)
+    lines += communication_markdown(outcomes)
+    lines += health_section(outcomes)
+    lines += failed_section(outcomes)
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def health_section(outcomes: Sequence[RunOutcome]) -> list[str]:
+    """Each finished run's mechanism health at its last round (mean over nodes), beside
+    its ``+isolated`` twin where the grid has one: the numbers that show the shared part
+    carrying information, a mask moving and staying bounded (:mod:`drdfl_flwr.health`)."""
+    lines = []
+    for outcome in outcomes:
+        health = (outcome.summary or {}).get("last_health", {})
+        shown = {k.removeprefix(HEALTH_PREFIX): v for k, v in health.items() if "." not in k}
+        if outcome.status == DONE and shown:
+            values = ", ".join(f"{k} {fmt(v, 4)}" for k, v in sorted(shown.items()))
+            lines.append(f"- `{outcome.run.run_id}`: {values}")
+    if not lines:
+        return []
+    return ["## Mechanism health at the last round (mean over nodes)", "", *lines, ""]
+
+
+# -- CSV ----------------------------------------------------------------------------
+
+
+def _csv_text(rows: Iterable[Sequence[Any]]) -> str:
+    """``\\n`` line ends on every platform, so files compare byte for byte."""
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
+    return buffer.getvalue()
+
+
+def _csv_value(cell: Cell, key: str, part: str) -> str:
+    if cell.state == FAILED:
+        return "failed"
+    values = cell.mean if part == "mean" else cell.std
+    return fmt(values[key], 4) if key in values else ""
+
+
+def table_csv(outcomes: Sequence[RunOutcome], kind: str, view: str) -> str:
+    """The Markdown table as numbers: ``<dataset> <partition> Local-T`` and a matching
+    ``... Local-T std`` column per metric; the best view adds ``... round`` (rounds of
+    several seeds joined by ``;``). Empty = missing."""
+    table = cells(outcomes, kind, view)
+    cols = columns(outcomes, kind)
+    header = ["method"]
+    for column in cols:
+        for _, label in METRICS:
+            header += [f"{column.name} {label}", f"{column.name} {label} std"]
+        if view == "best":
+            header.append(f"{column.name} round")
+    rows: list[list[str]] = [header]
+    for variant in variants(outcomes):
+        row = [variant]
+        for column in cols:
+            cell = table[(variant, column)]
+            for key, _ in METRICS:
+                row += [_csv_value(cell, key, "mean"), _csv_value(cell, key, "std")]
+            if view == "best":
+                row.append(";".join(map(str, cell.rounds)))
+        rows.append(row)
+    return _csv_text(rows)
+
+
+def communication_csv(outcomes: Sequence[RunOutcome]) -> str:
+    rows: list[list[str]] = [list(COMMUNICATION_HEADER)]
+    for described, numbers in communication_rows(outcomes):
+        rows.append(described + ([fmt(n, 1) for n in numbers] if numbers else [""] * 3))
+    return _csv_text(rows)
+
+
+RUNS_HEADER = (
+    "run_id",
+    "variant",
+    "method",
+    "dataset",
+    "partition",
+    "seed",
+    "status",
+    "last_round",
+    "last_local_t_mean",
+    "last_local_t_std",
+    "last_global_t_mean",
+    "last_global_t_std",
+    "best_round",
+    "best_local_t_mean",
+    "best_local_t_std",
+    "best_global_t_mean",
+    "best_global_t_std",
+    "params_sent_per_round",
+    "bytes_sent_per_round",
+    "bytes_received_per_round",
+    "error",
+)
+
+
+def _view_fields(outcome: RunOutcome, view: str) -> list[str]:
+    result = seed_result(outcome, view)
+    if result is None:
+        return [""] * 5
+    numbers = [
+        fmt(values[key], 4) if key in values else ""
+        for key, _ in METRICS
+        for values in (result.mean, result.std)
+    ]
+    return [str(result.round)] + numbers
+
+
+def run_row(outcome: RunOutcome) -> list[str]:
+    """Everything a spreadsheet needs about one run (accuracies in %), no timing."""
+    run, summary = outcome.run, outcome.summary or {}
+    traffic = [fmt(float(summary[k]), 1) if k in summary else "" for k in COMMUNICATION_KEYS]
+    return [
+        run.run_id,
+        run.variant,
+        run.cfg.method,
+        run.dataset,
+        run.partition.key,
+        str(run.seed),
+        outcome.status,
+        *_view_fields(outcome, "last"),
+        *_view_fields(outcome, "best"),
+        *traffic,
+        error_line(outcome),
+    ]
+
+
+def runs_csv(outcomes: Sequence[RunOutcome]) -> str:
+    return _csv_text([list(RUNS_HEADER)] + [run_row(o) for o in outcomes])
+
+
+# -- timing (kept apart: it differs between identical runs) ------------------------
+
+
+def timing_markdown(outcomes: Sequence[RunOutcome], title: str) -> str:
+    """Per run: rounds, mean seconds per round and wall seconds. A run not finished
+    shows what its ``metrics.jsonl`` holds so far."""
+    rows, total = [], 0.0
+    for o in outcomes:
+        summary = o.summary or {}
+        seconds = [float(r.get("seconds", 0.0)) for r in o.rounds]
+        rounds = summary.get("rounds", len(o.rounds))
+        per_round = summary.get("mean_seconds_per_round", np.mean(seconds) if seconds else None)
+        wall = summary.get("wall_seconds")
+        total += float(wall or 0.0)
+        rows.append(
+            [
+                o.run.run_id,
+                o.status,
+                str(rounds),
+                MISSING if per_round is None else fmt(float(per_round)),
+                MISSING if wall is None else fmt(float(wall), 1),
+            ]
+        )
+    header = ["run", "status", "rounds", "mean seconds/round", "wall seconds"]
+    lines = [f"# {title}: timing", "", f"Wall seconds over finished runs: {fmt(total, 1)}.", ""]
+    return "\n".join(lines + _md_table(header, rows)) + "\n"
+
+
+# -- entry point --------------------------------------------------------------------
+
+
+def write_report(outcomes: Sequence[RunOutcome], out_dir: Path, title: str) -> list[Path]:
+    """Write ``tables.md``, one CSV per (partition kind, last|best), ``communication.csv``,
+    ``runs.csv`` and ``timing.md`` into ``out_dir``; returns the paths written.
+    ``outcomes`` come in grid order, which fixes the order of rows and columns."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"tables.md": tables_markdown(outcomes, title)}
+    for kind in kinds(outcomes):
+        for view in VIEWS:
+            files[f"table_{kind}_{view}.csv"] = table_csv(outcomes, kind, view)
+    files["communication.csv"] = communication_csv(outcomes)
+    files["runs.csv"] = runs_csv(outcomes)
+    files["timing.md"] = timing_markdown(outcomes, title)
+    paths = []
+    for name, text in files.items():
+        path = out_dir / name
+        path.write_text(text, encoding="utf-8", newline="\n")
+        paths.append(path)
+    return paths

@@ -1,0 +1,263 @@
+"""The grid's tables and figures: numbers land in the right cell, seeds aggregate as the
+captions say, failures and gaps show, and the files are deterministic."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from drdfl_flwr.config import RunConfig
+from drdfl_flwr.data import label_counts, load_client_data
+from drdfl_flwr.experiments.grid import GridRun, Partition
+from drdfl_flwr.experiments.outcomes import DONE, FAILED, PENDING, RunOutcome
+from drdfl_flwr.experiments.plots import (
+    convergence_plots,
+    label_distribution_plots,
+    mean_curve,
+)
+from drdfl_flwr.experiments.report import write_report
+from drdfl_flwr.registry import method_spec
+
+DIR01 = Partition("dirichlet", 0.1)
+SHARD4 = Partition("shard", 4)
+DETERMINISTIC = [
+    "tables.md",
+    "table_dirichlet_last.csv",
+    "table_dirichlet_best.csv",
+    "communication.csv",
+    "runs.csv",
+]
+
+
+def grid_run(variant: str, dataset: str, partition: Partition, seed: int = 1) -> GridRun:
+    values = {"method": variant, "dataset": dataset, "seed": seed, **partition.run_config()}
+    cfg = RunConfig.from_run_config(values)
+    return GridRun(variant, dataset, partition, seed, cfg)
+
+
+def view(rnd: int, local: float, global_: float, std: float = 0.01) -> dict:
+    return {
+        "round": rnd,
+        "local_t_acc": {"mean": local, "std": std},
+        "global_t_acc": {"mean": global_, "std": std},
+    }
+
+
+def done(
+    run: GridRun,
+    last: tuple[float, float],
+    best: tuple[int, float, float] | None = None,
+    seconds: float = 1.0,
+    params: float = 1000.0,
+) -> RunOutcome:
+    """A finished run: ``last`` = (Local-T, Global-T) at round 5, ``best`` = (round,
+    Local-T, Global-T) by Local-T; Global-T's own best is elsewhere on purpose."""
+    best_round, best_local, best_global = best or (5, *last)
+    summary = {
+        "rounds": 5,
+        "wall_seconds": 10.0 * seconds,
+        "mean_seconds_per_round": seconds,
+        "mean_params_sent_per_client_per_round": params,
+        "mean_bytes_sent_per_client_per_round": 4 * params,
+        "mean_bytes_received_per_client_per_round": 8 * params,
+        "topology": "ring",
+        "last": view(5, *last),
+        "best_by_local_t_acc": view(best_round, best_local, best_global),
+        "best_by_global_t_acc": view(4, 0.1, 0.99),
+    }
+    rounds = [
+        {
+            "round": r,
+            "seconds": seconds,
+            "mean": {"local_t_acc": last[0] * r / 5, "global_t_acc": last[1]},
+            "std": {"local_t_acc": 0.0, "global_t_acc": 0.0},
+        }
+        for r in range(1, 6)
+    ]
+    return RunOutcome(run, DONE, Path("/nowhere") / run.run_id, summary=summary, rounds=rounds)
+
+
+def read_md_table(text: str, section: str, heading: str) -> list[dict[str, str]]:
+    """The Markdown table under ``## section`` / ``### heading``, as dicts by header."""
+    lines = text.split(f"## {section}\n", 1)[1].split(f"### {heading}\n", 1)[1].splitlines()
+    end = next((i for i, line in enumerate(lines) if line.startswith("#")), len(lines))
+    rows = [line for line in lines[:end] if line.startswith("|")]
+
+    def split(line: str) -> list[str]:
+        return [c.strip() for c in line.strip("|").split(" | ")]
+
+    header = split(rows[0])
+    return [dict(zip(header, split(r), strict=True)) for r in rows[2:]]
+
+
+def read_csv(path: Path) -> dict[str, dict[str, str]]:
+    with path.open(newline="") as f:
+        return {row["method"]: row for row in csv.DictReader(f)}
+
+
+DIRICHLET = "Dirichlet-based non-IID (the paper's Table 2 layout)"
+LAST = "last round"
+BEST = "best round (by mean Local-T; the round is given)"
+
+
+@pytest.fixture
+def two_by_two() -> list[RunOutcome]:
+    """local and fedavg on digits and cifar10 under β = 0.1, one seed, distinct numbers."""
+    return [
+        done(grid_run("local", "digits", DIR01), (0.50, 0.10)),
+        done(grid_run("fedavg", "digits", DIR01), (0.60, 0.20), params=2_500_000),
+        done(grid_run("local", "cifar10", DIR01), (0.70, 0.30)),
+        done(grid_run("fedavg", "cifar10", DIR01), (0.8123, 0.40)),
+    ]
+
+
+def test_a_cell_shows_the_numbers_of_its_own_run(tmp_path, two_by_two):
+    write_report(two_by_two, tmp_path, "t")
+    rows = {
+        r["method"]: r for r in read_md_table((tmp_path / "tables.md").read_text(), DIRICHLET, LAST)
+    }
+    assert list(rows) == ["local", "fedavg"]  # grid order
+    assert rows["fedavg"]["cifar10 β = 0.1 Local-T"] == "**81.23 ± 1.00**"  # best: bold
+    assert rows["fedavg"]["cifar10 β = 0.1 Global-T"] == "**40.00 ± 1.00**"
+    assert rows["local"]["digits β = 0.1 Local-T"] == "50.00 ± 1.00"
+    assert rows["local"]["cifar10 β = 0.1 Global-T"] == "30.00 ± 1.00"
+    text = (tmp_path / "tables.md").read_text()
+    assert "mean ± std over clients" in text
+    table = read_csv(tmp_path / "table_dirichlet_last.csv")
+    assert float(table["fedavg"]["cifar10 β = 0.1 Local-T"]) == pytest.approx(81.23)
+    assert float(table["local"]["digits β = 0.1 Local-T std"]) == pytest.approx(1.0)
+    assert float(table["local"]["digits β = 0.1 Global-T"]) == pytest.approx(10.0)
+
+
+def test_several_seeds_give_mean_and_std_over_seeds(tmp_path):
+    outcomes = [
+        done(grid_run("local", "digits", DIR01, seed=1), (0.80, 0.20)),
+        done(grid_run("local", "digits", DIR01, seed=2), (0.90, 0.40)),
+    ]
+    write_report(outcomes, tmp_path, "t")
+    text = (tmp_path / "tables.md").read_text()
+    (row,) = read_md_table(text, DIRICHLET, LAST)
+    assert row["digits β = 0.1 Local-T"] == "85.00 ± 5.00"  # np.std: population
+    assert row["digits β = 0.1 Global-T"] == "30.00 ± 10.00"
+    assert "over 2 seeds" in text
+    table = read_csv(tmp_path / "table_dirichlet_last.csv")
+    assert float(table["local"]["digits β = 0.1 Local-T"]) == pytest.approx(85.0)
+    assert float(table["local"]["digits β = 0.1 Local-T std"]) == pytest.approx(5.0)
+
+
+def test_failed_and_missing_cells(tmp_path):
+    failed = grid_run("fedavg", "digits", DIR01, seed=2)
+    outcomes = [
+        done(grid_run("local", "digits", DIR01, seed=1), (0.5, 0.1)),
+        done(grid_run("fedavg", "digits", DIR01, seed=1), (0.6, 0.2)),
+        RunOutcome(grid_run("local", "digits", DIR01, seed=2), PENDING, Path("x")),
+        RunOutcome(failed, FAILED, Path("x"), error="Traceback:\n  line\nValueError: boom"),
+        RunOutcome(grid_run("local", "digits", SHARD4), PENDING, Path("x")),
+    ]
+    write_report(outcomes, tmp_path, "t")
+    text = (tmp_path / "tables.md").read_text()
+    rows = {r["method"]: r for r in read_md_table(text, DIRICHLET, LAST)}
+    assert rows["fedavg"]["digits β = 0.1 Local-T"] == "failed"
+    assert rows["local"]["digits β = 0.1 Local-T"] == "50.00 ± 1.00 (1/2 seeds)"
+    shard = read_md_table(text, "Shard-based non-IID (Table 3 layout)", LAST)
+    assert {r["method"]: r["digits s = 4 Local-T"] for r in shard} == {"local": "–", "fedavg": "–"}
+    failed_section = text.split("## Failed runs\n", 1)[1]
+    assert f"`{failed.run_id}`: ValueError: boom" in failed_section
+    assert "local__digits" not in failed_section
+    csv_rows = read_csv(tmp_path / "table_shard_last.csv")
+    assert csv_rows["local"]["digits s = 4 Local-T"] == ""
+    assert (
+        read_csv(tmp_path / "table_dirichlet_last.csv")["fedavg"]["digits β = 0.1 Global-T"]
+        == "failed"
+    )
+
+
+def test_best_takes_the_global_t_of_the_best_local_t_round(tmp_path):
+    outcomes = [done(grid_run("local", "digits", DIR01), (0.5, 0.1), best=(3, 0.9, 0.3))]
+    write_report(outcomes, tmp_path, "t")
+    (row,) = read_md_table((tmp_path / "tables.md").read_text(), DIRICHLET, BEST)
+    assert row["digits β = 0.1 Local-T"] == "90.00 ± 1.00 (round 3)"
+    assert row["digits β = 0.1 Global-T"] == "30.00 ± 1.00"  # not best_by_global's 99
+    table = read_csv(tmp_path / "table_dirichlet_best.csv")["local"]
+    assert float(table["digits β = 0.1 Global-T"]) == pytest.approx(30.0)
+    assert table["digits β = 0.1 round"] == "3"
+
+
+def test_tables_are_byte_identical_across_writes(tmp_path, two_by_two):
+    # Same results, different timing and run folders: only timing.md may differ.
+    again = [
+        done(
+            grid_run(o.run.variant, o.run.dataset, o.run.partition, o.run.seed),  # a new grid
+            (o.summary["last"]["local_t_acc"]["mean"], o.summary["last"]["global_t_acc"]["mean"]),
+            seconds=7.5,
+            params=o.summary["mean_params_sent_per_client_per_round"],
+        )
+        for o in two_by_two
+    ]
+    first = write_report(two_by_two, tmp_path / "a", "grid")
+    second = write_report(again, tmp_path / "b", "grid")
+    assert [p.name for p in first] == [p.name for p in second]
+    for name in DETERMINISTIC:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert str(tmp_path) not in (tmp_path / "a" / "tables.md").read_text()
+    assert "7.50" in (tmp_path / "b" / "timing.md").read_text()
+
+
+def test_runs_and_communication_csv_parse_back(tmp_path, two_by_two):
+    write_report(two_by_two, tmp_path, "t")
+    with (tmp_path / "runs.csv").open(newline="") as f:
+        runs = list(csv.DictReader(f))
+    assert [r["run_id"] for r in runs] == [o.run.run_id for o in two_by_two]
+    assert float(runs[3]["last_local_t_mean"]) == pytest.approx(81.23)
+    assert runs[3]["partition"] == "dirichlet:0.1" and runs[3]["status"] == "done"
+    with (tmp_path / "communication.csv").open(newline="") as f:
+        comm = {(r["variant"], r["dataset"]): r for r in csv.DictReader(f)}
+    fedavg = comm[("fedavg", "digits")]
+    assert fedavg["runs on"].startswith("hub") and comm[("local", "digits")]["runs on"].startswith(
+        "relay"
+    )
+    assert fedavg["personalized part"] == method_spec("fedavg").personalized
+    assert float(fedavg["params sent/round/client"]) == 2_500_000
+    assert "2.50 M" in (tmp_path / "tables.md").read_text()
+
+
+def test_convergence_plots_are_pngs_without_pyplot(tmp_path, two_by_two):
+    had_pyplot = "matplotlib.pyplot" in sys.modules
+    pending = RunOutcome(grid_run("local", "svhn", DIR01), PENDING, Path("x"))  # nothing to draw
+    paths = convergence_plots([*two_by_two, pending], tmp_path)
+    assert [p.name for p in paths] == ["convergence_digits.png", "convergence_cifar10.png"]
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in paths)
+    if not had_pyplot:
+        assert "matplotlib.pyplot" not in sys.modules
+
+
+def test_mean_curve_averages_seeds_round_by_round():
+    rounds, means = mean_curve([{1: 10.0, 2: 20.0}, {1: 30.0}])
+    assert rounds == [1, 2] and means == [20.0, 20.0]
+
+
+def test_label_counts_match_client_data_and_differ_by_seed():
+    cfg = RunConfig(dataset="digits", seed=1)
+    counts = label_counts(cfg, 5)
+    assert counts.shape == (5, 10)
+    sizes = [len(load_client_data(cfg, p, 5).y_train) for p in range(5)]
+    assert counts.sum(axis=1).tolist() == sizes
+    assert not np.array_equal(counts, label_counts(RunConfig(dataset="digits", seed=2), 5))
+
+
+def test_label_distribution_plots_write_png_and_counts(tmp_path):
+    runs = [grid_run(v, "digits", DIR01, seed=s) for s in (1, 2) for v in ("local", "fedavg")]
+    paths = label_distribution_plots(runs, tmp_path, 5)
+    assert [p.name for p in paths] == [
+        "labels_digits_dirichlet-0.1_seed1.png",
+        "labels_digits_dirichlet-0.1_seed1.csv",
+        "labels_digits_dirichlet-0.1_seed2.png",
+        "labels_digits_dirichlet-0.1_seed2.csv",
+    ]
+    assert paths[0].read_bytes().startswith(b"\x89PNG")
+    table = np.loadtxt(paths[1], delimiter=",", skiprows=1, dtype=int)[:, 1:]
+    assert np.array_equal(table, label_counts(runs[0].cfg, 5))
