@@ -8,9 +8,10 @@ Measured here, on the same batches and the same ResNet-18 (CIFAR stem), in one p
   the same size (DRDFL trains its classifier on the real images and on the noisy
   reconstructions, two forward/backward passes);
 * DRDFL: its whole step (Learngene, PersonaNet, decoder, class statistics, classifier,
-  and the adversary's max step).
+  and the adversary's max step), without the health metrics computed once per round.
 
-It prints seconds per batch (median of the timed steps after warm-up) and the ratios.
+The three are interleaved batch by batch; it prints seconds per batch (median after two
+warm-up batches) and the ratios.
 
     python benchmarks/step_cost.py --batch-size 32 --steps 10
 """
@@ -26,55 +27,48 @@ import torch
 import torch.nn.functional as F
 
 from drdfl_flwr.config import RunConfig
-from drdfl_flwr.data import ClientData
 from drdfl_flwr.learner import build_learner
 
 
-def batch_data(batch_size: int, batches: int, num_classes: int = 10) -> ClientData:
-    gen = torch.Generator().manual_seed(0)
-    n = batch_size * batches
-    x = torch.rand((n, 3, 32, 32), generator=gen) * 2 - 1
-    y = torch.randint(0, num_classes, (n,), generator=gen)
-    return ClientData(x, y, x[:batch_size], y[:batch_size], x[:batch_size], y[:batch_size], 10)
+def learners(batch_size: int):
+    """ResNet-18 (CIFAR stem) learners for Local and DRDFL, as a run would build them."""
+    built = {}
+    for method in ("local", "drdfl"):
+        cfg = RunConfig(method=method, classifier="resnet18", batch_size=batch_size, device="cpu")
+        built[method] = build_learner(cfg, (3, 32, 32), 10)
+    return built["local"], built["drdfl"]
 
 
-def time_fit(method: str, data: ClientData, batch_size: int, steps: int) -> float:
-    """Median seconds per optimizer step of ``method``'s fit, one batch per fit call."""
-    cfg = RunConfig(
-        method=method, classifier="resnet18", batch_size=batch_size, local_epochs=1, device="cpu"
-    )
-    learner = build_learner(cfg, (3, 32, 32), 10)
-    batches = [_slice(data, i, batch_size) for i in range(0, len(data.y_train), batch_size)]
-    times = []
-    for batch in batches[: steps + 2]:
-        started = time.perf_counter()
-        learner.fit(batch)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times[2:])  # two warm-up steps
-
-
-def time_double_classifier(data: ClientData, batch_size: int, steps: int) -> float:
-    """The classifier's work inside DRDFL's step: CE on two batches, one Adam step."""
-    cfg = RunConfig(method="local", classifier="resnet18", device="cpu")
-    learner = build_learner(cfg, (3, 32, 32), 10)
+def classifier_step(learner, x: torch.Tensor, y: torch.Tensor, passes: int) -> None:
+    """Cross-entropy on ``passes`` batches (DRDFL: the real one and the noisy
+    reconstructions), one Adam step."""
     model, optimizer = learner.classifier, learner.optimizer
     model.train()
-    times = []
-    for i in range(steps + 2):
-        x = data.x_train[i * batch_size : (i + 1) * batch_size]
-        y = data.y_train[i * batch_size : (i + 1) * batch_size]
-        started = time.perf_counter()
-        loss = F.cross_entropy(model(x), y) + F.cross_entropy(model(x + 0.1), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times[2:])
+    loss = sum(F.cross_entropy(model(x + 0.01 * p), y) for p in range(passes))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
 
 
-def _slice(data: ClientData, start: int, size: int) -> ClientData:
-    x, y = data.x_train[start : start + size], data.y_train[start : start + size]
-    return ClientData(x, y, x, y, x, y, data.num_classes)
+def drdfl_step(learner, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One batch of DRDFL's fit: the adversary's max step, then the min step of every
+    other block (without the once-per-round health metrics)."""
+    learner.set_training(True)
+    learner.adversary_step(x, y)
+    learner.main_step(x, y)
+
+
+def median_seconds(steps: dict, batches: list, warmup: int = 2) -> dict[str, float]:
+    """Each step on each batch, interleaved (a slow moment of the machine hits all three
+    alike); medians after the warm-up."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for i, (x, y) in enumerate(batches):
+        for name, step in steps.items():
+            started = time.perf_counter()
+            step(x, y)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,10 +76,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args(argv)
-    data = batch_data(args.batch_size, args.steps + 2)
-    classifier = time_fit("local", data, args.batch_size, args.steps)
-    double = time_double_classifier(data, args.batch_size, args.steps)
-    drdfl = time_fit("drdfl", data, args.batch_size, args.steps)
+    gen = torch.Generator().manual_seed(0)
+    batches = [
+        (
+            torch.rand((args.batch_size, 3, 32, 32), generator=gen) * 2 - 1,
+            torch.randint(0, 10, (args.batch_size,), generator=gen),
+        )
+        for _ in range(args.steps + 2)
+    ]
+    local, drdfl_learner = learners(args.batch_size)
+    medians = median_seconds(
+        {
+            "classifier": lambda x, y: classifier_step(local, x, y, passes=1),
+            "double": lambda x, y: classifier_step(local, x, y, passes=2),
+            "drdfl": lambda x, y: drdfl_step(drdfl_learner, x, y),
+        },
+        batches,
+    )
+    classifier, double, drdfl = medians["classifier"], medians["double"], medians["drdfl"]
     extra = drdfl - double
     print(
         f"ResNet-18, batch {args.batch_size}, CPU, {torch.get_num_threads()} threads, "
