@@ -95,6 +95,13 @@ def keep_warm(context: Context, learner: Learner, token: str, nbytes: int) -> No
     WARM.put(warm_key(context), token, learner, nbytes, learner.cfg.warm_cache_mib * 2**20)
 
 
+def evaluation_metrics(learner: Learner, data: ClientData) -> dict[str, float]:
+    """Local-T and Global-T and the Local-T size, whichever message asked for them."""
+    metrics = learner.evaluate(data)
+    metrics["num-examples-local-t"] = float(len(data.y_local_test))
+    return metrics
+
+
 def describe(msg: Message, context: Context) -> Message:
     """Tell the relay where this node sits in the ring."""
     partition_id, num_partitions = node_partition(context)
@@ -117,7 +124,6 @@ def train(msg: Message, context: Context) -> Message:
     try:
         received = [] if isolated else received_payloads(msg.content)
         learner.absorb(received)
-        clock.lap("time_absorb")
     except PayloadError as err:
         # absorb() validates before it changes anything, so the node trains on as if
         # nothing had arrived; the relay sees the rejection in the metrics.
@@ -137,8 +143,7 @@ def train(msg: Message, context: Context) -> Message:
     clock.lap("time_save")
     round_config = msg.content.config_records.get(CONFIG, ConfigRecord())
     if round_config.get(EVALUATE_KEY, False):  # the relay asks for it here (see Router)
-        metrics.update(learner.evaluate(data))
-        metrics["num-examples-local-t"] = float(len(data.y_local_test))
+        metrics.update(evaluation_metrics(learner, data))
         clock.lap("time_evaluate")
     outgoing = {} if isolated else learner.shared_payload()
     metrics.update(
@@ -168,9 +173,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         learner.absorb(incoming)
     except PayloadError as err:
         log(WARNING, "partition %d evaluates without the aggregate: %s", learner.partition_id, err)
-    metrics = learner.evaluate(data)
+    metrics = evaluation_metrics(learner, data)
     clock.lap("time_evaluate")
-    metrics["num-examples-local-t"] = float(len(data.y_local_test))
     metrics.update(clock.laps)
     saved = context.state.config_records.get(STATE_KEY)
     if not incoming and saved is not None:  # unchanged: still the saved state
