@@ -23,6 +23,7 @@ from drdfl_flwr.config import RunConfig
 from drdfl_flwr.data import ClientData, load_client_data
 from drdfl_flwr.learner import Learner, build_learner
 from drdfl_flwr.payload import (
+    ARTIFACTS,
     CONFIG,
     EVALUATE_KEY,
     METRICS,
@@ -156,6 +157,10 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     content = RecordDict({OUT_PAYLOAD: to_array_record(outgoing), METRICS: MetricRecord(metrics)})
+    if round_config.get(ARTIFACTS, False):
+        images = learner.artifacts()
+        if images:
+            content[ARTIFACTS] = to_array_record(images)
     return Message(content, reply_to=msg)
 
 

@@ -84,6 +84,12 @@ class Learner(ABC):
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits of the personalized model."""
 
+    def artifacts(self) -> dict[str, torch.Tensor]:
+        """Images for the results folder, asked for on the last round (uint8, (H, W, C)
+        each): what a method's health looks like (DRDFL-Gen: generated samples per class).
+        They go to the relay's results, never to a neighbour. None by default."""
+        return {}
+
     def new_classifier(self) -> nn.Module:
         """The run's classifier (``classifier``, ``classifier-norm``) on this node's device."""
         from drdfl_flwr.models import build_classifier

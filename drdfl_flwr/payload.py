@@ -24,6 +24,8 @@ IN_META_PREFIX = "in-meta."  # beside each: who sent it, with what weight, peer 
 HUB = "hub"  # sender name of the hub's aggregate
 CONFIG = "config"
 EVALUATE_KEY = "evaluate"  # in a train message's config: evaluate after training
+ARTIFACTS = "artifacts"  # train config flag (last round) and the reply record it asks for:
+# images a learner makes for the results folder; they go to the relay, never to a peer
 METRICS = "metrics"
 PEER, AGGREGATE = "peer", "hub"  # Incoming.origin
 

@@ -27,6 +27,7 @@ METHODS: dict[str, str] = {
     "local": "baselines.local",
     "fedavg": "baselines.fedavg",
     "fedprox": "baselines.fedprox",
+    "drdfl-gen": "drdfl_flwr.methods.drdfl_gen",
     "drdfl-cfl": "baselines.drdfl_cfl",
     "fednova": "baselines.fednova",
     "fedfed": "baselines.fedfed",
@@ -46,7 +47,8 @@ class MethodSpec:
     centralized method; ``None`` means decentralized: peers' payloads are routed by the
     relay and never averaged by anyone but the receiving node.
     ``personalized`` says in words which part stays on the node (the paper's Table 1
-    column), for the experiment runner's communication table.
+    column), for the experiment runner's communication table. ``reads`` names other
+    methods' sections the method also reads (an extension configured on top of its base).
     """
 
     name: str
@@ -56,6 +58,13 @@ class MethodSpec:
     reducer: str | None = None
     classifiers: tuple[str, ...] = DENSE_CLASSIFIERS
     check: Callable[[RunConfig], None] | None = None  # cross-key checks beyond the section
+    reads: tuple[str, ...] = ()  # other methods' sections this one also reads (drdfl-gen)
+
+    @property
+    def sections(self) -> tuple[str, ...]:
+        """Every config section the method's results depend on."""
+        own = (self.options.SECTION,) if self.options is not None else ()
+        return own + self.reads
 
     @property
     def centralized(self) -> bool:

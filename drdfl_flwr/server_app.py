@@ -88,6 +88,7 @@ def run_job(
         node_wait_timeout=cfg.node_wait_timeout,
         eval_every=cfg.eval_every,
         on_round=record_round,
+        on_artifacts=writer.save_artifacts,
     )
     loop.start(grid, num_rounds=cfg.num_server_rounds)
     summary = writer.finish()

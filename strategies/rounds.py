@@ -24,13 +24,21 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.result import Result
 
-from drdfl_flwr.payload import CONFIG, EVALUATE_KEY, METRICS, OUT_PAYLOAD, content_bytes
+from drdfl_flwr.payload import (
+    ARTIFACTS,
+    CONFIG,
+    EVALUATE_KEY,
+    METRICS,
+    OUT_PAYLOAD,
+    content_bytes,
+)
 from drdfl_flwr.results import mean_std
 from strategies.reducers import Reply
 
@@ -53,6 +61,8 @@ class RoundReport:
     failed: list[int] = field(default_factory=list)
     nodes: dict[int, dict[str, float]] = field(default_factory=dict)
     received_from: dict[int, list[int]] = field(default_factory=dict)
+    # partition -> images a learner made for the results (last round); not in the record
+    artifacts: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
 
     def node(self, partition_id: int) -> dict[str, float]:
         return self.nodes.setdefault(partition_id, {})
@@ -99,6 +109,7 @@ class Router(ABC):
 
 
 RoundCallback = Callable[[dict], None]
+ArtifactsCallback = Callable[[int, dict[str, np.ndarray]], None]
 
 
 class RoundLoop(Strategy):
@@ -110,6 +121,7 @@ class RoundLoop(Strategy):
         node_wait_timeout: float = 300.0,
         eval_every: int = 1,
         on_round: RoundCallback | None = None,
+        on_artifacts: ArtifactsCallback | None = None,
     ) -> None:
         if mode not in ("synchronous", "sequential"):
             raise ValueError(f"mode must be 'synchronous' or 'sequential', got {mode!r}")
@@ -124,6 +136,7 @@ class RoundLoop(Strategy):
         self.eval_every = eval_every
         self.num_rounds = 0  # set by start()
         self.on_round = on_round
+        self.on_artifacts = on_artifacts
         self.members: list[Member] = []
         self.alive: set[int] = set()
         self.position_of: dict[int, int] = {}
@@ -195,6 +208,8 @@ class RoundLoop(Strategy):
         round_config["senders"] = senders
         if evaluate:
             round_config[EVALUATE_KEY] = True
+        if server_round == self.num_rounds and self.on_artifacts is not None:
+            round_config[ARTIFACTS] = True
         content[CONFIG] = round_config
         partition = self.members[position].partition_id
         self.report.received_from[partition] = senders
@@ -244,6 +259,9 @@ class RoundLoop(Strategy):
             )
             metrics["params_sent"] = sum(int(a.numpy().size) for a in payload.values())
             self.report.node(partition).update(metrics)
+            if ARTIFACTS in reply.content.array_records:
+                images = reply.content.array_records[ARTIFACTS]
+                self.report.artifacts[partition] = {k: a.numpy() for k, a in images.items()}
             self.alive.add(position)
             collected[position] = Reply(partition, payload, metrics)
         self.router.collect(server_round, collected)
@@ -341,4 +359,7 @@ class RoundLoop(Strategy):
             result.train_metrics_clientapp[server_round] = MetricRecord(record["mean"])
             if self.on_round:
                 self.on_round(record)
+            if self.on_artifacts:
+                for partition, images in sorted(self.report.artifacts.items()):
+                    self.on_artifacts(partition, images)
         return result

@@ -59,12 +59,11 @@ def _what_counts(values: dict[str, Any], method: str) -> dict[str, Any]:
     """The keys a run's results depend on: the generic ones and its method's own section.
     Where results go does not change them, nor another method's section (changing
     ``drdfl.noise-variance`` re-runs DRDFL's cells, not FedAvg's)."""
-    options = method_spec(method).options
-    own = f"{options.SECTION}." if options is not None else None
+    own = method_spec(method).sections
     return {
         k: v
         for k, v in values.items()
-        if k not in LOCATION_KEYS and ("." not in k or (own and k.startswith(own)))
+        if k not in LOCATION_KEYS and ("." not in k or k.partition(".")[0] in own)
     }
 
 

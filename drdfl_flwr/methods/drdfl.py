@@ -208,8 +208,17 @@ class DRDFLLearner(Learner):
         return [p for m in modules for p in m.parameters()]
 
     # -- communication -------------------------------------------------------------
+    def shared_modules(self) -> dict[str, nn.Module]:
+        """The modules that travel, by payload prefix, all merged by ``learngene-merge``
+        (an extension may share more than the Learngene: see drdfl_gen)."""
+        return {"learngene": self.learngene}
+
     def shared_payload(self) -> Tensors:
-        payload = {f"learngene.{k}": v for k, v in self.learngene.state_dict().items()}
+        payload = {
+            f"{prefix}.{k}": v
+            for prefix, module in self.shared_modules().items()
+            for k, v in module.state_dict().items()
+        }
         payload["stats.mu"] = self.stats.mu.detach()
         payload["stats.var"] = self.stats.variance().detach()
         return {k: v.detach().cpu().clone() for k, v in payload.items()}
@@ -227,19 +236,18 @@ class DRDFLLearner(Learner):
         received = {
             k: torch.stack([i.tensors[k].float() for i in incoming]).mean(0) for k in expected
         }
-        learngene = {
-            k.removeprefix("learngene."): v.to(self.device)
-            for k, v in received.items()
-            if k.startswith("learngene.")
-        }
         merge = "replace" if incoming[0].from_hub else self.opts.learngene_merge
         own_weight = {"replace": 0.0, "average": 0.5, "ema": self.opts.learngene_ema_alpha}[merge]
-        if own_weight:
-            own = self.learngene.state_dict()
-            learngene = {
-                k: own_weight * own[k] + (1 - own_weight) * v for k, v in learngene.items()
+        for prefix, module in self.shared_modules().items():
+            state = {
+                k.removeprefix(f"{prefix}."): v.to(self.device)
+                for k, v in received.items()
+                if k.startswith(f"{prefix}.")
             }
-        self.learngene.load_state_dict(learngene)
+            if own_weight:
+                own = module.state_dict()
+                state = {k: own_weight * own[k] + (1 - own_weight) * v for k, v in state.items()}
+            module.load_state_dict(state)
         self.stats.ema_toward(
             received["stats.mu"].to(self.device),
             received["stats.var"].to(self.device),
@@ -272,12 +280,20 @@ class DRDFLLearner(Learner):
         decoder_z_p = z_p.detach() if self.opts.training == "per-block" else z_p
         x_rec = self.decoder(torch.cat([decoder_z_p, z_l], dim=1))
         parts["l_rec"] = reconstruction_loss(x_rec, x)
+        parts.update(self.extra_losses(x, y, z_l))
         noise = torch.randn_like(x_rec) * math.sqrt(self.opts.noise_variance)
         x_noisy = x_rec.detach() + noise
         parts["l_ce"] = F.cross_entropy(self.classifier(x), y) + F.cross_entropy(
             self.classifier(x_noisy), y
         )
         return parts
+
+    def extra_losses(
+        self, x: torch.Tensor, y: torch.Tensor, z_l: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Loss terms an extension adds to the min step, given the batch's z_l sample
+        (none in the paper's method)."""
+        return {}
 
     def main_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """Min step: every module but the head descends its losses."""
