@@ -68,6 +68,19 @@ def test_isolated_drdfl_sends_and_receives_nothing(smoke):
         assert node["bytes_sent"] == 0 and node["payloads_received"] == 0.0
 
 
+def test_drdfl_gen_shares_its_decoder_and_leaves_its_sample_grids(smoke):
+    """The extension's payload is larger than DRDFL's by the decoder, and every node's
+    last-round image grid reached the results folder through the relay."""
+    _, by_variant, _ = smoke
+    gen, paper = by_variant["drdfl-gen"], by_variant["drdfl"]
+    gen_sent = rounds_of(gen)[-1]["nodes"]["0"]["params_sent"]
+    paper_sent = rounds_of(paper)[-1]["nodes"]["0"]["params_sent"]
+    assert gen_sent > paper_sent
+    for partition in range(NODES):
+        assert (gen.run_dir / "artifacts" / f"generated_partition{partition}.png").is_file()
+    assert not (paper.run_dir / "artifacts").exists()
+
+
 @pytest.mark.parametrize(
     ("variant", "expected"),
     [
