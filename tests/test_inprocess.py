@@ -1,0 +1,54 @@
+"""The in-process ring the notebooks inspect models with: payloads go to the successor only,
+isolation cuts every link, and bad arguments are named."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from drdfl_flwr.config import RunConfig
+from drdfl_flwr.inprocess import run_ring
+
+
+def test_each_node_absorbs_only_its_predecessors_payload(monkeypatch):
+    from drdfl_flwr.methods.drdfl import DRDFLLearner
+
+    calls: list[tuple[int, list[int]]] = []
+    shared_payload = DRDFLLearner.shared_payload
+
+    def tagged_payload(self):  # every payload says who sent it
+        return {**shared_payload(self), "sender": torch.tensor(self.partition_id)}
+
+    def absorb(self, incoming):
+        calls.append((self.partition_id, [int(i.tensors["sender"]) for i in incoming]))
+
+    monkeypatch.setattr(DRDFLLearner, "shared_payload", tagged_payload)
+    monkeypatch.setattr(DRDFLLearner, "absorb", absorb)
+    cfg = RunConfig(dataset="digits", device="cpu", method="drdfl", local_epochs=1)
+    ring = run_ring(cfg, num_clients=3, rounds=2)
+    # round 1 receives nothing; in round 2 node k gets node k-1's round-1 payload only
+    assert sorted(calls) == [(0, [2]), (1, [0]), (2, [1])]
+    assert [r["round"] for r in ring.history] == [1, 2]
+    assert {"local_t_acc", "global_t_acc"} <= set(ring.history[-1]["mean"])
+
+
+def test_isolated_ring_absorbs_nothing(monkeypatch):
+    from drdfl_flwr.methods.drdfl import DRDFLLearner
+
+    calls = []
+    monkeypatch.setattr(DRDFLLearner, "absorb", lambda self, inc: calls.append(inc))
+    cfg = RunConfig(dataset="digits", device="cpu", method="drdfl", local_epochs=1, isolated=True)
+    run_ring(cfg, num_clients=3, rounds=2)
+    assert calls == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_clients": 1, "rounds": 1}, "num_clients=1"),
+        ({"num_clients": 3, "rounds": 0}, "rounds=0"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        run_ring(RunConfig(dataset="digits", device="cpu"), **kwargs)
