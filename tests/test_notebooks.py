@@ -46,3 +46,23 @@ def test_notebook_runs_in_a_kernel_and_saves_its_figure(notebook, tmp_path):
     figures = sorted(p.name for p in tmp_path.glob("*.png"))
     assert len(figures) == 1, figures
     assert (tmp_path / figures[0]).stat().st_size > 10_000
+
+
+def test_library_plots_leave_matplotlibs_backend_alone(tmp_path, monkeypatch):
+    """A notebook's inline backend must survive the results plots the library draws."""
+    import matplotlib
+
+    from drdfl_flwr.results import ResultsWriter
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("library code switched matplotlib's backend")
+
+    monkeypatch.setattr(matplotlib, "use", refuse)
+    backend = matplotlib.get_backend()
+    writer = ResultsWriter(tmp_path / "run", {})
+    for r in (1, 2):
+        accuracy = {"local_t_acc": 0.5, "global_t_acc": 0.2}
+        writer.log_round({"round": r, "mean": accuracy, "std": accuracy})
+    writer.plot()
+    assert (tmp_path / "run" / "convergence.png").is_file()
+    assert matplotlib.get_backend() == backend
