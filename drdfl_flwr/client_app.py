@@ -21,6 +21,7 @@ from flwr.common import log
 
 from drdfl_flwr.config import RunConfig
 from drdfl_flwr.data import ClientData, load_client_data
+from drdfl_flwr.intake import Intake, take_in
 from drdfl_flwr.learner import Learner, build_learner
 from drdfl_flwr.payload import (
     ARTIFACTS,
@@ -28,8 +29,7 @@ from drdfl_flwr.payload import (
     EVALUATE_KEY,
     METRICS,
     OUT_PAYLOAD,
-    PayloadError,
-    received_payloads,
+    REJECTIONS,
     to_array_record,
 )
 from drdfl_flwr.warm import WARM
@@ -120,21 +120,16 @@ def train(msg: Message, context: Context) -> Message:
     data, learner, warm = restore(context)
     clock.lap("time_restore")
     isolated = learner.cfg.isolated
-    received: list = []
-    rejected = 0
-    try:
-        received = [] if isolated else received_payloads(msg.content)
-        learner.absorb(received)
-    except PayloadError as err:
-        # absorb() validates before it changes anything, so the node trains on as if
-        # nothing had arrived; the relay sees the rejection in the metrics.
-        rejected = max(len(received), 1)
+    # Decoded and validated before anything changes; a bad payload costs only itself and
+    # the node trains on (drdfl_flwr.intake). The reasons go back to the relay.
+    intake = Intake() if isolated else take_in(learner, msg.content)
+    for sender, reason in intake.rejections.items():
         log(
             WARNING,
-            "partition %d rejected %d payload(s): %s",
+            "partition %d rejected the payload of sender %s: %s",
             learner.partition_id,
-            rejected,
-            err,
+            sender,
+            reason,
         )
     clock.lap("time_absorb")
     torch.manual_seed(learner.round_seed)  # the same draws wherever the message runs
@@ -150,13 +145,15 @@ def train(msg: Message, context: Context) -> Message:
     metrics.update(
         {
             "num-examples": float(len(data.y_train)),
-            "payloads_received": float(len(received)),
-            "payloads_rejected": float(rejected),
+            "payloads_received": float(len(intake.accepted) + len(intake.rejections)),
+            "payloads_rejected": float(len(intake.rejections)),
             "warm_start": float(warm),
             **clock.laps,
         }
     )
     content = RecordDict({OUT_PAYLOAD: to_array_record(outgoing), METRICS: MetricRecord(metrics)})
+    if intake.rejections:
+        content[REJECTIONS] = ConfigRecord(intake.rejections)
     if round_config.get(ARTIFACTS, False):
         images = learner.artifacts()
         if images:
@@ -172,12 +169,16 @@ def evaluate(msg: Message, context: Context) -> Message:
     clock = Stopwatch()
     data, learner, _ = restore(context)
     clock.lap("time_eval_restore")
-    incoming: list = []
-    try:
-        incoming = [] if learner.cfg.isolated else received_payloads(msg.content)
-        learner.absorb(incoming)
-    except PayloadError as err:
-        log(WARNING, "partition %d evaluates without the aggregate: %s", learner.partition_id, err)
+    intake = Intake() if learner.cfg.isolated else take_in(learner, msg.content)
+    for sender, reason in intake.rejections.items():
+        log(
+            WARNING,
+            "partition %d evaluates without %s's payload: %s",
+            learner.partition_id,
+            sender,
+            reason,
+        )
+    incoming = intake.accepted
     metrics = evaluation_metrics(learner, data)
     clock.lap("time_evaluate")
     metrics.update(clock.laps)

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
+from flwr.common.serde import message_to_proto
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.result import Result
@@ -37,6 +38,7 @@ from drdfl_flwr.payload import (
     EVALUATE_KEY,
     METRICS,
     OUT_PAYLOAD,
+    REJECTIONS,
     content_bytes,
 )
 from drdfl_flwr.results import mean_std
@@ -61,6 +63,8 @@ class RoundReport:
     failed: list[int] = field(default_factory=list)
     nodes: dict[int, dict[str, float]] = field(default_factory=dict)
     received_from: dict[int, list[int]] = field(default_factory=dict)
+    # partition -> {sender: reason} for every payload the node refused
+    rejections: dict[int, dict[str, str]] = field(default_factory=dict)
     # partition -> images a learner made for the results (last round); not in the record
     artifacts: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
 
@@ -77,6 +81,7 @@ class RoundReport:
             "failed": self.failed,
             "nodes": {str(p): m for p, m in sorted(self.nodes.items())},
             "received_from": {str(p): s for p, s in sorted(self.received_from.items())},
+            "rejections": {str(p): r for p, r in sorted(self.rejections.items())},
             "mean": mean,
             "std": std,
         }
@@ -257,7 +262,23 @@ class RoundLoop(Strategy):
             metrics["bytes_sent"] = (
                 content_bytes(RecordDict({OUT_PAYLOAD: payload})) if len(payload) else 0
             )
+            # the payload alone (the paper's figure), the whole reply content, and the
+            # reply as Flower serializes it (metadata included): what the node transmits
+            metrics["bytes_reply"] = content_bytes(reply.content)
+            metrics["bytes_message"] = message_to_proto(reply).ByteSize()
             metrics["params_sent"] = sum(int(a.numpy().size) for a in payload.values())
+            if REJECTIONS in reply.content.config_records:
+                refused = {k: str(v) for k, v in reply.content.config_records[REJECTIONS].items()}
+                self.report.rejections[partition] = refused
+                for sender, reason in refused.items():
+                    log(
+                        WARNING,
+                        "round %d: partition %d refused the payload of sender %s: %s",
+                        server_round,
+                        partition,
+                        sender,
+                        reason,
+                    )
             self.report.node(partition).update(metrics)
             if ARTIFACTS in reply.content.array_records:
                 images = reply.content.array_records[ARTIFACTS]

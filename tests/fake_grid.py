@@ -16,7 +16,14 @@ from flwr.app import (
 )
 from flwr.serverapp import Grid
 
-from drdfl_flwr.payload import CONFIG, EVALUATE_KEY, IN_PAYLOAD_PREFIX, METRICS, OUT_PAYLOAD
+from drdfl_flwr.payload import (
+    CONFIG,
+    EVALUATE_KEY,
+    IN_PAYLOAD_PREFIX,
+    METRICS,
+    OUT_PAYLOAD,
+    REJECTIONS,
+)
 
 EVAL_METRICS = {"local_t_acc": 0.5, "global_t_acc": 0.25}
 
@@ -30,6 +37,7 @@ class FakeGrid(Grid):
         fail: Callable[[int, int], bool] = lambda p, r: False,
         silent: frozenset[int] = frozenset(),
         payload_fn: Callable[[int, int], ArrayRecord] | None = None,
+        rejections_fn: Callable[[int, int], dict[str, str]] | None = None,
     ):
         # node ids deliberately not in partition order
         self.partition_of = {1000 + 7 * (num_nodes - p): p for p in range(num_nodes)}
@@ -41,6 +49,7 @@ class FakeGrid(Grid):
         self.contents: dict[tuple[int, int], RecordDict] = {}  # train message per (p, round)
         self.eval_contents: dict[tuple[int, int], RecordDict] = {}  # evaluate messages
         self.payload_fn = payload_fn  # (partition, round) -> reply payload
+        self.rejections_fn = rejections_fn  # (partition, round) -> {sender: reason} refused
         self.evaluated_in_training: list[tuple[int, int]] = []  # train messages that evaluated
 
     def get_node_ids(self) -> Iterable[int]:
@@ -79,12 +88,11 @@ class FakeGrid(Grid):
                 if msg.content[CONFIG].get(EVALUATE_KEY, False):
                     metrics.update(EVAL_METRICS)
                     self.evaluated_in_training.append((partition, rnd))
-                replies.append(
-                    Message(
-                        RecordDict({OUT_PAYLOAD: payload, METRICS: MetricRecord(metrics)}),
-                        reply_to=msg,
-                    )
-                )
+                content = RecordDict({OUT_PAYLOAD: payload, METRICS: MetricRecord(metrics)})
+                refused = self.rejections_fn(partition, rnd) if self.rejections_fn else None
+                if refused:
+                    content[REJECTIONS] = ConfigRecord(refused)
+                replies.append(Message(content, reply_to=msg))
             else:
                 rnd = int(msg.content[CONFIG]["server-round"])
                 self.eval_contents[(partition, rnd)] = msg.content

@@ -89,6 +89,20 @@ def test_counted_bytes_equal_serialized_message():
             assert metrics["bytes_received"] > (len(wire) if rnd > 1 else 0)
 
 
+def test_whole_reply_and_transmitted_message_are_counted_beside_the_payload():
+    records = run(FakeGrid(3), "synchronous", rounds=1)
+    for metrics in records[0]["nodes"].values():
+        assert metrics["bytes_sent"] < metrics["bytes_reply"] < metrics["bytes_message"]
+
+
+def test_a_nodes_refusal_reaches_the_round_record_with_its_reason():
+    reason = "payload 'stats.var' holds non-positive variances"
+    grid = FakeGrid(3, rejections_fn=lambda p, rnd: {"0": reason} if (p, rnd) == (1, 2) else None)
+    records = run(grid, "synchronous", rounds=2)
+    assert records[0]["rejections"] == {}
+    assert records[1]["rejections"] == {"1": {"0": reason}}
+
+
 def test_missing_nodes_time_out_with_a_clear_error():
     class EmptyGrid(FakeGrid):
         def get_node_ids(self):

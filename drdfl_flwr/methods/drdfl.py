@@ -63,7 +63,7 @@ from drdfl_flwr.config import MethodOptions
 from drdfl_flwr.data import ClientData
 from drdfl_flwr.learner import Learner
 from drdfl_flwr.models.vae import AdversarialHead, Decoder, Learngene, PersonaNet
-from drdfl_flwr.payload import Incoming, Tensors, check_payload
+from drdfl_flwr.payload import Incoming, PayloadError, Tensors, check_payload
 from drdfl_flwr.registry import MethodSpec
 
 LEARNGENE_MERGES = ("replace", "average", "ema")
@@ -231,6 +231,9 @@ class DRDFLLearner(Learner):
         expected = self.shared_payload()
         for item in incoming:
             check_payload(item.tensors, expected)
+            if (item.tensors["stats.var"] <= 0).any():
+                # the EMA would pull every class variance to the clamp floor
+                raise PayloadError("payload 'stats.var' holds non-positive variances")
         # Several in-neighbours (other topologies): use their mean, as the paper's
         # fully-connected and dynamic variants average what they receive.
         received = {
