@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from logging import WARNING
+from logging import INFO, WARNING
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import log
 
+from drdfl_flwr.checkpoint import checkpoint_path, read_checkpoint, write_checkpoint
 from drdfl_flwr.config import RunConfig
 from drdfl_flwr.data import ClientData, load_client_data
 from drdfl_flwr.intake import Intake, take_in
@@ -81,6 +82,16 @@ def restore(context: Context) -> tuple[ClientData, Learner, bool]:
     learner = build_learner(cfg, data.input_shape, data.num_classes, partition_id)
     if saved is not None:
         learner.load_bytes(saved["blob"])
+    else:  # a fresh SuperNode process: resume from the node's own disk, if it has a checkpoint
+        blob = read_checkpoint(checkpoint_path(context, partition_id))
+        if blob is not None:
+            learner.load_bytes(blob)
+            log(
+                INFO,
+                "partition %d resumed from its checkpoint (%d rounds trained)",
+                partition_id,
+                learner.rounds_trained,
+            )
     return data, learner, False
 
 
@@ -90,6 +101,9 @@ def save(context: Context, learner: Learner) -> None:
     blob, token = learner.to_bytes(), uuid.uuid4().hex
     context.state.config_records[STATE_KEY] = ConfigRecord({"blob": blob, "token": token})
     keep_warm(context, learner, token, len(blob))
+    path = checkpoint_path(context, learner.partition_id)
+    if path is not None:
+        write_checkpoint(path, blob)
 
 
 def keep_warm(context: Context, learner: Learner, token: str, nbytes: int) -> None:
@@ -147,6 +161,7 @@ def train(msg: Message, context: Context) -> Message:
             "num-examples": float(len(data.y_train)),
             "payloads_received": float(len(intake.accepted) + len(intake.rejections)),
             "payloads_rejected": float(len(intake.rejections)),
+            "rounds_trained": float(learner.rounds_trained),
             "warm_start": float(warm),
             **clock.laps,
         }

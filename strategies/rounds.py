@@ -61,6 +61,8 @@ class RoundReport:
     topology: str
     seconds: float = 0.0
     failed: list[int] = field(default_factory=list)
+    rejoined: list[int] = field(default_factory=list)  # partitions re-admitted this round
+    node_ids: dict[int, int] = field(default_factory=dict)  # partition -> Flower node id
     nodes: dict[int, dict[str, float]] = field(default_factory=dict)
     received_from: dict[int, list[int]] = field(default_factory=dict)
     # partition -> {sender: reason} for every payload the node refused
@@ -79,6 +81,8 @@ class RoundReport:
             "topology": self.topology,
             "seconds": self.seconds,
             "failed": self.failed,
+            "rejoined": self.rejoined,
+            "node_ids": {str(p): n for p, n in sorted(self.node_ids.items())},
             "nodes": {str(p): m for p, m in sorted(self.nodes.items())},
             "received_from": {str(p): s for p, s in sorted(self.received_from.items())},
             "rejections": {str(p): r for p, r in sorted(self.rejections.items())},
@@ -145,6 +149,8 @@ class RoundLoop(Strategy):
         self.members: list[Member] = []
         self.alive: set[int] = set()
         self.position_of: dict[int, int] = {}
+        self.suspended: set[int] = set()  # positions not messaged until they answer a query
+        self.asked: dict[str, int] = {}  # pending description queries: message id -> node id
         self.report = RoundReport(0, mode, router.topology_name)
 
     def summary(self) -> None:
@@ -158,32 +164,58 @@ class RoundLoop(Strategy):
         )
 
     # -- membership -------------------------------------------------------------------
+    def _ask(self, grid: Grid, node_ids: list[int]) -> None:
+        """Send each node one description query; its answer is collected whenever it comes
+        (a node asked is never asked again while its answer is pending)."""
+        if not node_ids:
+            return
+        queries = [
+            Message(RecordDict({}), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids
+        ]
+        for node_id, message_id in zip(node_ids, grid.push_messages(queries), strict=True):
+            self.asked[message_id] = node_id
+
+    def _answers(self, grid: Grid, strict: bool) -> list[tuple[int, int, int]]:
+        """(node id, partition-id, num-partitions) of every answer that has arrived. A node
+        that cannot describe itself is an error while the ring forms (``strict``), a
+        warning afterwards (the ring goes on without it)."""
+        if not self.asked:
+            return []
+        answers = []
+        for reply in grid.pull_messages(list(self.asked)):
+            node_id = self.asked.pop(reply.metadata.reply_to_message_id, None)
+            if node_id is None:
+                continue
+            if reply.has_error():
+                reason = (
+                    f"node {node_id} could not describe itself (is its node config right?): "
+                    f"{reply.error.reason}"
+                )
+                if strict:
+                    raise RuntimeError(reason)
+                log(WARNING, reason)
+                continue
+            info = reply.content[CONFIG]
+            answers.append((node_id, int(info["partition-id"]), int(info["num-partitions"])))
+        return answers
+
     def discover(self, grid: Grid) -> list[Member]:
         """Ask every node for its partition id until all ``num-partitions`` have answered.
 
-        Nodes may register after the ServerApp starts, so this polls until the expected
-        number (announced by the nodes themselves) is reached or the wait times out.
+        Nodes may register after the ServerApp starts, and may answer slowly (a fresh
+        ClientApp process per message): each node is asked once, answers are collected
+        as they come, until the expected number (announced by the nodes themselves) is
+        reached or ``node-wait-timeout`` passes.
         """
         deadline = time.monotonic() + self.node_wait_timeout
         known: dict[int, Member] = {}
         expected: int | None = None
         while True:
-            fresh = [n for n in grid.get_node_ids() if n not in known]
-            if fresh:
-                queries = [
-                    Message(RecordDict({}), dst_node_id=n, message_type=MessageType.QUERY)
-                    for n in fresh
-                ]
-                for reply in grid.send_and_receive(queries, timeout=30.0):
-                    if reply.has_error():
-                        raise RuntimeError(
-                            f"node {reply.metadata.src_node_id} could not describe itself "
-                            f"(is its node config right?): {reply.error.reason}"
-                        )
-                    info = reply.content[CONFIG]
-                    node = reply.metadata.src_node_id
-                    known[node] = Member(node, int(info["partition-id"]))
-                    expected = int(info["num-partitions"])
+            pending = set(self.asked.values())
+            self._ask(grid, [n for n in grid.get_node_ids() if n not in known and n not in pending])
+            for node_id, partition_id, num_partitions in self._answers(grid, strict=True):
+                known[node_id] = Member(node_id, partition_id)
+                expected = num_partitions
             if expected is not None and len(known) >= expected:
                 break
             if time.monotonic() > deadline:
@@ -202,6 +234,50 @@ class RoundLoop(Strategy):
         self.alive = set(range(len(members)))
         self.position_of = {m.node_id: i for i, m in enumerate(members)}
         return members
+
+    def refresh(self, grid: Grid, server_round: int) -> None:
+        """Between rounds: re-admit nodes by partition-id, without waiting for anyone.
+
+        A node that gave no answer is suspended (not messaged, so a dead node costs one
+        round timeout, not one per round). Every node Flower lists that is not a current
+        member, and every suspended member still listed, is asked once who it is; an
+        answer naming a ring position re-admits that position under the answering node
+        id (a restarted SuperNode comes back with a new id, and resumes its private state
+        from its own checkpoint)."""
+        self.suspended |= set(range(len(self.members))) - self.alive
+        listed = set(grid.get_node_ids())
+        pending = set(self.asked.values())
+        suspended_ids = {self.members[p].node_id for p in self.suspended}
+        strangers = [n for n in listed if n not in self.position_of]
+        self._ask(grid, [n for n in strangers + sorted(suspended_ids & listed) if n not in pending])
+        for node_id, partition_id, _ in self._answers(grid, strict=False):
+            if not 0 <= partition_id < len(self.members):
+                log(
+                    WARNING,
+                    "round %d: node %d names partition %d, outside this ring of %d; ignored",
+                    server_round,
+                    node_id,
+                    partition_id,
+                    len(self.members),
+                )
+                continue
+            position = partition_id  # members are ordered by partition id 0..M-1
+            old = self.members[position].node_id
+            if old != node_id:
+                self.position_of.pop(old, None)
+                self.members[position] = Member(node_id, partition_id)
+                self.position_of[node_id] = position
+                log(
+                    INFO,
+                    "round %d: partition %d rejoins as node %d (was node %d)",
+                    server_round,
+                    partition_id,
+                    node_id,
+                    old,
+                )
+            if position in self.suspended:
+                self.suspended.discard(position)
+                self.report.rejoined.append(partition_id)
 
     # -- training ----------------------------------------------------------------------
     def message_for(
@@ -228,7 +304,9 @@ class RoundLoop(Strategy):
     ) -> Iterable[Message]:
         evaluate = self._evaluates_in_training(server_round)
         return [
-            self.message_for(p, server_round, config, evaluate) for p in range(len(self.members))
+            self.message_for(p, server_round, config, evaluate)
+            for p in range(len(self.members))
+            if p not in self.suspended
         ]
 
     def _evaluation_due(self, server_round: int) -> bool:
@@ -313,6 +391,8 @@ class RoundLoop(Strategy):
             return
         evaluate = self._evaluates_in_training(server_round)
         for position in range(len(self.members)):
+            if position in self.suspended:
+                continue
             message = self.message_for(position, server_round, config, evaluate)
             self.aggregate_train(server_round, self._send(grid, [message], server_round))
 
@@ -324,6 +404,8 @@ class RoundLoop(Strategy):
         round_config["server-round"] = server_round
         messages = []
         for position, member in enumerate(self.members):
+            if position in self.suspended:
+                continue
             content = self.router.evaluation_content(position, self.members)
             content[CONFIG] = round_config
             messages.append(
@@ -363,7 +445,10 @@ class RoundLoop(Strategy):
         for server_round in range(1, num_rounds + 1):
             started = time.time()
             self.report = RoundReport(server_round, self.mode, self.router.topology_name)
+            if server_round > 1:
+                self.refresh(grid, server_round)
             self.train_round(grid, server_round, train_config)
+            self.report.node_ids = {m.partition_id: m.node_id for m in self.members}
             self.report.failed = sorted(
                 self.members[p].partition_id
                 for p in range(len(self.members))

@@ -51,6 +51,11 @@ class FakeGrid(Grid):
         self.payload_fn = payload_fn  # (partition, round) -> reply payload
         self.rejections_fn = rejections_fn  # (partition, round) -> {sender: reason} refused
         self.evaluated_in_training: list[tuple[int, int]] = []  # train messages that evaluated
+        self.pushed = 0
+        self.sent: list[tuple[int, int]] = []  # every train message, answered or not
+        self.queries: dict[str, Message] = {}  # pending description queries by message id
+        self.asked: list[int] = []  # node ids, in the order they were asked
+        self.mute: set[int] = set()  # partitions whose description answer never comes
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.partition_of)
@@ -64,6 +69,7 @@ class FakeGrid(Grid):
                 replies.append(Message(RecordDict({CONFIG: info}), reply_to=msg))
             elif msg.metadata.message_type == MessageType.TRAIN:
                 rnd = int(msg.content[CONFIG]["server-round"])
+                self.sent.append((partition, rnd))
                 if self.fail(partition, rnd):
                     continue  # silent node: no reply within the timeout
                 self.order.append((partition, rnd))
@@ -112,8 +118,28 @@ class FakeGrid(Grid):
     def create_message(self, *a, **k):  # pragma: no cover
         raise NotImplementedError
 
-    def push_messages(self, messages):  # pragma: no cover
-        raise NotImplementedError
+    def push_messages(self, messages):
+        """Queries only (the relay's discovery): answered on the next pull, or never for a
+        partition in ``mute``; ids are returned like Flower's."""
+        ids = []
+        for msg in messages:
+            self.pushed += 1
+            message_id = f"m{self.pushed}"
+            self.queries[message_id] = msg
+            self.asked.append(msg.metadata.dst_node_id)
+            ids.append(message_id)
+        return ids
 
-    def pull_messages(self, message_ids):  # pragma: no cover
-        raise NotImplementedError
+    def pull_messages(self, message_ids):
+        replies = []
+        for message_id in message_ids:
+            msg = self.queries.get(message_id)
+            partition = self.partition_of.get(msg.metadata.dst_node_id) if msg else None
+            if partition is None or partition in self.mute:
+                continue
+            del self.queries[message_id]
+            info = ConfigRecord({"partition-id": partition, "num-partitions": self.num_nodes})
+            reply = Message(RecordDict({CONFIG: info}), reply_to=msg)
+            reply.metadata.__dict__["_reply_to_message_id"] = message_id
+            replies.append(reply)
+        return replies

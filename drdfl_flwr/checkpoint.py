@@ -1,0 +1,40 @@
+"""A node's private state on its own disk, so that a SuperNode that crashed and restarted
+resumes where it was.
+
+Flower keeps ``context.state`` in the SuperNode process; a restarted SuperNode starts
+with an empty one (and a new node id). When the node config names a ``checkpoint-dir``,
+the ClientApp writes the learner's state there after every round it trains, keyed by
+run and partition, and reads it back when ``context.state`` is empty. Nothing here ever
+leaves the node.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from flwr.app import Context
+
+NODE_CONFIG_KEY = "checkpoint-dir"
+
+
+def checkpoint_path(context: Context, partition_id: int) -> Path | None:
+    """Where this run's state of this partition lives, or None without a checkpoint-dir."""
+    folder = context.node_config.get(NODE_CONFIG_KEY)
+    if not folder:
+        return None
+    return Path(str(folder)).expanduser() / f"run-{context.run_id}" / f"partition-{partition_id}.pt"
+
+
+def write_checkpoint(path: Path, blob: bytes) -> None:
+    """Atomically: a crash while writing leaves the previous checkpoint intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_bytes(blob)
+    os.replace(partial, path)
+
+
+def read_checkpoint(path: Path | None) -> bytes | None:
+    if path is None or not path.is_file():
+        return None
+    return path.read_bytes()

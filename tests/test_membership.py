@@ -1,0 +1,81 @@
+"""Membership of the ring on real SuperNodes: slow nodes are asked once, a dead node costs
+one round timeout, a restarted node (new Flower node id) is re-admitted by partition-id."""
+
+from __future__ import annotations
+
+from strategies.relay import Relay
+from strategies.rounds import RoundLoop
+from strategies.topology import Ring
+from tests.fake_grid import FakeGrid
+
+
+def run(grid: FakeGrid, rounds: int) -> tuple[RoundLoop, list[dict]]:
+    records: list[dict] = []
+    loop = RoundLoop(Relay(Ring()), node_wait_timeout=20, on_round=records.append)
+    loop.start(grid, num_rounds=rounds)
+    return loop, records
+
+
+def node_of(grid: FakeGrid, partition: int) -> int:
+    return next(n for n, p in grid.partition_of.items() if p == partition)
+
+
+def test_discovery_waits_for_a_slow_node_without_asking_it_again():
+    grid = FakeGrid(3)
+    grid.mute = {2}
+    pulls = 0
+    pull = grid.pull_messages
+
+    def slow_pull(ids):  # partition 2 answers on the third look
+        nonlocal pulls
+        pulls += 1
+        if pulls == 3:
+            grid.mute = set()
+        return pull(ids)
+
+    grid.pull_messages = slow_pull
+    loop, _ = run(grid, rounds=1)
+    assert [m.partition_id for m in loop.members] == [0, 1, 2]
+    assert sorted(grid.asked) == sorted(grid.partition_of)  # each node asked exactly once
+
+
+def test_a_dead_node_costs_one_round_and_is_not_messaged_again():
+    grid = FakeGrid(4, fail=lambda p, r: p == 1 and r >= 2)
+    dead = node_of(grid, 1)
+    original_fail = grid.fail
+
+    def fail(p, r):
+        if original_fail(p, r):
+            grid.mute.add(1)  # dead: it answers nothing, queries included
+            return True
+        return False
+
+    grid.fail = fail
+    _, records = run(grid, rounds=5)
+    assert [r for p, r in grid.sent if p == 1] == [1, 2]  # round 2 lost; never sent again
+    assert grid.asked.count(dead) == 2  # discovery, then one query that never returns
+    assert [rec["failed"] for rec in records] == [[], [1], [1], [1], [1]]
+    # the ring closed around it: partition 2 received from partition 0 from round 3 on
+    assert records[2]["received_from"]["2"] == [0]
+
+
+def test_a_restarted_node_rejoins_under_its_new_id_and_gets_its_predecessors_payload():
+    grid = FakeGrid(3)
+    old = node_of(grid, 1)
+    new = 424242
+
+    def crash_then_restart(p, r):
+        if (p, r) == (1, 2):  # crashes during round 2, comes back under a new id
+            del grid.partition_of[old]
+            grid.partition_of[new] = 1
+            return True
+        return False
+
+    grid.fail = crash_then_restart
+    loop, records = run(grid, rounds=4)
+    assert [rec["failed"] for rec in records] == [[], [1], [], []]
+    assert records[2]["rejoined"] == [1]
+    assert records[1]["node_ids"]["1"] == old and records[2]["node_ids"]["1"] == new
+    assert [r for p, r in grid.order if p == 1] == [1, 3, 4]
+    assert records[2]["received_from"]["1"] == [0]
+    assert loop.members[1].node_id == new and old not in loop.position_of
