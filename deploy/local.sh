@@ -2,7 +2,7 @@
 # A SuperLink and N SuperNodes on this host, for trials (insecure, loopback by default).
 #
 #   deploy/local.sh start 3            # SuperLink on :8000 + SuperNodes 0..2, state in .deploy/
-#   deploy/local.sh connection         # the [superlink.drdfl-local] entry flwr run needs
+#   deploy/local.sh connection         # add the [superlink.drdfl-local] entry flwr run needs
 #   deploy/local.sh stop               # stop exactly the processes this script started
 #   deploy/local.sh kill-node 1        # stop one SuperNode (a crash, for trials)
 #   deploy/local.sh start-node 1 3     # start SuperNode 1 of 3 again (it gets a new node id)
@@ -69,12 +69,17 @@ stop)
     done
     stop_one superlink
     ;;
-connection)
-    cat <<TOML
-[superlink.drdfl-local]
-address = "127.0.0.1:$SUPERLINK_PORT"
-insecure = true
-TOML
+connection)  # add [superlink.drdfl-local] to the Flower configuration, once
+    config="${FLWR_HOME:-$HOME/.flwr}/config.toml"
+    [[ -f $config ]] || flwr config list > /dev/null  # flwr creates it on first use
+    if grep -q '^\[superlink.drdfl-local\]' "$config"; then
+        echo "$config already has [superlink.drdfl-local]:"
+        sed -n '/^\[superlink.drdfl-local\]/,/^$/p' "$config"
+    else
+        printf '\n[superlink.drdfl-local]\naddress = "127.0.0.1:%s"\ninsecure = true\n' \
+            "$SUPERLINK_PORT" >> "$config"
+        echo "added [superlink.drdfl-local] (127.0.0.1:$SUPERLINK_PORT, insecure) to $config"
+    fi
     ;;
 *)
     sed -n '2,16p' "$0"

@@ -4,8 +4,9 @@ resumes where it was.
 Flower keeps ``context.state`` in the SuperNode process; a restarted SuperNode starts
 with an empty one (and a new node id). When the node config names a ``checkpoint-dir``,
 the ClientApp writes the learner's state there after every round it trains, keyed by
-run and partition, and reads it back when ``context.state`` is empty. Nothing here ever
-leaves the node.
+run and partition, and reads it back when ``context.state`` is empty. The same folder holds
+the node's decoded partition (``data/``), so that a fresh ClientApp process does not
+partition and decode the dataset again. Nothing here ever leaves the node.
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ def checkpoint_path(context: Context, partition_id: int) -> Path | None:
     if not folder:
         return None
     return Path(str(folder)).expanduser() / f"run-{context.run_id}" / f"partition-{partition_id}.pt"
+
+
+def data_cache_dir(context: Context) -> Path | None:
+    """Where the node keeps its decoded partition (``<checkpoint-dir>/data``), if anywhere."""
+    folder = context.node_config.get(NODE_CONFIG_KEY)
+    return Path(str(folder)).expanduser() / "data" if folder else None
 
 
 def write_checkpoint(path: Path, blob: bytes) -> None:

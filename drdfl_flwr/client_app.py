@@ -19,7 +19,12 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import log
 
-from drdfl_flwr.checkpoint import checkpoint_path, read_checkpoint, write_checkpoint
+from drdfl_flwr.checkpoint import (
+    checkpoint_path,
+    data_cache_dir,
+    read_checkpoint,
+    write_checkpoint,
+)
 from drdfl_flwr.config import RunConfig
 from drdfl_flwr.data import ClientData, load_client_data
 from drdfl_flwr.intake import Intake, take_in
@@ -73,7 +78,7 @@ def restore(context: Context) -> tuple[ClientData, Learner, bool]:
     and loaded from the saved bytes. The flag says which (the ``warm_start`` metric)."""
     cfg = RunConfig.from_run_config(context.run_config)
     partition_id, num_partitions = node_partition(context)
-    data = load_client_data(cfg, partition_id, num_partitions)
+    data = load_client_data(cfg, partition_id, num_partitions, data_cache_dir(context))
     saved = context.state.config_records.get(STATE_KEY)
     token = str(saved["token"]) if saved is not None and "token" in saved else None
     learner = WARM.take(warm_key(context), token)

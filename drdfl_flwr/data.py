@@ -18,14 +18,20 @@ and the dealing of the test set.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
+import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from logging import WARNING
 from pathlib import Path
 
 import numpy as np
 import torch
 from datasets import Dataset
+from flwr.common import log
 from flwr_datasets import FederatedDataset
 from flwr_datasets.partitioner import (
     DirichletPartitioner,
@@ -79,11 +85,34 @@ def dataset_spec(cfg: RunConfig) -> DatasetSpec:
     return SPECS[cfg.dataset]  # the name was validated by RunConfig
 
 
-def load_client_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> ClientData:
-    """The client's tensors; decoded once per process, then served from a cache."""
+def load_client_data(
+    cfg: RunConfig, partition_id: int, num_partitions: int, cache_dir: Path | None = None
+) -> ClientData:
+    """The client's tensors; decoded once per process, then served from a cache.
+
+    With ``cache_dir`` (a SuperNode's own disk), also decoded once per node: on real
+    SuperNodes every message runs in a fresh process, which would otherwise partition
+    and decode the dataset again for every round."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} outside [0, {num_partitions})")
-    return _client_data(_data_key(cfg), partition_id, num_partitions)
+    key = _data_key(cfg)
+    if cache_dir is None:
+        return _client_data(key, partition_id, num_partitions)
+    digest = hashlib.sha256(
+        json.dumps([key.to_run_config(), partition_id, num_partitions], sort_keys=True).encode()
+    ).hexdigest()[:16]
+    path = Path(cache_dir) / f"partition{partition_id}-of{num_partitions}-{digest}.pt"
+    if path.is_file():
+        try:
+            return ClientData(**torch.load(path))
+        except Exception as err:  # noqa: BLE001 - a damaged cache is rebuilt, not fatal
+            log(WARNING, "data cache %s unreadable (%s); decoding again", path, err)
+    data = _client_data(key, partition_id, num_partitions)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    torch.save(dataclasses.asdict(data), partial)
+    os.replace(partial, path)
+    return data
 
 
 def _data_key(cfg: RunConfig) -> RunConfig:

@@ -4,9 +4,13 @@ fresh; another run never reads it."""
 
 from __future__ import annotations
 
+import pytest
+import torch
 from flwr.app import Context, RecordDict
 
+from drdfl_flwr import data as data_module
 from drdfl_flwr.client_app import train
+from drdfl_flwr.config import RunConfig
 from drdfl_flwr.payload import METRICS
 from tests.test_client_app import RUN, train_message
 
@@ -40,3 +44,23 @@ def test_without_checkpoint_dir_a_restarted_node_starts_fresh(tmp_path):
 def test_another_run_does_not_read_this_runs_checkpoint(tmp_path):
     rounds_trained(fresh_node(tmp_path, run_id=1))
     assert rounds_trained(fresh_node(tmp_path, run_id=2)) == 1.0
+
+
+def test_a_node_decodes_its_partition_once_and_serves_it_from_its_disk(tmp_path, monkeypatch):
+    cfg = RunConfig(dataset="digits")
+    first = data_module.load_client_data(cfg, 1, 3, cache_dir=tmp_path)
+    (cached,) = tmp_path.glob("partition1-of3-*.pt")
+
+    def no_decoding(*args):
+        raise AssertionError("decoded again although the node has it on disk")
+
+    monkeypatch.setattr(data_module, "_client_data", no_decoding)
+    again = data_module.load_client_data(cfg, 1, 3, cache_dir=tmp_path)
+    assert torch.equal(first.x_train, again.x_train) and torch.equal(first.y_train, again.y_train)
+    # another split is another file, never the cached one
+    with pytest.raises(AssertionError, match="decoded again"):
+        data_module.load_client_data(cfg.replace(dirichlet_beta=0.9), 1, 3, cache_dir=tmp_path)
+    monkeypatch.undo()
+    cached.write_bytes(b"damaged")  # a damaged cache is rebuilt, not fatal
+    rebuilt = data_module.load_client_data(cfg, 1, 3, cache_dir=tmp_path)
+    assert torch.equal(first.x_train, rebuilt.x_train)

@@ -1,0 +1,130 @@
+"""A real deployment on this host: a SuperLink and three SuperNodes started by
+deploy/local.sh, a DRDFL run through ``flwr run``, one SuperNode killed mid-run and
+restarted. Every process started is stopped by PID at the end.
+
+Marked ``deployment`` (and ``slow``): about 6 minutes on 2 cores, so not in the default
+test run; ``pytest -m deployment -s`` runs it and prints the round records."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "deploy" / "local.sh"
+
+pytestmark = [pytest.mark.slow, pytest.mark.deployment]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "DEPLOY_DIR": str(tmp_path / "deploy"),
+        "SUPERLINK_PORT": str(free_port()),
+        "NODE_PORT_BASE": str(free_port()),
+        "FLWR_HOME": str(tmp_path / "flwr"),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "HF_DATASETS_OFFLINE": "1",
+    }
+
+    def script(*args: str) -> str:
+        done = subprocess.run(
+            [str(SCRIPT), *args], env=env, cwd=ROOT, capture_output=True, text=True, check=True
+        )
+        print(done.stdout, end="")
+        return done.stdout
+
+    script("start", "3")
+    try:
+        script("connection")
+        yield env, script
+    finally:
+        script("stop")
+        leftovers = list((tmp_path / "deploy").glob("*.pid"))
+        assert not leftovers, leftovers
+
+
+def records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(2)
+    raise TimeoutError(f"waited {timeout:.0f}s for {what}")
+
+
+def test_drdfl_on_three_supernodes_survives_a_killed_and_restarted_node(deployment, tmp_path):
+    env, script = deployment
+    results = tmp_path / "results"
+    run_config = (
+        f'num-server-rounds=5 local-epochs=1 round-timeout=120 results-dir="{results}" '
+        'run-name="deployment"'
+    )
+    started = subprocess.run(
+        ["flwr", "run", ".", "drdfl-local", "--run-config", run_config],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    print(started.stdout)
+    run_dir = results / "deployment"
+    wait_for(lambda: len(records(run_dir)) >= 1, 600, "round 1")
+    script("kill-node", "1")
+    wait_for(lambda: any(r["failed"] == [1] for r in records(run_dir)), 600, "a round without 1")
+    script("start-node", "1", "3")
+    wait_for(lambda: (run_dir / "summary.json").is_file(), 900, "the end of the run")
+    rounds = records(run_dir)
+    for r in rounds:
+        print(
+            f"round {r['round']}: {r['seconds']:.1f}s failed={r['failed']} "
+            f"rejoined={r['rejoined']} node_ids={r['node_ids']} "
+            f"rounds_trained={ {p: m.get('rounds_trained') for p, m in r['nodes'].items()} }"
+        )
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5]
+    bypassed = [r["round"] for r in rounds if r["failed"] == [1]]
+    rejoined = [r["round"] for r in rounds if r["rejoined"] == [1]]
+    assert bypassed and rejoined and rejoined[0] > bypassed[-1]
+    before, after = rounds[0]["node_ids"]["1"], rounds[-1]["node_ids"]["1"]
+    assert before != after  # Flower gave the restarted SuperNode a new id
+    # it resumed its private state: its rounds_trained counts the rounds before the crash
+    trained_by_1 = sum(
+        1 for r in rounds if "1" in r["nodes"] and "rounds_trained" in r["nodes"]["1"]
+    )
+    assert rounds[-1]["nodes"]["1"]["rounds_trained"] == trained_by_1
+    for partition in ("0", "2"):  # the survivors trained every round
+        assert all(partition in r["nodes"] for r in rounds)
+        assert rounds[-1]["nodes"][partition]["rounds_trained"] == 5
+    summary = json.loads((run_dir / "summary.json").read_text())
+    print(
+        "survivors' last round:",
+        {
+            p: (round(m["local_t_acc"], 3), round(m["global_t_acc"], 3))
+            for p, m in rounds[-1]["nodes"].items()
+        },
+    )
+    assert summary["last"]["round"] == 5
