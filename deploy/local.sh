@@ -11,7 +11,8 @@
 # process groups and nothing else (pkill -f would end every SuperLink on the machine).
 # Environment: DEPLOY_DIR (.deploy), SUPERLINK_PORT (8000), SUPERLINK_HOST (127.0.0.1;
 # 0.0.0.0 to accept other devices), NODE_PORT_BASE (9094: SuperNode k serves its
-# ClientApps on NODE_PORT_BASE + k), DATA_DIR (a dataset folder every node reads, optional).
+# ClientApps on NODE_PORT_BASE + k), DATA_DIR (a dataset folder every node reads, optional),
+# CHECKPOINTS (1: each node keeps its state and decoded data in DEPLOY_DIR/node-k; 0: none).
 set -euo pipefail
 
 DEPLOY_DIR=${DEPLOY_DIR:-.deploy}
@@ -44,7 +45,8 @@ stop_one() {  # name: stop its process group, wait for it
 
 start_node() {  # partition-id, num-partitions
     local k=$1 n=$2
-    local config="partition-id=$k num-partitions=$n checkpoint-dir=\"$DEPLOY_DIR/node-$k\""
+    local config="partition-id=$k num-partitions=$n"
+    if [[ ${CHECKPOINTS:-1} == 1 ]]; then config="$config checkpoint-dir=\"$DEPLOY_DIR/node-$k\""; fi
     if [[ -n ${DATA_DIR:-} ]]; then config="$config data-dir=\"$DATA_DIR\""; fi
     spawn "supernode-$k" flower-supernode --insecure \
         --superlink "127.0.0.1:$SUPERLINK_PORT" \
