@@ -2,6 +2,9 @@
 # A SuperLink and N SuperNodes on this host, for trials (insecure, loopback by default).
 #
 #   deploy/local.sh start 3            # SuperLink on :8000 + SuperNodes 0..2, state in .deploy/
+#   TLS=1 deploy/local.sh certs 3      # a CA, the SuperLink's certificate, 3 node key pairs
+#   TLS=1 deploy/local.sh start 3      # ... with TLS and SuperNode authentication: the nodes'
+#                                      # public keys are registered before they connect
 #   deploy/local.sh connection         # add the [superlink.drdfl-local] entry flwr run needs
 #   deploy/local.sh stop               # stop exactly the processes this script started
 #   deploy/local.sh kill-node 1        # stop one SuperNode (a crash, for trials)
@@ -11,7 +14,8 @@
 # process groups and nothing else (pkill -f would end every SuperLink on the machine).
 # Environment: DEPLOY_DIR (.deploy), SUPERLINK_PORT (8000), SUPERLINK_HOST (127.0.0.1;
 # 0.0.0.0 to accept other devices), NODE_PORT_BASE (9094: SuperNode k serves its
-# ClientApps on NODE_PORT_BASE + k), DATA_DIR (a dataset folder every node reads, optional),
+# ClientApps on NODE_PORT_BASE + k), TLS (0; 1: certificates and node keys from
+# DEPLOY_DIR/certs), SUPERLINK_NAME (an extra DNS name for the SuperLink's certificate),
 # CHECKPOINTS (1: each node keeps its state and decoded data in DEPLOY_DIR/node-k; 0: none).
 set -euo pipefail
 
@@ -19,7 +23,56 @@ DEPLOY_DIR=${DEPLOY_DIR:-.deploy}
 SUPERLINK_PORT=${SUPERLINK_PORT:-8000}
 SUPERLINK_HOST=${SUPERLINK_HOST:-127.0.0.1}
 NODE_PORT_BASE=${NODE_PORT_BASE:-9094}
+TLS=${TLS:-0}
 mkdir -p "$DEPLOY_DIR"
+DEPLOY_DIR=$(cd "$DEPLOY_DIR" && pwd)  # absolute: node configs and the connection name files
+CERTS="$DEPLOY_DIR/certs"
+
+superlink_security() {
+    if [[ $TLS == 1 ]]; then
+        echo --ssl-ca-certfile "$CERTS/ca.crt" --ssl-certfile "$CERTS/superlink.pem" \
+            --ssl-keyfile "$CERTS/superlink.key" --enable-supernode-auth
+    else
+        echo --insecure
+    fi
+}
+
+node_security() {  # partition-id
+    if [[ $TLS == 1 ]]; then
+        echo --root-certificates "$CERTS/ca.crt" --auth-supernode-private-key "$CERTS/node-$1"
+    else
+        echo --insecure
+    fi
+}
+
+make_certs() {  # num-partitions
+    mkdir -p "$CERTS"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=drdfl-flwr trial CA" \
+        -keyout "$CERTS/ca.key" -out "$CERTS/ca.crt" 2>/dev/null
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=superlink" \
+        -keyout "$CERTS/superlink.key" -out "$CERTS/superlink.csr" 2>/dev/null
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost%s\n' "${SUPERLINK_NAME:+,DNS:$SUPERLINK_NAME}" \
+        >"$CERTS/superlink.ext"
+    openssl x509 -req -in "$CERTS/superlink.csr" -CA "$CERTS/ca.crt" -CAkey "$CERTS/ca.key" \
+        -CAcreateserial -days 30 -extfile "$CERTS/superlink.ext" -out "$CERTS/superlink.pem" 2>/dev/null
+    for k in $(seq 0 $(($1 - 1))); do
+        rm -f "$CERTS/node-$k" "$CERTS/node-$k.pub"
+        ssh-keygen -t ecdsa -b 384 -N "" -q -f "$CERTS/node-$k"
+    done
+    echo "CA, SuperLink certificate and $1 node key pairs in $CERTS"
+}
+
+register_node() {  # partition-id: the SuperLink accepts this node's key from now on
+    for _ in $(seq 30); do
+        if flwr supernode register "$CERTS/node-$1.pub" drdfl-local >/dev/null 2>&1; then
+            echo "registered node-$1.pub"
+            return 0
+        fi
+        sleep 2
+    done
+    echo "could not register node-$1.pub (is the SuperLink up, and 'connection' done?)" >&2
+    return 1
+}
 
 spawn() {  # name, command...: start in a new session, remember the PID
     local name=$1
@@ -47,8 +100,8 @@ start_node() {  # partition-id, num-partitions
     local k=$1 n=$2
     local config="partition-id=$k num-partitions=$n"
     if [[ ${CHECKPOINTS:-1} == 1 ]]; then config="$config checkpoint-dir=\"$DEPLOY_DIR/node-$k\""; fi
-    if [[ -n ${DATA_DIR:-} ]]; then config="$config data-dir=\"$DATA_DIR\""; fi
-    spawn "supernode-$k" flower-supernode --insecure \
+    # shellcheck disable=SC2046
+    spawn "supernode-$k" flower-supernode $(node_security "$k") \
         --superlink "127.0.0.1:$SUPERLINK_PORT" \
         --port $((NODE_PORT_BASE + k)) \
         --node-config "$config"
@@ -57,12 +110,19 @@ start_node() {  # partition-id, num-partitions
 case ${1:-} in
 start)
     n=${2:?usage: $0 start N}
-    spawn superlink flower-superlink --insecure \
+    # shellcheck disable=SC2046
+    spawn superlink flower-superlink $(superlink_security) \
         --host "$SUPERLINK_HOST" --port "$SUPERLINK_PORT" \
         --database "$DEPLOY_DIR/superlink.db" \
         --disable-runtime-dependency-installation
+    if [[ $TLS == 1 ]]; then
+        "$0" connection
+        for k in $(seq 0 $((n - 1))); do register_node "$k"; done
+    fi
     for k in $(seq 0 $((n - 1))); do start_node "$k" "$n"; done
     ;;
+certs) make_certs "${2:?usage: $0 certs N}" ;;
+register) register_node "${2:?partition-id}" ;;
 start-node) start_node "${2:?partition-id}" "${3:?num-partitions}" ;;
 kill-node) stop_one "supernode-${2:?partition-id}" ;;
 stop)
@@ -78,13 +138,14 @@ connection)  # add [superlink.drdfl-local] to the Flower configuration, once
         echo "$config already has [superlink.drdfl-local]:"
         sed -n '/^\[superlink.drdfl-local\]/,/^$/p' "$config"
     else
-        printf '\n[superlink.drdfl-local]\naddress = "127.0.0.1:%s"\ninsecure = true\n' \
-            "$SUPERLINK_PORT" >> "$config"
-        echo "added [superlink.drdfl-local] (127.0.0.1:$SUPERLINK_PORT, insecure) to $config"
+        if [[ $TLS == 1 ]]; then security="root-certificates = \"$CERTS/ca.crt\""; else security="insecure = true"; fi
+        printf '\n[superlink.drdfl-local]\naddress = "127.0.0.1:%s"\n%s\n' \
+            "$SUPERLINK_PORT" "$security" >> "$config"
+        echo "added [superlink.drdfl-local] (127.0.0.1:$SUPERLINK_PORT, $security) to $config"
     fi
     ;;
 *)
-    sed -n '2,16p' "$0"
+    sed -n '2,23p' "$0"
     exit 2
     ;;
 esac

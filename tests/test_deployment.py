@@ -29,9 +29,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def deployment(tmp_path):
-    env = {
+def environment(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
         "DEPLOY_DIR": str(tmp_path / "deploy"),
@@ -40,8 +39,11 @@ def deployment(tmp_path):
         "FLWR_HOME": str(tmp_path / "flwr"),
         "FLWR_TELEMETRY_ENABLED": "0",
         "HF_DATASETS_OFFLINE": "1",
+        **extra,
     }
 
+
+def runner(env: dict[str, str]):
     def script(*args: str) -> str:
         done = subprocess.run(
             [str(SCRIPT), *args], env=env, cwd=ROOT, capture_output=True, text=True, check=True
@@ -49,6 +51,13 @@ def deployment(tmp_path):
         print(done.stdout, end="")
         return done.stdout
 
+    return script
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    env = environment(tmp_path)
+    script = runner(env)
     script("start", "3")
     try:
         script("connection")
@@ -128,3 +137,35 @@ def test_drdfl_on_three_supernodes_survives_a_killed_and_restarted_node(deployme
         },
     )
     assert summary["last"]["round"] == 5
+
+
+def test_with_tls_an_unregistered_supernode_is_refused(tmp_path):
+    env = environment(tmp_path, TLS="1")
+    script = runner(env)
+    script("certs", "3")
+    script("start", "2")  # registers node-0 and node-1's public keys, then starts them
+    try:
+        script("start-node", "2", "3")  # node-2 has a key pair but was never registered
+        log = tmp_path / "deploy" / "supernode-2.log"
+        wait_for(lambda: "Failed to activate SuperNode" in log.read_text(), 120, "the refusal")
+        for k in (0, 1):  # the registered ones are in, over TLS
+            wait_for(
+                lambda k=k: (
+                    "SuperNode ID" in (tmp_path / "deploy" / f"supernode-{k}.log").read_text()
+                ),
+                120,
+                f"node {k} to connect",
+            )
+        listed = subprocess.run(
+            ["flwr", "supernode", "list", "drdfl-local", "--format", "json"],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        print(listed)
+        assert listed.count('"online"') == 2
+    finally:
+        script("stop")
+    assert not list((tmp_path / "deploy").glob("*.pid"))
