@@ -9,6 +9,7 @@
 #   deploy/local.sh stop               # stop exactly the processes this script started
 #   deploy/local.sh kill-node 1        # stop one SuperNode (a crash, for trials)
 #   deploy/local.sh start-node 1 3     # start SuperNode 1 of 3 again (it gets a new node id)
+#   deploy/local.sh kill-superlink     # stop the SuperLink alone; start-superlink restarts it
 #
 # Every process runs in its own session, its PID in .deploy/<name>.pid; stop kills those
 # process groups and nothing else (pkill -f would end every SuperLink on the machine).
@@ -124,6 +125,14 @@ start)
 certs) make_certs "${2:?usage: $0 certs N}" ;;
 register) register_node "${2:?partition-id}" ;;
 start-node) start_node "${2:?partition-id}" "${3:?num-partitions}" ;;
+kill-superlink) stop_one superlink ;;
+start-superlink)  # again, on the same database (after kill-superlink)
+    # shellcheck disable=SC2046
+    spawn superlink flower-superlink $(superlink_security) \
+        --host "$SUPERLINK_HOST" --port "$SUPERLINK_PORT" \
+        --database "$DEPLOY_DIR/superlink.db" \
+        --disable-runtime-dependency-installation
+    ;;
 kill-node) stop_one "supernode-${2:?partition-id}" ;;
 stop)
     for pidfile in "$DEPLOY_DIR"/supernode-*.pid; do
@@ -145,7 +154,7 @@ connection)  # add [superlink.drdfl-local] to the Flower configuration, once
     fi
     ;;
 *)
-    sed -n '2,23p' "$0"
+    sed -n '2,24p' "$0"
     exit 2
     ;;
 esac

@@ -4,9 +4,12 @@ resumes where it was.
 Flower keeps ``context.state`` in the SuperNode process; a restarted SuperNode starts
 with an empty one (and a new node id). When the node config names a ``checkpoint-dir``,
 the ClientApp writes the learner's state there after every round it trains, keyed by
-run and partition, and reads it back when ``context.state`` is empty. The same folder holds
-the node's decoded partition (``data/``), so that a fresh ClientApp process does not
-partition and decode the dataset again. Nothing here ever leaves the node.
+run (its ``run-name``, so that a resumed run finds it, else Flower's run id) and
+partition, and reads it back when ``context.state`` is empty, unless the checkpoint is
+from a later round than the one asked for (another run under the same run-name).
+The same folder holds the node's decoded partition (``data/``), so that a fresh
+ClientApp process does not partition and decode the dataset again. Nothing here ever
+leaves the node.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ def checkpoint_path(context: Context, partition_id: int) -> Path | None:
     folder = context.node_config.get(NODE_CONFIG_KEY)
     if not folder:
         return None
-    return Path(str(folder)).expanduser() / f"run-{context.run_id}" / f"partition-{partition_id}.pt"
+    run = context.run_config.get("run-name") or context.run_id
+    return Path(str(folder)).expanduser() / f"run-{run}" / f"partition-{partition_id}.pt"
 
 
 def data_cache_dir(context: Context) -> Path | None:

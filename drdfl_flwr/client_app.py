@@ -72,7 +72,7 @@ def warm_key(context: Context) -> tuple[int, int, int]:
     return context.run_id, context.node_id, node_partition(context)[0]
 
 
-def restore(context: Context) -> tuple[ClientData, Learner, bool]:
+def restore(context: Context, server_round: int | None = None) -> tuple[ClientData, Learner, bool]:
     """The node's data and its learner as ``context.state`` holds it: the warm learner of
     this process when it holds that very state (see :mod:`drdfl_flwr.warm`), else built
     and loaded from the saved bytes. The flag says which (the ``warm_start`` metric)."""
@@ -91,12 +91,23 @@ def restore(context: Context) -> tuple[ClientData, Learner, bool]:
         blob = read_checkpoint(checkpoint_path(context, partition_id))
         if blob is not None:
             learner.load_bytes(blob)
-            log(
-                INFO,
-                "partition %d resumed from its checkpoint (%d rounds trained)",
-                partition_id,
-                learner.rounds_trained,
-            )
+            if server_round is not None and learner.rounds_trained >= server_round:
+                log(
+                    WARNING,
+                    "partition %d: checkpoint has %d rounds trained, this is round %d (another "
+                    "run under the same run-name?); starting fresh",
+                    partition_id,
+                    learner.rounds_trained,
+                    server_round,
+                )
+                learner = build_learner(cfg, data.input_shape, data.num_classes, partition_id)
+            else:
+                log(
+                    INFO,
+                    "partition %d resumed from its checkpoint (%d rounds trained)",
+                    partition_id,
+                    learner.rounds_trained,
+                )
     return data, learner, False
 
 
@@ -136,7 +147,9 @@ def train(msg: Message, context: Context) -> Message:
     nothing else (same data, seeds, model, schedule): the "does sharing help?" control.
     """
     clock = Stopwatch()
-    data, learner, warm = restore(context)
+    round_config = msg.content.config_records.get(CONFIG, ConfigRecord())
+    server_round = round_config.get("server-round")
+    data, learner, warm = restore(context, int(server_round) if server_round else None)
     clock.lap("time_restore")
     isolated = learner.cfg.isolated
     # Decoded and validated before anything changes; a bad payload costs only itself and
@@ -156,7 +169,6 @@ def train(msg: Message, context: Context) -> Message:
     clock.lap("time_fit")
     save(context, learner)
     clock.lap("time_save")
-    round_config = msg.content.config_records.get(CONFIG, ConfigRecord())
     if round_config.get(EVALUATE_KEY, False):  # the relay asks for it here (see Router)
         metrics.update(evaluation_metrics(learner, data))
         clock.lap("time_evaluate")

@@ -111,6 +111,7 @@ class RunConfig:
     eval_every: int = 1
     results_dir: str = "results"
     run_name: str = ""
+    resume: bool = False
     device: str = "auto"
     warm_cache_mib: int = 1024
     sections: Mapping[str, Any] = field(default_factory=dict, hash=False)
@@ -126,6 +127,8 @@ class RunConfig:
         _choice("classifier", self.classifier, CLASSIFIERS)
         _choice("classifier-norm", self.classifier_norm, NORMS)
         _choice("device", self.device, DEVICES)
+        if self.resume and not self.run_name:
+            raise ConfigError("resume", self.resume, "needs a run-name: the run to resume")
         for key in (
             "num-server-rounds",
             "topology-k",

@@ -36,14 +36,56 @@ def mean_std(per_node: dict[Any, dict[str, float]]) -> tuple[dict[str, float], d
 
 
 class ResultsWriter:
-    def __init__(self, run_dir: Path, run_config: dict[str, Any]) -> None:
+    def __init__(self, run_dir: Path, run_config: dict[str, Any], resume: bool = False) -> None:
+        """``resume``: keep the rounds an interrupted run of the same config already wrote
+        and append to them (see :meth:`completed_rounds`); otherwise start afresh."""
         self.run_dir = run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = run_dir / "metrics.jsonl"
-        self.metrics_path.write_text("")
-        (run_dir / "run_config.json").write_text(json.dumps(run_config, indent=2))
         self.rounds: list[dict[str, Any]] = []
+        if resume:
+            self.rounds = self._interrupted_rounds(run_config)
+            # a half-written last line (the crash) is dropped: rewrite what was read
+            self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in self.rounds))
+        else:
+            self.metrics_path.write_text("")
+        (run_dir / "run_config.json").write_text(json.dumps(run_config, indent=2))
         self.started = time.time()
+
+    def _interrupted_rounds(self, run_config: dict[str, Any]) -> list[dict[str, Any]]:
+        """The complete round records of an unfinished run with this very config; a clear
+        error for anything else (a finished run, another config)."""
+        if (self.run_dir / "summary.json").is_file():
+            raise ValueError(
+                f"resume: {self.run_dir} holds a finished run; choose another run-name"
+            )
+        saved_config = self.run_dir / "run_config.json"
+        if saved_config.is_file():
+            saved = json.loads(saved_config.read_text())
+            changed = sorted(
+                k
+                for k in set(saved) | set(run_config)
+                if k != "resume" and saved.get(k) != run_config.get(k)
+            )
+            if changed:
+                raise ValueError(
+                    f"resume: {self.run_dir} was written with other values of {changed}"
+                )
+        rounds = []
+        if self.metrics_path.is_file():
+            for line in self.metrics_path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    break
+                if record.get("round") != len(rounds) + 1:
+                    break
+                rounds.append(record)
+        return rounds
+
+    @property
+    def completed_rounds(self) -> int:
+        return len(self.rounds)
 
     def log_round(self, record: dict[str, Any]) -> None:
         self.rounds.append(record)

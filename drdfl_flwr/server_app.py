@@ -67,8 +67,16 @@ def run_job(
 ) -> dict:
     """Run the configured job on ``grid``; returns the summary that was written.
     ``on_round`` also gets every round's record (the grid runner's progress)."""
-    writer = ResultsWriter(run_dir_for(cfg), cfg.to_run_config())
+    writer = ResultsWriter(run_dir_for(cfg), cfg.to_run_config(), resume=cfg.resume)
     log(INFO, "Results go to %s", writer.run_dir)
+    if cfg.resume:
+        log(
+            INFO,
+            "Resuming %s after round %d of %d",
+            cfg.run_name,
+            writer.completed_rounds,
+            cfg.num_server_rounds,
+        )
 
     alarms = AlarmTracker()
 
@@ -90,7 +98,7 @@ def run_job(
         on_round=record_round,
         on_artifacts=writer.save_artifacts,
     )
-    loop.start(grid, num_rounds=cfg.num_server_rounds)
+    loop.start(grid, num_rounds=cfg.num_server_rounds, first_round=writer.completed_rounds + 1)
     summary = writer.finish()
     log(INFO, "Summary: %s", summary.get("last"))
     log(

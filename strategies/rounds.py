@@ -435,17 +435,21 @@ class RoundLoop(Strategy):
         train_config: ConfigRecord | None = None,
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: Callable | None = None,
+        first_round: int = 1,
     ) -> Result:
+        """Rounds ``first_round`` .. ``num_rounds`` (a resumed run starts after its last
+        completed round; what the relay held for the next round is gone, so that first
+        round carries no payloads, like round 1)."""
         self.summary()
         self.num_rounds = num_rounds
         self.discover(grid)
         result = Result()
         train_config = train_config or ConfigRecord()
         evaluate_config = evaluate_config or ConfigRecord()
-        for server_round in range(1, num_rounds + 1):
+        for server_round in range(first_round, num_rounds + 1):
             started = time.time()
             self.report = RoundReport(server_round, self.mode, self.router.topology_name)
-            if server_round > 1:
+            if server_round > first_round:
                 self.refresh(grid, server_round)
             self.train_round(grid, server_round, train_config)
             self.report.node_ids = {m.partition_id: m.node_id for m in self.members}

@@ -17,7 +17,8 @@ from drdfl_flwr.experiments.grid import GridRun
 from drdfl_flwr.registry import method_spec
 
 DONE, FAILED, PENDING = "done", "failed", "pending"
-LOCATION_KEYS = ("results-dir", "run-name")
+# where results go and whether a run continues: they do not change the results
+BOOKKEEPING_KEYS = ("results-dir", "run-name", "resume")
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def _what_counts(values: dict[str, Any], method: str) -> dict[str, Any]:
     return {
         k: v
         for k, v in values.items()
-        if k not in LOCATION_KEYS and ("." not in k or k.partition(".")[0] in own)
+        if k not in BOOKKEEPING_KEYS and ("." not in k or k.partition(".")[0] in own)
     }
 
 
