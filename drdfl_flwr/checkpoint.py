@@ -4,9 +4,10 @@ resumes where it was.
 Flower keeps ``context.state`` in the SuperNode process; a restarted SuperNode starts
 with an empty one (and a new node id). When the node config names a ``checkpoint-dir``,
 the ClientApp writes the learner's state there after every round it trains, keyed by
-run (its ``run-name``, so that a resumed run finds it, else Flower's run id) and
-partition, and reads it back when ``context.state`` is empty, unless the checkpoint is
-from a later round than the one asked for (another run under the same run-name).
+the run key the relay puts in every message (the Flower run id of the run that started
+the results folder, so a resumed run, which gets a new run id, finds the same
+checkpoints, and another run never does) and by partition, and reads it back when
+``context.state`` is empty.
 The same folder holds the node's decoded partition (``data/``), so that a fresh
 ClientApp process does not partition and decode the dataset again. Nothing here ever
 leaves the node.
@@ -22,13 +23,16 @@ from flwr.app import Context
 NODE_CONFIG_KEY = "checkpoint-dir"
 
 
-def checkpoint_path(context: Context, partition_id: int) -> Path | None:
-    """Where this run's state of this partition lives, or None without a checkpoint-dir."""
+RUN_KEY = "run-key"  # in the relay's message config: which run's checkpoints to use
+
+
+def checkpoint_path(context: Context, partition_id: int, run_key: str) -> Path | None:
+    """Where ``run_key``'s state of this partition lives, or None without a checkpoint-dir."""
     folder = context.node_config.get(NODE_CONFIG_KEY)
     if not folder:
         return None
-    run = context.run_config.get("run-name") or context.run_id
-    return Path(str(folder)).expanduser() / f"run-{run}" / f"partition-{partition_id}.pt"
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in run_key)
+    return Path(str(folder)).expanduser() / f"run-{safe}" / f"partition-{partition_id}.pt"
 
 
 def data_cache_dir(context: Context) -> Path | None:

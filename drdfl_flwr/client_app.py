@@ -20,6 +20,7 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import log
 
 from drdfl_flwr.checkpoint import (
+    RUN_KEY,
     checkpoint_path,
     data_cache_dir,
     read_checkpoint,
@@ -72,10 +73,17 @@ def warm_key(context: Context) -> tuple[int, int, int]:
     return context.run_id, context.node_id, node_partition(context)[0]
 
 
-def restore(context: Context, server_round: int | None = None) -> tuple[ClientData, Learner, bool]:
+def run_key(msg: Message, context: Context) -> str:
+    """The run whose checkpoints this message belongs to (see drdfl_flwr.checkpoint)."""
+    config = msg.content.config_records.get(CONFIG, ConfigRecord())
+    return str(config.get(RUN_KEY, context.run_id))
+
+
+def restore(context: Context, key: str) -> tuple[ClientData, Learner, bool]:
     """The node's data and its learner as ``context.state`` holds it: the warm learner of
     this process when it holds that very state (see :mod:`drdfl_flwr.warm`), else built
-    and loaded from the saved bytes. The flag says which (the ``warm_start`` metric)."""
+    and loaded from the saved bytes, else (a restarted SuperNode, a resumed run) from the
+    node's checkpoint of run ``key``. The flag says whether it was warm."""
     cfg = RunConfig.from_run_config(context.run_config)
     partition_id, num_partitions = node_partition(context)
     data = load_client_data(cfg, partition_id, num_partitions, data_cache_dir(context))
@@ -87,37 +95,26 @@ def restore(context: Context, server_round: int | None = None) -> tuple[ClientDa
     learner = build_learner(cfg, data.input_shape, data.num_classes, partition_id)
     if saved is not None:
         learner.load_bytes(saved["blob"])
-    else:  # a fresh SuperNode process: resume from the node's own disk, if it has a checkpoint
-        blob = read_checkpoint(checkpoint_path(context, partition_id))
+    else:
+        blob = read_checkpoint(checkpoint_path(context, partition_id, key))
         if blob is not None:
             learner.load_bytes(blob)
-            if server_round is not None and learner.rounds_trained >= server_round:
-                log(
-                    WARNING,
-                    "partition %d: checkpoint has %d rounds trained, this is round %d (another "
-                    "run under the same run-name?); starting fresh",
-                    partition_id,
-                    learner.rounds_trained,
-                    server_round,
-                )
-                learner = build_learner(cfg, data.input_shape, data.num_classes, partition_id)
-            else:
-                log(
-                    INFO,
-                    "partition %d resumed from its checkpoint (%d rounds trained)",
-                    partition_id,
-                    learner.rounds_trained,
-                )
+            log(
+                INFO,
+                "partition %d resumed from its checkpoint (%d rounds trained)",
+                partition_id,
+                learner.rounds_trained,
+            )
     return data, learner, False
 
 
-def save(context: Context, learner: Learner) -> None:
-    """Write the private state into ``context.state`` under a fresh token, and keep the
-    learner warm for this node's next message."""
+def save(context: Context, learner: Learner, key: str) -> None:
+    """Write the private state into ``context.state`` under a fresh token (and into the
+    node's checkpoint of run ``key``), and keep the learner warm for the next message."""
     blob, token = learner.to_bytes(), uuid.uuid4().hex
     context.state.config_records[STATE_KEY] = ConfigRecord({"blob": blob, "token": token})
     keep_warm(context, learner, token, len(blob))
-    path = checkpoint_path(context, learner.partition_id)
+    path = checkpoint_path(context, learner.partition_id, key)
     if path is not None:
         write_checkpoint(path, blob)
 
@@ -148,8 +145,8 @@ def train(msg: Message, context: Context) -> Message:
     """
     clock = Stopwatch()
     round_config = msg.content.config_records.get(CONFIG, ConfigRecord())
-    server_round = round_config.get("server-round")
-    data, learner, warm = restore(context, int(server_round) if server_round else None)
+    key = run_key(msg, context)
+    data, learner, warm = restore(context, key)
     clock.lap("time_restore")
     isolated = learner.cfg.isolated
     # Decoded and validated before anything changes; a bad payload costs only itself and
@@ -167,7 +164,7 @@ def train(msg: Message, context: Context) -> Message:
     torch.manual_seed(learner.round_seed)  # the same draws wherever the message runs
     metrics = learner.fit(data)
     clock.lap("time_fit")
-    save(context, learner)
+    save(context, learner, key)
     clock.lap("time_save")
     if round_config.get(EVALUATE_KEY, False):  # the relay asks for it here (see Router)
         metrics.update(evaluation_metrics(learner, data))
@@ -199,7 +196,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     (FedAvg's global model; FedRep's global body with its own head), without keeping it;
     the next train message brings the same aggregate for good."""
     clock = Stopwatch()
-    data, learner, _ = restore(context)
+    data, learner, _ = restore(context, run_key(msg, context))
     clock.lap("time_eval_restore")
     intake = Intake() if learner.cfg.isolated else take_in(learner, msg.content)
     for sender, reason in intake.rejections.items():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import uuid
 from logging import WARNING
 from pathlib import Path
 from typing import Any
@@ -36,13 +37,27 @@ def mean_std(per_node: dict[Any, dict[str, float]]) -> tuple[dict[str, float], d
 
 
 class ResultsWriter:
-    def __init__(self, run_dir: Path, run_config: dict[str, Any], resume: bool = False) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        run_config: dict[str, Any],
+        resume: bool = False,
+        run_key: str | None = None,
+    ) -> None:
         """``resume``: keep the rounds an interrupted run of the same config already wrote
-        and append to them (see :meth:`completed_rounds`); otherwise start afresh."""
+        and append to them (see :meth:`completed_rounds`), and keep its run key (what the
+        nodes' checkpoints are filed under); otherwise start afresh with ``run_key`` (a new
+        one when not given)."""
         self.run_dir = run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = run_dir / "metrics.jsonl"
+        key_path = run_dir / "run_key"
         self.rounds: list[dict[str, Any]] = []
+        if resume and key_path.is_file():
+            self.run_key = key_path.read_text().strip()
+        else:
+            self.run_key = run_key or uuid.uuid4().hex
+            key_path.write_text(self.run_key)
         if resume:
             self.rounds = self._interrupted_rounds(run_config)
             # a half-written last line (the crash) is dropped: rewrite what was read

@@ -14,10 +14,11 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context
+from flwr.app import ConfigRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
+from drdfl_flwr.checkpoint import RUN_KEY
 from drdfl_flwr.config import RunConfig
 from drdfl_flwr.health import HEALTH_PREFIX, AlarmTracker, health_view
 from drdfl_flwr.registry import method_spec
@@ -63,11 +64,17 @@ def build_router(cfg: RunConfig) -> Router:
 
 
 def run_job(
-    grid: Grid, cfg: RunConfig, on_round: Callable[[dict[str, Any]], None] | None = None
+    grid: Grid,
+    cfg: RunConfig,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    run_key: str | None = None,
 ) -> dict:
     """Run the configured job on ``grid``; returns the summary that was written.
-    ``on_round`` also gets every round's record (the grid runner's progress)."""
-    writer = ResultsWriter(run_dir_for(cfg), cfg.to_run_config(), resume=cfg.resume)
+    ``on_round`` also gets every round's record (the grid runner's progress). ``run_key``
+    files the nodes' checkpoints (Flower's run id; a resumed run keeps the first one's)."""
+    writer = ResultsWriter(
+        run_dir_for(cfg), cfg.to_run_config(), resume=cfg.resume, run_key=run_key
+    )
     log(INFO, "Results go to %s", writer.run_dir)
     if cfg.resume:
         log(
@@ -98,7 +105,14 @@ def run_job(
         on_round=record_round,
         on_artifacts=writer.save_artifacts,
     )
-    loop.start(grid, num_rounds=cfg.num_server_rounds, first_round=writer.completed_rounds + 1)
+    key = ConfigRecord({RUN_KEY: writer.run_key})
+    loop.start(
+        grid,
+        num_rounds=cfg.num_server_rounds,
+        first_round=writer.completed_rounds + 1,
+        train_config=key,
+        evaluate_config=key,
+    )
     summary = writer.finish()
     log(INFO, "Summary: %s", summary.get("last"))
     log(
@@ -109,4 +123,4 @@ def run_job(
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run_job(grid, RunConfig.from_run_config(context.run_config))
+    run_job(grid, RunConfig.from_run_config(context.run_config), run_key=str(context.run_id))

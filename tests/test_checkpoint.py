@@ -9,6 +9,7 @@ import torch
 from flwr.app import Context, RecordDict
 
 from drdfl_flwr import data as data_module
+from drdfl_flwr.checkpoint import RUN_KEY
 from drdfl_flwr.client_app import train
 from drdfl_flwr.config import RunConfig
 from drdfl_flwr.payload import CONFIG, METRICS
@@ -28,45 +29,37 @@ def fresh_node(tmp_path, run_id: int = 1, checkpoint: bool = True) -> Context:
     )
 
 
-def rounds_trained(context: Context, server_round: int = 1) -> float:
+def rounds_trained(context: Context, run_key: str | None = None) -> float:
     message = train_message()
-    message.content[CONFIG]["server-round"] = server_round
+    if run_key is not None:  # what the relay puts in every message
+        message.content[CONFIG][RUN_KEY] = run_key
     return train(message, context).content[METRICS]["rounds_trained"]
 
 
 def test_restarted_node_resumes_its_private_state_from_its_checkpoint(tmp_path):
-    assert rounds_trained(fresh_node(tmp_path)) == 1.0
-    assert (tmp_path / "run-1" / "partition-0.pt").is_file()
+    assert rounds_trained(fresh_node(tmp_path), "k1") == 1.0
+    assert (tmp_path / "run-k1" / "partition-0.pt").is_file()
     # the crash: a new SuperNode process, an empty context.state, the same run
-    assert rounds_trained(fresh_node(tmp_path), server_round=2) == 2.0
+    assert rounds_trained(fresh_node(tmp_path), "k1") == 2.0
 
 
-def test_a_checkpoint_from_a_later_round_is_not_taken(tmp_path):
-    """Another run under the same run-name left it: round 1 of this run starts fresh."""
-    rounds_trained(fresh_node(tmp_path))
-    assert rounds_trained(fresh_node(tmp_path), server_round=2) == 2.0
-    assert rounds_trained(fresh_node(tmp_path), server_round=1) == 1.0
+def test_a_resumed_run_has_a_new_run_id_but_the_same_run_key(tmp_path):
+    rounds_trained(fresh_node(tmp_path, run_id=1), "k1")
+    assert rounds_trained(fresh_node(tmp_path, run_id=99), "k1") == 2.0
 
 
-def test_a_resumed_run_finds_the_checkpoint_by_run_name(tmp_path):
-    node = fresh_node(tmp_path)
-    node.run_config["run-name"] = "trial"
-    rounds_trained(node)
-    assert (tmp_path / "run-trial" / "partition-0.pt").is_file()
-    resumed = fresh_node(tmp_path, run_id=99)  # a new flwr run: a new run id
-    resumed.run_config["run-name"] = "trial"
-    assert rounds_trained(resumed, server_round=2) == 2.0
+def test_another_run_never_reads_this_runs_checkpoint(tmp_path):
+    rounds_trained(fresh_node(tmp_path, run_id=1), "k1")
+    assert rounds_trained(fresh_node(tmp_path, run_id=2), "k2") == 1.0
+    # without a key in the message the node files by Flower's run id
+    rounds_trained(fresh_node(tmp_path, run_id=3))
+    assert (tmp_path / "run-3" / "partition-0.pt").is_file()
 
 
 def test_without_checkpoint_dir_a_restarted_node_starts_fresh(tmp_path):
     assert rounds_trained(fresh_node(tmp_path, checkpoint=False)) == 1.0
     assert rounds_trained(fresh_node(tmp_path, checkpoint=False)) == 1.0
     assert not any(tmp_path.iterdir())
-
-
-def test_another_run_does_not_read_this_runs_checkpoint(tmp_path):
-    rounds_trained(fresh_node(tmp_path, run_id=1))
-    assert rounds_trained(fresh_node(tmp_path, run_id=2), server_round=2) == 1.0
 
 
 def test_a_node_decodes_its_partition_once_and_serves_it_from_its_disk(tmp_path, monkeypatch):

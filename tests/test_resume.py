@@ -7,8 +7,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from flwr.app import ConfigRecord
 
+from drdfl_flwr.checkpoint import RUN_KEY
 from drdfl_flwr.config import ConfigError, RunConfig
+from drdfl_flwr.payload import CONFIG as CONFIG_RECORD
 from drdfl_flwr.results import ResultsWriter
 from strategies.relay import Relay
 from strategies.rounds import RoundLoop
@@ -24,7 +27,7 @@ def record(r: int) -> dict:
 
 
 def interrupted(tmp_path, rounds: int = 2):
-    writer = ResultsWriter(tmp_path / "trial", CONFIG)
+    writer = ResultsWriter(tmp_path / "trial", CONFIG, run_key="first-run-id")
     for r in range(1, rounds + 1):
         writer.log_round(record(r))
     with writer.metrics_path.open("a") as f:
@@ -34,8 +37,10 @@ def interrupted(tmp_path, rounds: int = 2):
 
 def test_resume_keeps_complete_rounds_and_drops_the_half_written_one(tmp_path):
     run_dir = interrupted(tmp_path)
-    writer = ResultsWriter(run_dir, {**CONFIG, "resume": True}, resume=True)
+    first_key = (run_dir / "run_key").read_text()
+    writer = ResultsWriter(run_dir, {**CONFIG, "resume": True}, resume=True, run_key="new-id")
     assert writer.completed_rounds == 2
+    assert writer.run_key == first_key  # the nodes' checkpoints are filed under it
     writer.log_round(record(3))
     lines = [json.loads(x) for x in writer.metrics_path.read_text().splitlines()]
     assert [x["round"] for x in lines] == [1, 2, 3]
@@ -67,3 +72,11 @@ def test_the_loop_starts_after_the_last_completed_round():
     # the relay's payloads of round 2 are gone: round 3 carries none, round 4 the ring's
     assert all(grid.received[(p, 3)] == [] for p in range(3))
     assert records[1]["received_from"]["1"] == [0]
+
+
+def test_the_run_key_reaches_every_train_message():
+    grid = FakeGrid(3)
+    RoundLoop(Relay(Ring()), node_wait_timeout=5).start(
+        grid, num_rounds=2, train_config=ConfigRecord({RUN_KEY: "first-run-id"})
+    )
+    assert {str(c[CONFIG_RECORD][RUN_KEY]) for c in grid.contents.values()} == {"first-run-id"}
