@@ -5,7 +5,7 @@
 #   TLS=1 deploy/local.sh certs 3      # a CA, the SuperLink's certificate, 3 node key pairs
 #   TLS=1 deploy/local.sh start 3      # ... with TLS and SuperNode authentication: the nodes'
 #                                      # public keys are registered before they connect
-#   deploy/local.sh connection         # add the [superlink.drdfl-local] entry flwr run needs
+#   deploy/local.sh connection         # write the [superlink.drdfl-local] entry flwr run needs
 #   deploy/local.sh stop               # stop exactly the processes this script started
 #   deploy/local.sh kill-node 1        # stop one SuperNode (a crash, for trials)
 #   deploy/local.sh start-node 1 3     # start SuperNode 1 of 3 again (it gets a new node id)
@@ -140,18 +140,16 @@ stop)
     done
     stop_one superlink
     ;;
-connection)  # add [superlink.drdfl-local] to the Flower configuration, once
+connection)  # write [superlink.drdfl-local] into the Flower configuration (replacing it)
     config="${FLWR_HOME:-$HOME/.flwr}/config.toml"
     [[ -f $config ]] || flwr config list > /dev/null  # flwr creates it on first use
-    if grep -q '^\[superlink.drdfl-local\]' "$config"; then
-        echo "$config already has [superlink.drdfl-local]:"
-        sed -n '/^\[superlink.drdfl-local\]/,/^$/p' "$config"
-    else
-        if [[ $TLS == 1 ]]; then security="root-certificates = \"$CERTS/ca.crt\""; else security="insecure = true"; fi
-        printf '\n[superlink.drdfl-local]\naddress = "127.0.0.1:%s"\n%s\n' \
-            "$SUPERLINK_PORT" "$security" >> "$config"
-        echo "added [superlink.drdfl-local] (127.0.0.1:$SUPERLINK_PORT, $security) to $config"
-    fi
+    if [[ $TLS == 1 ]]; then security="root-certificates = \"$CERTS/ca.crt\""; else security="insecure = true"; fi
+    # drop an earlier entry (another port, TLS or not), keep everything else as it is
+    awk '/^\[/ { skip = ($0 == "[superlink.drdfl-local]") } !skip' "$config" > "$config.new"
+    printf '\n[superlink.drdfl-local]\naddress = "127.0.0.1:%s"\n%s\n' \
+        "$SUPERLINK_PORT" "$security" >> "$config.new"
+    mv "$config.new" "$config"
+    echo "[superlink.drdfl-local] in $config: 127.0.0.1:$SUPERLINK_PORT, $security"
     ;;
 *)
     sed -n '2,24p' "$0"
