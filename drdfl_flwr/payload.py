@@ -134,15 +134,6 @@ def decode_received(content: RecordDict) -> tuple[list[Incoming], dict[str, str]
     return incoming, rejections
 
 
-def received_payloads(content: RecordDict) -> list[Incoming]:
-    """What a train message brings, all or nothing: :class:`PayloadError` with the first
-    sender's reason if any payload does not decode."""
-    incoming, rejections = decode_received(content)
-    if rejections:
-        raise PayloadError(next(iter(rejections.values())))
-    return incoming
-
-
 def peers(*payloads: Mapping[str, torch.Tensor], weight: float = 1.0) -> list[Incoming]:
     """Payloads as if received from peers 0, 1, ... (tests, notebooks, in-process runs)."""
     return [Incoming(dict(p), i, weight, PEER) for i, p in enumerate(payloads)]

@@ -68,6 +68,19 @@ def deployment(tmp_path):
         assert not leftovers, leftovers
 
 
+def flwr_run(env: dict[str, str], run_config: str, *options: str) -> str:
+    """``flwr run`` of this app on the trial deployment; its output."""
+    return subprocess.run(
+        ["flwr", "run", ".", "drdfl-local", *options, "--run-config", run_config],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=900,
+    ).stdout
+
+
 def records(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
@@ -92,15 +105,7 @@ def test_drdfl_on_three_supernodes_survives_a_killed_and_restarted_node(deployme
         f'num-server-rounds=5 local-epochs=1 round-timeout=120 results-dir="{results}" '
         'run-name="deployment"'
     )
-    started = subprocess.run(
-        ["flwr", "run", ".", "drdfl-local", "--run-config", run_config],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    print(started.stdout)
+    print(flwr_run(env, run_config))
     run_dir = results / "deployment"
     wait_for(lambda: len(records(run_dir)) >= 1, 600, "round 1")
     script("kill-node", "1")
@@ -175,36 +180,13 @@ def test_a_run_interrupted_at_the_superlink_resumes_after_its_last_round(deploym
     env, script = deployment
     results = tmp_path / "results"
     run_config = f'num-server-rounds=4 local-epochs=1 results-dir="{results}" run-name="trial"'
-    subprocess.run(
-        ["flwr", "run", ".", "drdfl-local", "--run-config", run_config],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    flwr_run(env, run_config)
     run_dir = results / "trial"
     wait_for(lambda: len(records(run_dir)) >= 2, 600, "round 2")
     script("kill-superlink")
     interrupted = records(run_dir)
     script("start-superlink")
-    subprocess.run(
-        [
-            "flwr",
-            "run",
-            ".",
-            "drdfl-local",
-            "--stream",
-            "--run-config",
-            f"{run_config} resume=true",
-        ],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=900,
-    )
+    flwr_run(env, f"{run_config} resume=true", "--stream")
     wait_for(lambda: (run_dir / "summary.json").is_file(), 120, "the summary")
     rounds = records(run_dir)
     for r in rounds:
