@@ -21,24 +21,28 @@ from pathlib import Path
 from flwr.app import Context
 
 NODE_CONFIG_KEY = "checkpoint-dir"
-
-
 RUN_KEY = "run-key"  # in the relay's message config: which run's checkpoints to use
+
+
+def node_folder(context: Context) -> Path | None:
+    """The node's ``checkpoint-dir``, or None when its node config names none."""
+    folder = context.node_config.get(NODE_CONFIG_KEY)
+    return Path(str(folder)).expanduser() if folder else None
 
 
 def checkpoint_path(context: Context, partition_id: int, run_key: str) -> Path | None:
     """Where ``run_key``'s state of this partition lives, or None without a checkpoint-dir."""
-    folder = context.node_config.get(NODE_CONFIG_KEY)
-    if not folder:
+    folder = node_folder(context)
+    if folder is None:
         return None
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in run_key)
-    return Path(str(folder)).expanduser() / f"run-{safe}" / f"partition-{partition_id}.pt"
+    return folder / f"run-{safe}" / f"partition-{partition_id}.pt"
 
 
 def data_cache_dir(context: Context) -> Path | None:
     """Where the node keeps its decoded partition (``<checkpoint-dir>/data``), if anywhere."""
-    folder = context.node_config.get(NODE_CONFIG_KEY)
-    return Path(str(folder)).expanduser() / "data" if folder else None
+    folder = node_folder(context)
+    return folder / "data" if folder is not None else None
 
 
 def write_checkpoint(path: Path, blob: bytes) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from flwr.app import RecordDict
 
 from drdfl_flwr.learner import Learner
-from drdfl_flwr.payload import Incoming, PayloadError, decode_received
+from drdfl_flwr.payload import HUB, Incoming, PayloadError, decode_received
 
 # Exceptions a method's absorb may raise on input its checks did not foresee (a tensor
 # operation on a strange value); they count as a rejection of that input, not a crash.
@@ -29,7 +29,7 @@ class Intake:
 
 
 def sender_name(item: Incoming) -> str:
-    return "hub" if item.from_hub else str(item.sender)
+    return HUB if item.from_hub else str(item.sender)
 
 
 def _reason(err: Exception) -> str:

@@ -167,6 +167,8 @@ class RoundLoop(Strategy):
     def _ask(self, grid: Grid, node_ids: list[int]) -> None:
         """Send each node one description query; its answer is collected whenever it comes
         (a node asked is never asked again while its answer is pending)."""
+        pending = set(self.asked.values())
+        node_ids = [n for n in dict.fromkeys(node_ids) if n not in pending]
         if not node_ids:
             return
         queries = [
@@ -211,8 +213,7 @@ class RoundLoop(Strategy):
         known: dict[int, Member] = {}
         expected: int | None = None
         while True:
-            pending = set(self.asked.values())
-            self._ask(grid, [n for n in grid.get_node_ids() if n not in known and n not in pending])
+            self._ask(grid, [n for n in grid.get_node_ids() if n not in known])
             for node_id, partition_id, num_partitions in self._answers(grid, strict=True):
                 known[node_id] = Member(node_id, partition_id)
                 expected = num_partitions
@@ -235,6 +236,10 @@ class RoundLoop(Strategy):
         self.position_of = {m.node_id: i for i, m in enumerate(members)}
         return members
 
+    def active(self) -> list[int]:
+        """Ring positions that get this round's messages: all but the suspended."""
+        return [p for p in range(len(self.members)) if p not in self.suspended]
+
     def refresh(self, grid: Grid, server_round: int) -> None:
         """Between rounds: re-admit nodes by partition-id, without waiting for anyone.
 
@@ -246,10 +251,9 @@ class RoundLoop(Strategy):
         from its own checkpoint)."""
         self.suspended |= set(range(len(self.members))) - self.alive
         listed = set(grid.get_node_ids())
-        pending = set(self.asked.values())
         suspended_ids = {self.members[p].node_id for p in self.suspended}
         strangers = [n for n in listed if n not in self.position_of]
-        self._ask(grid, [n for n in strangers + sorted(suspended_ids & listed) if n not in pending])
+        self._ask(grid, strangers + sorted(suspended_ids & listed))
         for node_id, partition_id, _ in self._answers(grid, strict=False):
             if not 0 <= partition_id < len(self.members):
                 log(
@@ -303,11 +307,7 @@ class RoundLoop(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         evaluate = self._evaluates_in_training(server_round)
-        return [
-            self.message_for(p, server_round, config, evaluate)
-            for p in range(len(self.members))
-            if p not in self.suspended
-        ]
+        return [self.message_for(p, server_round, config, evaluate) for p in self.active()]
 
     def _evaluation_due(self, server_round: int) -> bool:
         return server_round % self.eval_every == 0 or server_round == self.num_rounds
@@ -390,9 +390,7 @@ class RoundLoop(Strategy):
             self.aggregate_train(server_round, self._send(grid, messages, server_round))
             return
         evaluate = self._evaluates_in_training(server_round)
-        for position in range(len(self.members)):
-            if position in self.suspended:
-                continue
+        for position in self.active():
             message = self.message_for(position, server_round, config, evaluate)
             self.aggregate_train(server_round, self._send(grid, [message], server_round))
 
@@ -403,9 +401,8 @@ class RoundLoop(Strategy):
         round_config = ConfigRecord(dict(config))
         round_config["server-round"] = server_round
         messages = []
-        for position, member in enumerate(self.members):
-            if position in self.suspended:
-                continue
+        for position in self.active():
+            member = self.members[position]
             content = self.router.evaluation_content(position, self.members)
             content[CONFIG] = round_config
             messages.append(
