@@ -151,7 +151,8 @@ def train(msg: Message, context: Context) -> Message:
     isolated = learner.cfg.isolated
     # Decoded and validated before anything changes; a bad payload costs only itself and
     # the node trains on (drdfl_flwr.intake). The reasons go back to the relay.
-    intake = Intake() if isolated else take_in(learner, msg.content)
+    server_round = int(round_config.get("server-round", 0))
+    intake = Intake() if isolated else take_in(learner, msg.content, server_round)
     for sender, reason in intake.rejections.items():
         log(
             WARNING,
@@ -198,7 +199,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     clock = Stopwatch()
     data, learner, _ = restore(context, run_key(msg, context))
     clock.lap("time_eval_restore")
-    intake = Intake() if learner.cfg.isolated else take_in(learner, msg.content)
+    round_config = msg.content.config_records.get(CONFIG, ConfigRecord())
+    server_round = int(round_config.get("server-round", 0))
+    intake = Intake() if learner.cfg.isolated else take_in(learner, msg.content, server_round)
     for sender, reason in intake.rejections.items():
         log(
             WARNING,

@@ -94,6 +94,7 @@ class RunConfig:
     topology_k: int = 2
     round_timeout: float = 600.0
     node_wait_timeout: float = 300.0
+    min_nodes: int = 0
     dataset: str = "digits"
     data_dir: str = ""
     partitioner: str = "dirichlet"
@@ -138,6 +139,8 @@ class RunConfig:
             "eval-every",
         ):
             _positive(key, getattr(self, _attr(key)))
+        if self.min_nodes < 0:
+            raise ConfigError("min-nodes", self.min_nodes, "must be >= 0 (0 = all num-partitions)")
         if self.warm_cache_mib < 0:
             raise ConfigError("warm-cache-mib", self.warm_cache_mib, "must be >= 0 (0 = off)")
         for key in ("subset-train", "subset-test"):

@@ -11,7 +11,7 @@ counted, and only the ring topology.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,9 @@ from drdfl_flwr.config import RunConfig
 from drdfl_flwr.data import ClientData, load_client_data
 from drdfl_flwr.learner import Learner, build_learner
 from drdfl_flwr.payload import peers
+from strategies.topology import Ring
+
+RING = Ring()
 
 
 @dataclass
@@ -36,16 +39,26 @@ def run_ring(
     num_clients: int,
     rounds: int,
     on_round: Callable[[dict[str, Any]], None] | None = None,
+    joins: Mapping[int, int] | None = None,
 ) -> InProcessRing:
     """Train ``cfg`` for ``rounds`` rounds on a ring of ``num_clients`` nodes, in process.
 
-    Node ``k`` receives only node ``k-1``'s payload of the previous round;
-    ``cfg.isolated`` cuts every link. Every round records the nodes' training metrics
-    and their Local-T / Global-T evaluation."""
+    Node ``k`` receives only the payload its nearest present predecessor sent the
+    previous round; ``cfg.isolated`` cuts every link. ``joins`` maps a node to the round
+    it appears in (absent before, bypassed by the ring; it then joins as a node that
+    appears late on SuperNodes does, through ``Learner.receive``). Every round records
+    the nodes' training metrics and their Local-T / Global-T evaluation (``None`` for a
+    node not there yet)."""
     if num_clients < 2:
         raise ValueError(f"num_clients={num_clients}: a ring needs at least 2 nodes")
     if rounds < 1:
         raise ValueError(f"rounds={rounds}: run at least one round")
+    joins = dict(joins or {})
+    for k, first in joins.items():
+        if not 0 <= k < num_clients or not 1 <= first <= rounds:
+            raise ValueError(
+                f"joins={{{k}: {first}}}: a node 0..{num_clients - 1} joining in round 1..{rounds}"
+            )
     data = [load_client_data(cfg, k, num_clients) for k in range(num_clients)]
     learners = [
         build_learner(cfg, d.input_shape, d.num_classes, partition_id=k) for k, d in enumerate(data)
@@ -53,20 +66,24 @@ def run_ring(
     ring = InProcessRing(learners, data)
     outbox: list[dict[str, torch.Tensor] | None] = [None] * num_clients
     for round_number in range(1, rounds + 1):
-        sent: list[dict[str, torch.Tensor] | None] = []
-        nodes = []
-        for k, (learner, node_data) in enumerate(zip(learners, data, strict=True)):
-            received = outbox[(k - 1) % num_clients]
+        present = [k for k in range(num_clients) if joins.get(k, 1) <= round_number]
+        sent: list[dict[str, torch.Tensor] | None] = [None] * num_clients
+        nodes: list[dict[str, float] | None] = [None] * num_clients
+        for k in present:
+            learner, node_data = learners[k], data[k]
+            senders = RING.in_neighbours(k, num_clients, set(present), round_number)
+            received = outbox[senders[0]] if senders else None
             if received is not None and not cfg.isolated:
-                learner.absorb(peers(received))
+                learner.receive(peers(received), round_number)
             torch.manual_seed(learner.round_seed)
             metrics = learner.fit(node_data)
             metrics.update(learner.evaluate(node_data))
-            nodes.append(metrics)
-            sent.append(None if cfg.isolated else learner.shared_payload())
+            nodes[k] = metrics
+            sent[k] = None if cfg.isolated else learner.shared_payload()
         outbox = sent
-        keys = sorted(set().union(*nodes))
-        mean = {k: sum(n.get(k, 0.0) for n in nodes) / len(nodes) for k in keys}
+        there = [n for n in nodes if n is not None]
+        keys = sorted(set().union(*there))
+        mean = {k: sum(n.get(k, 0.0) for n in there) / len(there) for k in keys}
         record = {"round": round_number, "mean": mean, "nodes": nodes}
         ring.history.append(record)
         if on_round is not None:

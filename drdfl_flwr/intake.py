@@ -2,7 +2,7 @@
 
 Everything a node receives comes from outside its trust boundary (a buggy or hostile
 neighbour, a corrupted transfer). The rules: nothing is applied before all of it is
-decoded and validated (``Learner.absorb`` validates before it changes anything); a bad
+decoded and validated (``Learner.absorb`` and ``join`` validate before they change anything); a bad
 payload costs only itself, with a reason naming the sender and the key; the node trains
 on whatever happens; and a bad input never crashes the node.
 """
@@ -36,18 +36,20 @@ def _reason(err: Exception) -> str:
     return str(err) if isinstance(err, PayloadError) else f"{type(err).__name__}: {err}"
 
 
-def take_in(learner: Learner, content: RecordDict) -> Intake:
+def take_in(learner: Learner, content: RecordDict, server_round: int) -> Intake:
     """Absorb every received payload that decodes and passes the learner's checks.
 
     With several senders and a refusal, each is tried alone on a copy of the learner to
     find which one is bad, and the others are absorbed together, as they would have been.
+    ``server_round`` lets a fresh node tell joining a running ring from starting one
+    (:meth:`Learner.receive`).
     """
     incoming, rejections = decode_received(content)
     intake = Intake(rejections=dict(rejections))
     if not incoming:
         return intake
     try:
-        learner.absorb(incoming)
+        learner.receive(incoming, server_round)
         intake.accepted = incoming
         return intake
     except INPUT_ERRORS as err:
@@ -57,13 +59,13 @@ def take_in(learner: Learner, content: RecordDict) -> Intake:
     good = []
     for item in incoming:
         try:
-            copy.deepcopy(learner).absorb([item])
+            copy.deepcopy(learner).receive([item], server_round)
             good.append(item)
         except INPUT_ERRORS as err:
             intake.rejections[sender_name(item)] = _reason(err)
     if good:
         try:
-            learner.absorb(good)
+            learner.receive(good, server_round)
             intake.accepted = good
         except INPUT_ERRORS as err:  # fine alone, refused together: refuse them all
             intake.rejections.update({sender_name(i): _reason(err) for i in good})

@@ -54,6 +54,21 @@ class Learner(ABC):
         """Merge what arrived (peers' payloads or the hub's aggregate). Validate everything
         before changing anything, and raise :class:`~drdfl_flwr.payload.PayloadError`."""
 
+    def receive(self, incoming: Sequence[Incoming], server_round: int) -> None:
+        """Take in what arrived in round ``server_round``: a node that has never trained
+        and receives in a ring that has (a late joiner, or a node whose state is gone)
+        joins it (:meth:`join`); every other node absorbs. The one place that decides."""
+        if self.rounds_trained == 0 and server_round > 1:
+            self.join(incoming)
+        else:
+            self.absorb(incoming)
+
+    def join(self, incoming: Sequence[Incoming]) -> None:
+        """A fresh node's first intake in a running ring. The same as :meth:`absorb` unless
+        a method's paper says how a newcomer starts (DRDFL: Algorithm 2). Validates before
+        it changes anything, like absorb."""
+        self.absorb(incoming)
+
     def check_origin(self, incoming: Sequence[Incoming]) -> None:
         """Refuse what came from the wrong side, before anything changes: a centralized
         method (its spec names a reducer) takes only the hub's aggregate, a decentralized

@@ -51,6 +51,9 @@ def progress_line(record: dict, num_rounds: int) -> str:
         parts.append("health: " + ", ".join(shown))
     if record["failed"]:
         parts.append(f"skipped partitions {record['failed']}")
+    for change in ("joined", "rejoined", "absent"):
+        if record.get(change):
+            parts.append(f"{change} {record[change]}")
     return " | ".join(parts)
 
 
@@ -101,6 +104,7 @@ def run_job(
         mode=cfg.mode,
         round_timeout=cfg.round_timeout,
         node_wait_timeout=cfg.node_wait_timeout,
+        min_nodes=cfg.min_nodes,
         eval_every=cfg.eval_every,
         on_round=record_round,
         on_artifacts=writer.save_artifacts,

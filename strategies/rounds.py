@@ -13,6 +13,12 @@ Two schedules:
 
 A node that errors or misses the round timeout is skipped for that round and leaves
 ``alive`` until it answers again; one failed node never ends a run.
+
+Ring positions are partition ids 0..M-1 (M = the nodes' ``num-partitions``). With
+``min-nodes`` below M the run starts once that many have answered; a partition not yet
+seen holds an absent slot that every topology bypasses like a dead node, and its node
+joins the ring when it appears (the node side of joining late: DRDFL Algorithm 2, see
+``Learner.receive``).
 """
 
 from __future__ import annotations
@@ -50,6 +56,13 @@ class Member:
     node_id: int
     partition_id: int
 
+    @property
+    def present(self) -> bool:
+        return self.node_id != ABSENT
+
+
+ABSENT = -1  # the node id of a ring slot whose partition has not appeared yet
+
 
 @dataclass
 class RoundReport:
@@ -62,6 +75,8 @@ class RoundReport:
     seconds: float = 0.0
     failed: list[int] = field(default_factory=list)
     rejoined: list[int] = field(default_factory=list)  # partitions re-admitted this round
+    joined: list[int] = field(default_factory=list)  # partitions seen for the first time
+    absent: list[int] = field(default_factory=list)  # partitions not seen yet
     node_ids: dict[int, int] = field(default_factory=dict)  # partition -> Flower node id
     nodes: dict[int, dict[str, float]] = field(default_factory=dict)
     received_from: dict[int, list[int]] = field(default_factory=dict)
@@ -82,6 +97,8 @@ class RoundReport:
             "seconds": self.seconds,
             "failed": self.failed,
             "rejoined": self.rejoined,
+            "joined": self.joined,
+            "absent": self.absent,
             "node_ids": {str(p): n for p, n in sorted(self.node_ids.items())},
             "nodes": {str(p): m for p, m in sorted(self.nodes.items())},
             "received_from": {str(p): s for p, s in sorted(self.received_from.items())},
@@ -128,6 +145,7 @@ class RoundLoop(Strategy):
         mode: str = "synchronous",
         round_timeout: float = 600.0,
         node_wait_timeout: float = 300.0,
+        min_nodes: int = 0,
         eval_every: int = 1,
         on_round: RoundCallback | None = None,
         on_artifacts: ArtifactsCallback | None = None,
@@ -142,6 +160,9 @@ class RoundLoop(Strategy):
         self.mode = mode
         self.round_timeout = round_timeout
         self.node_wait_timeout = node_wait_timeout
+        if min_nodes < 0:
+            raise ValueError(f"min-nodes must be >= 0 (0 = all), got {min_nodes}")
+        self.min_nodes = min_nodes
         self.eval_every = eval_every
         self.num_rounds = 0  # set by start()
         self.on_round = on_round
@@ -202,53 +223,74 @@ class RoundLoop(Strategy):
         return answers
 
     def discover(self, grid: Grid) -> list[Member]:
-        """Ask every node for its partition id until all ``num-partitions`` have answered.
+        """Ask every node for its partition id until enough have answered.
 
         Nodes may register after the ServerApp starts, and may answer slowly (a fresh
         ClientApp process per message): each node is asked once, answers are collected
-        as they come, until the expected number (announced by the nodes themselves) is
-        reached or ``node-wait-timeout`` passes.
+        as they come, until all ``num-partitions`` (announced by the nodes themselves), or
+        ``min-nodes`` of them when set, have answered, or ``node-wait-timeout`` passes.
+        The partitions still missing get absent slots and join when they appear.
         """
         deadline = time.monotonic() + self.node_wait_timeout
-        known: dict[int, Member] = {}
+        known: dict[int, int] = {}  # partition id -> node id
         expected: int | None = None
         while True:
-            self._ask(grid, [n for n in grid.get_node_ids() if n not in known])
+            self._ask(grid, [n for n in grid.get_node_ids() if n not in known.values()])
             for node_id, partition_id, num_partitions in self._answers(grid, strict=True):
-                known[node_id] = Member(node_id, partition_id)
+                if expected is not None and num_partitions != expected:
+                    raise ValueError(
+                        f"node {node_id} says num-partitions={num_partitions}, others "
+                        f"said {expected}: every node config must name the same"
+                    )
+                if not 0 <= partition_id < num_partitions:
+                    raise ValueError(
+                        f"node {node_id} says partition-id={partition_id}, outside "
+                        f"0..{num_partitions - 1} (num-partitions={num_partitions})"
+                    )
+                if partition_id in known:
+                    raise ValueError(
+                        f"nodes {known[partition_id]} and {node_id} both say "
+                        f"partition-id={partition_id}"
+                    )
+                known[partition_id] = node_id
                 expected = num_partitions
-            if expected is not None and len(known) >= expected:
+            if expected is not None and len(known) >= (self.min_nodes or expected):
                 break
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"only {len(known)} of {expected or '?'} nodes answered within "
                     f"node-wait-timeout={self.node_wait_timeout}s"
+                    + (f" (min-nodes={self.min_nodes})" if self.min_nodes else "")
                 )
             log(INFO, "Waiting for nodes: %d of %s answered", len(known), expected or "?")
             time.sleep(1.0)
-        members = sorted(known.values(), key=lambda m: m.partition_id)
-        ids = [m.partition_id for m in members]
-        if ids != list(range(len(ids))):
-            raise ValueError(f"partition ids must be 0..{len(ids) - 1} without gaps, got {ids}")
-        log(INFO, "%d nodes ordered by partition-id", len(members))
-        self.members = members
-        self.alive = set(range(len(members)))
-        self.position_of = {m.node_id: i for i, m in enumerate(members)}
-        return members
+        assert expected is not None
+        self.members = [Member(known.get(p, ABSENT), p) for p in range(expected)]
+        self.position_of = {m.node_id: m.partition_id for m in self.members if m.present}
+        self.alive = set(self.position_of.values())
+        self.suspended = set(range(expected)) - self.alive
+        missing = sorted(self.suspended)
+        log(
+            INFO,
+            "%d nodes ordered by partition-id%s",
+            len(known),
+            f"; partitions {missing} join when they appear" if missing else "",
+        )
+        return self.members
 
     def active(self) -> list[int]:
         """Ring positions that get this round's messages: all but the suspended."""
         return [p for p in range(len(self.members)) if p not in self.suspended]
 
     def refresh(self, grid: Grid, server_round: int) -> None:
-        """Between rounds: re-admit nodes by partition-id, without waiting for anyone.
+        """Between rounds: admit nodes by partition-id, without waiting for anyone.
 
         A node that gave no answer is suspended (not messaged, so a dead node costs one
         round timeout, not one per round). Every node Flower lists that is not a current
         member, and every suspended member still listed, is asked once who it is; an
-        answer naming a ring position re-admits that position under the answering node
-        id (a restarted SuperNode comes back with a new id, and resumes its private state
-        from its own checkpoint)."""
+        answer naming a ring position admits that position under the answering node id:
+        a restarted SuperNode comes back with a new id and resumes its private state
+        from its own checkpoint; a node whose partition was absent joins the ring."""
         self.suspended |= set(range(len(self.members))) - self.alive
         listed = set(grid.get_node_ids())
         suspended_ids = {self.members[p].node_id for p in self.suspended}
@@ -265,23 +307,32 @@ class RoundLoop(Strategy):
                     len(self.members),
                 )
                 continue
-            position = partition_id  # members are ordered by partition id 0..M-1
-            old = self.members[position].node_id
-            if old != node_id:
-                self.position_of.pop(old, None)
+            position = partition_id  # ring positions are partition ids 0..M-1
+            old = self.members[position]
+            if old.node_id != node_id:
+                self.position_of.pop(old.node_id, None)
                 self.members[position] = Member(node_id, partition_id)
                 self.position_of[node_id] = position
-                log(
-                    INFO,
-                    "round %d: partition %d rejoins as node %d (was node %d)",
-                    server_round,
-                    partition_id,
-                    node_id,
-                    old,
-                )
+                if old.present:
+                    log(
+                        INFO,
+                        "round %d: partition %d rejoins as node %d (was node %d)",
+                        server_round,
+                        partition_id,
+                        node_id,
+                        old.node_id,
+                    )
+                else:
+                    log(
+                        INFO,
+                        "round %d: partition %d joins as node %d",
+                        server_round,
+                        partition_id,
+                        node_id,
+                    )
             if position in self.suspended:
                 self.suspended.discard(position)
-                self.report.rejoined.append(partition_id)
+                (self.report.rejoined if old.present else self.report.joined).append(partition_id)
 
     # -- training ----------------------------------------------------------------------
     def message_for(
@@ -449,12 +500,13 @@ class RoundLoop(Strategy):
             if server_round > first_round:
                 self.refresh(grid, server_round)
             self.train_round(grid, server_round, train_config)
-            self.report.node_ids = {m.partition_id: m.node_id for m in self.members}
-            self.report.failed = sorted(
-                self.members[p].partition_id
-                for p in range(len(self.members))
-                if p not in self.alive
-            )
+            self.report.node_ids = {m.partition_id: m.node_id for m in self.members if m.present}
+            self.report.absent = [m.partition_id for m in self.members if not m.present]
+            self.report.failed = [
+                m.partition_id
+                for m in self.members
+                if m.present and m.partition_id not in self.alive
+            ]
             if self._evaluation_due(server_round) and not self._evaluates_in_training(server_round):
                 messages = list(
                     self.configure_evaluate(server_round, ArrayRecord(), evaluate_config, grid)

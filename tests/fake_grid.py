@@ -56,9 +56,10 @@ class FakeGrid(Grid):
         self.queries: dict[str, Message] = {}  # pending description queries by message id
         self.asked: list[int] = []  # node ids, in the order they were asked
         self.mute: set[int] = set()  # partitions whose description answer never comes
+        self.hidden: set[int] = set()  # partitions whose nodes have not registered yet
 
     def get_node_ids(self) -> Iterable[int]:
-        return list(self.partition_of)
+        return [n for n, p in self.partition_of.items() if p not in self.hidden]
 
     def send_and_receive(self, messages, *, timeout=None):
         replies = []

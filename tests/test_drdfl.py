@@ -180,7 +180,7 @@ def test_fit_reports_every_loss_and_learns(tiny_data):
         "health_majority_rate",
         "alarm_zl_unused",
     }
-    assert set(first) == losses | health
+    assert set(first) == losses | health | {"priors_frozen"}
     for _ in range(4):
         last = learner.fit(tiny_data)
     assert last["l_ce"] < first["l_ce"] and last["l_rec"] < first["l_rec"]
@@ -335,3 +335,58 @@ def test_learngene_carries_information_after_training_on_real_digits():
     # How far joint training falls behind depends on the client's data: half the gap on
     # the partition before the seed reached the dataset shuffle, 0.043 vs 0.072 now.
     assert gaps["joint"] < gaps["per-block"], gaps
+
+
+def trained_sender(tiny_data, rounds: int = 2):
+    sender = build_learner(make_config(method="drdfl", local_epochs=1), SHAPE, K, partition_id=1)
+    for _ in range(rounds):
+        sender.fit(tiny_data)
+    return sender
+
+
+def test_a_late_joiner_starts_from_the_received_learngene_and_priors(tiny_data):
+    """Algorithm 2: phi <- received, (mu, Sigma) <- received, private modules its own."""
+    payload = trained_sender(tiny_data).shared_payload()
+    joiner = make()
+    persona_before = snapshot(joiner.persona)
+    joiner.receive(peers(payload), server_round=4)  # never trained, ring running: joins
+    for k, v in joiner.learngene.state_dict().items():
+        assert torch.equal(v, payload[f"learngene.{k}"])
+    assert torch.allclose(joiner.stats.mu, payload["stats.mu"])
+    assert torch.allclose(joiner.stats.variance(), payload["stats.var"], rtol=1e-5)
+    assert unchanged(joiner.persona, persona_before)  # fresh PersonaNet, not the sender's
+    assert "persona" not in " ".join(payload)
+
+
+def test_a_late_joiner_keeps_its_priors_fixed_for_five_rounds(tiny_data):
+    sender = trained_sender(tiny_data)
+    joiner = make(local_epochs=1)
+    frozen = []
+    for round_number in range(3, 10):  # joins in round 3, then receives every round
+        sender.fit(tiny_data)
+        joiner.receive(peers(sender.shared_payload()), round_number)
+        if round_number == 3:
+            priors = snapshot(joiner.stats)
+        frozen.append(joiner.fit(tiny_data)["priors_frozen"])
+        if len(frozen) <= 5:  # T_init = 5 rounds of training on the joined priors
+            assert unchanged(joiner.stats, priors), len(frozen)
+    assert frozen == [1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+    assert not unchanged(joiner.stats, priors)  # free again: gradient and EMA move them
+
+
+def test_the_control_absorbs_the_first_payload_like_any_other(tiny_data):
+    payload = trained_sender(tiny_data).shared_payload()
+    joiner = make(drdfl_late_join="absorb")
+    start = joiner.stats.mu.detach().clone()
+    joiner.receive(peers(payload), server_round=4)
+    alpha = joiner.opts.ema_alpha
+    assert torch.allclose(joiner.stats.mu, alpha * start + (1 - alpha) * payload["stats.mu"])
+    assert not joiner.stats.frozen
+
+
+def test_round_one_and_trained_nodes_absorb_rather_than_join(tiny_data):
+    payload = trained_sender(tiny_data).shared_payload()
+    for node, server_round in ((make(), 1), (trained_sender(tiny_data, rounds=1), 5)):
+        node.receive(peers(payload), server_round)
+        assert not node.stats.frozen
+        assert not torch.allclose(node.stats.mu, payload["stats.mu"])

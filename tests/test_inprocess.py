@@ -47,8 +47,19 @@ def test_isolated_ring_absorbs_nothing(monkeypatch):
     [
         ({"num_clients": 1, "rounds": 1}, "num_clients=1"),
         ({"num_clients": 3, "rounds": 0}, "rounds=0"),
+        ({"num_clients": 3, "rounds": 2, "joins": {3: 2}}, "joins="),
+        ({"num_clients": 3, "rounds": 2, "joins": {1: 3}}, "joins="),
     ],
 )
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         run_ring(RunConfig(dataset="digits", device="cpu"), **kwargs)
+
+
+def test_a_node_that_joins_later_is_bypassed_until_then_and_joins_by_algorithm_2():
+    cfg = RunConfig(dataset="digits", device="cpu", method="drdfl", local_epochs=1)
+    ring = run_ring(cfg, num_clients=3, rounds=3, joins={1: 2})
+    assert ring.history[0]["nodes"][1] is None  # not there in round 1
+    assert ring.history[1]["nodes"][1]["priors_frozen"] == 1.0  # joined in round 2
+    assert ring.history[1]["nodes"][0]["priors_frozen"] == 0.0
+    assert ring.learners[1].rounds_trained == 2 and ring.learners[0].rounds_trained == 3

@@ -101,11 +101,16 @@ BAD = {
 }
 
 
+# round 1: a fresh node absorbs; round 2: a fresh node joins a running ring (Algorithm 2)
+ROUNDS = {"absorb": 1, "join": 2}
+
+
+@pytest.mark.parametrize("path", ROUNDS)
 @pytest.mark.parametrize("kind", BAD, ids=list(BAD))
-def test_bad_payload_is_refused_naming_sender_and_key_and_changes_nothing(kind):
+def test_bad_payload_is_refused_naming_sender_and_key_and_changes_nothing(kind, path):
     learner = node()
     before = snapshot(learner)
-    intake = take_in(learner, content_with({4: BAD[kind]}))
+    intake = take_in(learner, content_with({4: BAD[kind]}), ROUNDS[path])
     assert intake.accepted == [] and list(intake.rejections) == ["4"]
     reason = intake.rejections["4"]
     key = "stats.var" if kind == "non-positive variance" else KEY
@@ -113,10 +118,12 @@ def test_bad_payload_is_refused_naming_sender_and_key_and_changes_nothing(kind):
     assert unchanged(before, learner)
 
 
-def test_a_good_payload_beside_a_bad_one_is_still_taken():
+@pytest.mark.parametrize("path", ROUNDS)
+def test_a_good_payload_beside_a_bad_one_is_still_taken(path):
     learner = node()
     before = snapshot(learner)
-    intake = take_in(learner, content_with({3: BAD["NaN"], 4: to_array_record(good_payload())}))
+    content = content_with({3: BAD["NaN"], 4: to_array_record(good_payload())})
+    intake = take_in(learner, content, ROUNDS[path])
     assert [i.sender for i in intake.accepted] == [4] and list(intake.rejections) == ["3"]
     assert not unchanged(before, learner)  # the good one was absorbed
 
@@ -202,12 +209,12 @@ def hostile_content(draw) -> RecordDict:
 FUZZ_LEARNER = node()
 
 
-def check_intake_survives(content: RecordDict) -> None:
+def check_intake_survives(content: RecordDict, server_round: int) -> None:
     """No exception escapes; refused everything -> nothing changed; whatever was taken
-    leaves the node finite."""
+    leaves the node finite. Round 1 fuzzes absorb, round 2 join (the node is fresh)."""
     learner = FUZZ_LEARNER
     before = snapshot(learner)
-    intake = take_in(learner, content)
+    intake = take_in(learner, content, server_round)
     senders = {k.removeprefix(IN_PAYLOAD_PREFIX) for k in content.array_records}
     assert set(intake.rejections) | {str(i.sender) for i in intake.accepted} == senders
     if not intake.accepted:
@@ -236,13 +243,13 @@ def fuzz(examples: int) -> settings:
 
 
 @fuzz(400)
-@given(hostile_content())
-def test_fuzzed_payloads_never_crash_or_change_a_node(content):
-    check_intake_survives(content)
+@given(hostile_content(), st.sampled_from(list(ROUNDS.values())))
+def test_fuzzed_payloads_never_crash_or_change_a_node(content, server_round):
+    check_intake_survives(content, server_round)
 
 
 @pytest.mark.slow
 @fuzz(10_000)
-@given(hostile_content())
-def test_fuzzed_payloads_never_crash_or_change_a_node_10k(content):
-    check_intake_survives(content)
+@given(hostile_content(), st.sampled_from(list(ROUNDS.values())))
+def test_fuzzed_payloads_never_crash_or_change_a_node_10k(content, server_round):
+    check_intake_survives(content, server_round)

@@ -1,7 +1,10 @@
 """Membership of the ring on real SuperNodes: slow nodes are asked once, a dead node costs
-one round timeout, a restarted node (new Flower node id) is re-admitted by partition-id."""
+one round timeout, a restarted node (new Flower node id) is re-admitted by partition-id,
+and with ``min-nodes`` a node that appears late joins the ring."""
 
 from __future__ import annotations
+
+import pytest
 
 from strategies.relay import Relay
 from strategies.rounds import RoundLoop
@@ -9,9 +12,9 @@ from strategies.topology import Ring
 from tests.fake_grid import FakeGrid
 
 
-def run(grid: FakeGrid, rounds: int) -> tuple[RoundLoop, list[dict]]:
+def run(grid: FakeGrid, rounds: int, **loop_args) -> tuple[RoundLoop, list[dict]]:
     records: list[dict] = []
-    loop = RoundLoop(Relay(Ring()), node_wait_timeout=20, on_round=records.append)
+    loop = RoundLoop(Relay(Ring()), node_wait_timeout=20, on_round=records.append, **loop_args)
     loop.start(grid, num_rounds=rounds)
     return loop, records
 
@@ -79,3 +82,60 @@ def test_a_restarted_node_rejoins_under_its_new_id_and_gets_its_predecessors_pay
     assert [r for p, r in grid.order if p == 1] == [1, 3, 4]
     assert records[2]["received_from"]["1"] == [0]
     assert loop.members[1].node_id == new and old not in loop.position_of
+
+
+def test_a_node_that_appears_late_joins_the_ring_at_its_partition():
+    grid = FakeGrid(4)
+    grid.hidden = {2}
+    train = grid.send_and_receive
+
+    def register_after_round_2(messages, *, timeout=None):
+        replies = train(messages, timeout=timeout)
+        if (1, 2) in grid.order:
+            grid.hidden = set()
+        return replies
+
+    grid.send_and_receive = register_after_round_2
+    loop, records = run(grid, rounds=5, min_nodes=3)
+    assert [rec["absent"] for rec in records] == [[2], [2], [], [], []]
+    assert [rec["joined"] for rec in records] == [[], [], [2], [], []]
+    assert all(rec["failed"] == [] for rec in records)  # absent is not failed
+    assert [r for p, r in grid.order if p == 2] == [3, 4, 5]
+    # before: the ring closed over the gap (3 heard from 1); after: 2 in its place
+    assert records[1]["received_from"]["3"] == [1]
+    assert records[2]["received_from"]["2"] == [1]  # the joiner gets its predecessor's
+    assert records[3]["received_from"]["3"] == [2]  # and its successor gets the joiner's
+    assert "2" not in records[0]["nodes"] and "2" in records[2]["nodes"]
+    assert [m.partition_id for m in loop.members] == [0, 1, 2, 3]
+
+
+def test_without_min_nodes_discovery_waits_for_every_partition():
+    grid = FakeGrid(3)
+    grid.hidden = {1}
+    loop = RoundLoop(Relay(Ring()), node_wait_timeout=1.5)
+    with pytest.raises(TimeoutError, match="only 2 of 3 nodes"):
+        loop.discover(grid)
+
+
+@pytest.mark.parametrize(
+    ("answers", "message"),
+    [
+        ([(0, 2), (0, 2)], "both say partition-id=0"),
+        ([(0, 2), (5, 2)], "partition-id=5, outside 0..1"),
+        ([(0, 2), (1, 3)], "num-partitions=3, others said 2"),
+    ],
+)
+def test_inconsistent_node_configs_are_named(answers, message):
+    grid = FakeGrid(2)
+    pull = grid.pull_messages
+
+    def lying_pull(ids):  # the two nodes answer (partition-id, num-partitions) as given
+        replies = pull(ids)
+        for reply, (partition_id, num_partitions) in zip(replies, answers, strict=True):
+            reply.content["config"]["partition-id"] = partition_id
+            reply.content["config"]["num-partitions"] = num_partitions
+        return replies
+
+    grid.pull_messages = lying_pull
+    with pytest.raises(ValueError, match=message):
+        RoundLoop(Relay(Ring()), node_wait_timeout=5).discover(grid)

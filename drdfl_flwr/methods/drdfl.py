@@ -36,6 +36,14 @@ Learngene is replaced by the received one (Algorithm 1 line 8, ``learngene-merge
 ``learngene-ema-alpha`` on the own value (``ema``); the statistics always move by EMA
 with ``ema-alpha`` on the local value (lines 5-7).
 
+A node that joins a running ring (Appendix B.2.6, Algorithm 2; ``late-join =
+"algorithm-2"``, the default) starts from the received Learngene (replaced, whatever the
+merge rule), sets its class statistics to the received ones, keeps its fresh random
+PersonaNet, decoder and classifier, and trains with those priors fixed (no gradient, no
+EMA) for its first ``join-frozen-rounds`` (T_init = 5) rounds; ``late-join = "absorb"``
+lets it take its first payload like any other (the control). The metric
+``priors_frozen`` is 1 in the rounds a node trained with fixed priors.
+
 Ablations of the paper's Table 5: ``drdfl-ablation = "no-pr"`` drops L_PR,
 ``"no-gl"`` drops L_kl and L_adv^u (the Learngene then learns from the reconstruction only).
 
@@ -51,7 +59,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from logging import WARNING
+from logging import INFO, WARNING
 from typing import ClassVar
 
 import torch
@@ -67,6 +75,7 @@ from drdfl_flwr.payload import Incoming, PayloadError, Tensors, check_payload
 from drdfl_flwr.registry import MethodSpec
 
 LEARNGENE_MERGES = ("replace", "average", "ema")
+LATE_JOINS = ("algorithm-2", "absorb")
 TRAININGS = ("per-block", "joint")
 ABLATIONS = ("none", "no-pr", "no-gl")
 
@@ -86,9 +95,13 @@ class DRDFLOptions(MethodOptions):
     learngene_ema_alpha: float = 0.5
     training: str = "per-block"
     ablation: str = "none"
+    late_join: str = "algorithm-2"
+    join_frozen_rounds: int = 5
 
     def __post_init__(self) -> None:
         self.check_positive("persona-dim", "learngene-dim")
+        self.check_non_negative("join-frozen-rounds")
+        self.check_choice("late-join", LATE_JOINS)
         self.check_unit("ema-alpha", "learngene-ema-alpha")
         self.check_non_negative("noise-variance")
         self.check_choice("learngene-merge", LEARNGENE_MERGES)
@@ -115,6 +128,13 @@ class ClassStatistics(nn.Module):
         super().__init__()
         self.mu = nn.Parameter(torch.randn(num_classes, dim))
         self.log_var = nn.Parameter(torch.zeros(num_classes, dim))
+        # rounds left with fixed priors (Algorithm 2); a buffer, so that it is saved
+        # with the node's private state and never travels
+        self.register_buffer("frozen_rounds", torch.zeros((), dtype=torch.long))
+
+    @property
+    def frozen(self) -> bool:
+        return bool(self.frozen_rounds > 0)
 
     def variance(self) -> torch.Tensor:
         return self.log_var.clamp(*LOG_VAR_RANGE).exp()
@@ -128,6 +148,11 @@ class ClassStatistics(nn.Module):
             + log_var.sum(-1)[None]
             + z.shape[1] * math.log(2 * math.pi)
         )
+
+    @torch.no_grad()
+    def set_to(self, mu: torch.Tensor, variance: torch.Tensor) -> None:
+        self.mu.copy_(mu)
+        self.log_var.copy_(variance.clamp_min(1e-8).log())
 
     @torch.no_grad()
     def ema_toward(self, mu: torch.Tensor, variance: torch.Tensor, alpha: float) -> None:
@@ -223,27 +248,26 @@ class DRDFLLearner(Learner):
         payload["stats.var"] = self.stats.variance().detach()
         return {k: v.detach().cpu().clone() for k, v in payload.items()}
 
-    def absorb(self, incoming: Sequence[Incoming]) -> None:
-        """Algorithm 1 line 8 (peers) or Algorithm 3 (the hub's |D_m|-weighted mean):
-        merge the Learngene, pull the class statistics toward the received ones."""
-        if not incoming:
-            return
+    def received_mean(self, incoming: Sequence[Incoming]) -> dict[str, torch.Tensor]:
+        """Every payload checked (keys, shapes, finite, bounded, positive variances), then
+        their mean: several in-neighbours (other topologies) are averaged, as the paper's
+        fully-connected and dynamic variants average what they receive."""
         expected = self.shared_payload()
         for item in incoming:
             check_payload(item.tensors, expected)
             if (item.tensors["stats.var"] <= 0).any():
                 # the EMA would pull every class variance to the clamp floor
                 raise PayloadError("payload 'stats.var' holds non-positive variances")
-        # Several in-neighbours (other topologies): use their mean, as the paper's
-        # fully-connected and dynamic variants average what they receive.
-        received = {
-            k: torch.stack([i.tensors[k].float() for i in incoming]).mean(0) for k in expected
+        return {
+            k: torch.stack([i.tensors[k].float() for i in incoming]).mean(0).to(self.device)
+            for k in expected
         }
-        merge = "replace" if incoming[0].from_hub else self.opts.learngene_merge
-        own_weight = {"replace": 0.0, "average": 0.5, "ema": self.opts.learngene_ema_alpha}[merge]
+
+    def load_shared(self, received: dict[str, torch.Tensor], own_weight: float) -> None:
+        """Each shared module <- own_weight * own + (1 - own_weight) * received."""
         for prefix, module in self.shared_modules().items():
             state = {
-                k.removeprefix(f"{prefix}."): v.to(self.device)
+                k.removeprefix(f"{prefix}."): v
                 for k, v in received.items()
                 if k.startswith(f"{prefix}.")
             }
@@ -251,10 +275,36 @@ class DRDFLLearner(Learner):
                 own = module.state_dict()
                 state = {k: own_weight * own[k] + (1 - own_weight) * v for k, v in state.items()}
             module.load_state_dict(state)
-        self.stats.ema_toward(
-            received["stats.mu"].to(self.device),
-            received["stats.var"].to(self.device),
-            self.opts.ema_alpha,
+
+    def absorb(self, incoming: Sequence[Incoming]) -> None:
+        """Algorithm 1 line 8 (peers) or Algorithm 3 (the hub's |D_m|-weighted mean):
+        merge the Learngene, pull the class statistics toward the received ones (not
+        while the priors are fixed after joining late)."""
+        if not incoming:
+            return
+        received = self.received_mean(incoming)
+        merge = "replace" if incoming[0].from_hub else self.opts.learngene_merge
+        own_weight = {"replace": 0.0, "average": 0.5, "ema": self.opts.learngene_ema_alpha}[merge]
+        self.load_shared(received, own_weight)
+        if not self.stats.frozen:
+            self.stats.ema_toward(received["stats.mu"], received["stats.var"], self.opts.ema_alpha)
+
+    def join(self, incoming: Sequence[Incoming]) -> None:
+        """Algorithm 2: phi <- received phi, (mu_k, Sigma_k) <- received, the private
+        modules stay as initialized (random), priors fixed for ``join-frozen-rounds``."""
+        if self.opts.late_join == "absorb" or not incoming:
+            self.absorb(incoming)
+            return
+        received = self.received_mean(incoming)
+        self.load_shared(received, own_weight=0.0)
+        self.stats.set_to(received["stats.mu"], received["stats.var"])
+        self.stats.frozen_rounds.fill_(self.opts.join_frozen_rounds)
+        log(
+            INFO,
+            "partition %d joins a running ring (Algorithm 2): received Learngene and class "
+            "statistics, priors fixed for %d rounds",
+            self.partition_id,
+            self.opts.join_frozen_rounds,
         )
 
     # -- training --------------------------------------------------------------------
@@ -304,6 +354,9 @@ class DRDFLLearner(Learner):
         total = sum(parts.values())
         self.main_opt.zero_grad(set_to_none=True)
         total.backward()
+        if self.stats.frozen:  # Algorithm 2: fixed priors (Adam skips a None gradient)
+            for parameter in self.stats.parameters():
+                parameter.grad = None
         self.main_opt.step()
         self.adversary.zero_grad(set_to_none=True)  # the head's grads from L_adv^u are unused
         return {k: v.item() for k, v in parts.items()}
@@ -324,6 +377,9 @@ class DRDFLLearner(Learner):
             steps += 1
         self.rounds_trained += 1
         metrics = {k: v / max(steps, 1) for k, v in sums.items()}
+        metrics["priors_frozen"] = float(self.stats.frozen)
+        if self.stats.frozen:
+            self.stats.frozen_rounds -= 1
         metrics.update(self.health(data))
         return metrics
 

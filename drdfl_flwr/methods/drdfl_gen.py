@@ -142,6 +142,14 @@ class DRDFLGenLearner(DRDFLLearner):
 
     def absorb(self, incoming: Sequence[Incoming]) -> None:
         super().absorb(incoming)  # validates everything first; raises before any change
+        self.keep_received_stats(incoming)
+
+    def join(self, incoming: Sequence[Incoming]) -> None:
+        super().join(incoming)  # validates everything first; raises before any change
+        self.keep_received_stats(incoming)
+
+    def keep_received_stats(self, incoming: Sequence[Incoming]) -> None:
+        """The statistics the received decoder was trained with, for generation."""
         if incoming:
             mu = torch.stack([i.tensors["stats.mu"].float() for i in incoming]).mean(0)
             var = torch.stack([i.tensors["stats.var"].float() for i in incoming]).mean(0)
