@@ -27,20 +27,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from logging import WARNING
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from datasets import Dataset
 from flwr.common import log
-from flwr_datasets import FederatedDataset
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,
-    Partitioner,
-    PathologicalPartitioner,
-)
 
 from drdfl_flwr.config import DATASETS, ConfigError, RunConfig
+
+if TYPE_CHECKING:
+    # Imported where used: they take ~4 s to import (scipy, seaborn, pandas), and a
+    # deployed node that reads its partition from its cache never needs them.
+    from datasets import Dataset
+    from flwr_datasets.partitioner import Partitioner
 
 
 @dataclass(frozen=True)
@@ -200,6 +199,12 @@ def label_counts(cfg: RunConfig, num_partitions: int) -> np.ndarray:
 
 
 def make_partitioner(cfg: RunConfig, num_partitions: int, spec: DatasetSpec) -> Partitioner:
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        PathologicalPartitioner,
+    )
+
     if cfg.partitioner == "iid":
         # IidPartitioner takes no seed: it cuts the split in order, and the split was
         # shuffled with the run's seed (_splits), so the seed still decides who gets what.
@@ -260,6 +265,8 @@ def _splits(cfg: RunConfig) -> tuple[Dataset, Dataset]:
     elif cfg.dataset == "digits":
         train, test = _digits_splits(cfg.seed)
     else:
+        from flwr_datasets import FederatedDataset
+
         fds = FederatedDataset(
             dataset=spec.hub_name,
             subset=spec.hub_subset,
@@ -286,6 +293,8 @@ def _splits(cfg: RunConfig) -> tuple[Dataset, Dataset]:
 def _parquet_splits(folder: Path, seed: int) -> tuple[Dataset, Dataset]:
     if not folder.is_dir():
         raise ConfigError("data-dir", str(folder), "no such folder")
+    from flwr_datasets import FederatedDataset
+
     files = {s: str(folder / f"{s}.parquet") for s in ("train", "test")}
     fds = FederatedDataset(
         dataset="parquet", data_files=files, partitioners={}, shuffle=True, seed=seed
@@ -297,6 +306,7 @@ def _digits_splits(seed: int) -> tuple[Dataset, Dataset]:
     """scikit-learn's 1,797 real 8x8 digits, split 75/25 stratified with a fixed seed (the
     split is the dataset's definition, like CIFAR's), then shuffled with the run's seed as
     FederatedDataset shuffles the hub's datasets."""
+    from datasets import Dataset
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 

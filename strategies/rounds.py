@@ -134,6 +134,28 @@ class Router(ABC):
         return RecordDict()
 
 
+# Seconds between looks for replies. Flower's deployed Grid.send_and_receive sleeps 3 s
+# between looks (up to 3 s added to every round trip; benchmarks/deployment_speed.py);
+# its in-memory (simulation) grid looks every 0.1 s.
+REPLY_POLL_SECONDS = 0.2
+
+
+def exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+    """Flower's send_and_receive (push, then pull until every reply is in or ``timeout``
+    passes), looking for replies every REPLY_POLL_SECONDS."""
+    pending = set(grid.push_messages(messages))
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while pending:
+        arrived = list(grid.pull_messages(list(pending)))
+        replies.extend(arrived)
+        pending -= {r.metadata.reply_to_message_id for r in arrived}
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(REPLY_POLL_SECONDS)
+    return replies
+
+
 RoundCallback = Callable[[dict], None]
 ArtifactsCallback = Callable[[int, dict[str, np.ndarray]], None]
 
@@ -422,7 +444,7 @@ class RoundLoop(Strategy):
         """Send train messages; nodes that fail or time out leave ``alive`` for now."""
         for message in messages:
             self.alive.discard(self.position_of[message.metadata.dst_node_id])
-        replies = list(grid.send_and_receive(messages, timeout=self.round_timeout))
+        replies = exchange(grid, messages, self.round_timeout)
         answered = {r.metadata.src_node_id for r in replies}
         for message in messages:
             if message.metadata.dst_node_id not in answered:
@@ -511,7 +533,7 @@ class RoundLoop(Strategy):
                 messages = list(
                     self.configure_evaluate(server_round, ArrayRecord(), evaluate_config, grid)
                 )
-                replies = grid.send_and_receive(messages, timeout=self.round_timeout)
+                replies = exchange(grid, messages, self.round_timeout)
                 self.aggregate_evaluate(server_round, replies)
             self.report.seconds = time.time() - started
             record = self.report.to_record()

@@ -53,7 +53,7 @@ class FakeGrid(Grid):
         self.evaluated_in_training: list[tuple[int, int]] = []  # train messages that evaluated
         self.pushed = 0
         self.sent: list[tuple[int, int]] = []  # every train message, answered or not
-        self.queries: dict[str, Message] = {}  # pending description queries by message id
+        self.pending: dict[str, Message] = {}  # pushed, not yet pulled, by message id
         self.asked: list[int] = []  # node ids, in the order they were asked
         self.mute: set[int] = set()  # partitions whose description answer never comes
         self.hidden: set[int] = set()  # partitions whose nodes have not registered yet
@@ -62,51 +62,51 @@ class FakeGrid(Grid):
         return [n for n, p in self.partition_of.items() if p not in self.hidden]
 
     def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for msg in messages:
-            partition = self.partition_of[msg.metadata.dst_node_id]
-            if msg.metadata.message_type == MessageType.QUERY:
-                info = ConfigRecord({"partition-id": partition, "num-partitions": self.num_nodes})
-                replies.append(Message(RecordDict({CONFIG: info}), reply_to=msg))
-            elif msg.metadata.message_type == MessageType.TRAIN:
-                rnd = int(msg.content[CONFIG]["server-round"])
-                self.sent.append((partition, rnd))
-                if self.fail(partition, rnd):
-                    continue  # silent node: no reply within the timeout
-                self.order.append((partition, rnd))
-                self.contents[(partition, rnd)] = msg.content
-                self.received[(partition, rnd)] = [
-                    rec["origin"].numpy() if "origin" in rec else None
-                    for name, rec in msg.content.array_records.items()
-                    if name.startswith(IN_PAYLOAD_PREFIX)
-                ]
-                # a payload that names its origin and carries some bulk
-                payload = ArrayRecord(
-                    {
-                        "origin": Array(np.array([partition, rnd], dtype=np.int64)),
-                        "bulk": Array(np.full(100 + partition, rnd, np.float32)),
-                    }
-                )
-                if self.payload_fn is not None:
-                    payload = self.payload_fn(partition, rnd)
-                if partition in self.silent:
-                    payload = ArrayRecord()
-                metrics = {"l": 1.0, "num-examples": 10.0 * (partition + 1)}
-                if msg.content[CONFIG].get(EVALUATE_KEY, False):
-                    metrics.update(EVAL_METRICS)
-                    self.evaluated_in_training.append((partition, rnd))
-                content = RecordDict({OUT_PAYLOAD: payload, METRICS: MetricRecord(metrics)})
-                refused = self.rejections_fn(partition, rnd) if self.rejections_fn else None
-                if refused:
-                    content[REJECTIONS] = ConfigRecord(refused)
-                replies.append(Message(content, reply_to=msg))
-            else:
-                rnd = int(msg.content[CONFIG]["server-round"])
-                self.eval_contents[(partition, rnd)] = msg.content
-                replies.append(
-                    Message(RecordDict({METRICS: MetricRecord(EVAL_METRICS)}), reply_to=msg)
-                )
-        return replies
+        return [r for r in (self.answer(m) for m in messages) if r is not None]
+
+    def answer(self, msg: Message) -> Message | None:
+        """The node's reply to one message, or None (it stays silent)."""
+        partition = self.partition_of.get(msg.metadata.dst_node_id)
+        if partition is None:
+            return None
+        if msg.metadata.message_type == MessageType.QUERY:
+            info = ConfigRecord({"partition-id": partition, "num-partitions": self.num_nodes})
+            return Message(RecordDict({CONFIG: info}), reply_to=msg)
+        if msg.metadata.message_type == MessageType.TRAIN:
+            rnd = int(msg.content[CONFIG]["server-round"])
+            self.sent.append((partition, rnd))
+            if self.fail(partition, rnd):
+                return None  # silent node: no reply within the timeout
+            self.order.append((partition, rnd))
+            self.contents[(partition, rnd)] = msg.content
+            self.received[(partition, rnd)] = [
+                rec["origin"].numpy() if "origin" in rec else None
+                for name, rec in msg.content.array_records.items()
+                if name.startswith(IN_PAYLOAD_PREFIX)
+            ]
+            # a payload that names its origin and carries some bulk
+            payload = ArrayRecord(
+                {
+                    "origin": Array(np.array([partition, rnd], dtype=np.int64)),
+                    "bulk": Array(np.full(100 + partition, rnd, np.float32)),
+                }
+            )
+            if self.payload_fn is not None:
+                payload = self.payload_fn(partition, rnd)
+            if partition in self.silent:
+                payload = ArrayRecord()
+            metrics = {"l": 1.0, "num-examples": 10.0 * (partition + 1)}
+            if msg.content[CONFIG].get(EVALUATE_KEY, False):
+                metrics.update(EVAL_METRICS)
+                self.evaluated_in_training.append((partition, rnd))
+            content = RecordDict({OUT_PAYLOAD: payload, METRICS: MetricRecord(metrics)})
+            refused = self.rejections_fn(partition, rnd) if self.rejections_fn else None
+            if refused:
+                content[REJECTIONS] = ConfigRecord(refused)
+            return Message(content, reply_to=msg)
+        rnd = int(msg.content[CONFIG]["server-round"])
+        self.eval_contents[(partition, rnd)] = msg.content
+        return Message(RecordDict({METRICS: MetricRecord(EVAL_METRICS)}), reply_to=msg)
 
     # unused by the relay
     def set_run(self, run):  # pragma: no cover
@@ -120,27 +120,31 @@ class FakeGrid(Grid):
         raise NotImplementedError
 
     def push_messages(self, messages):
-        """Queries only (the relay's discovery): answered on the next pull, or never for a
-        partition in ``mute``; ids are returned like Flower's."""
+        """Messages are answered (by ``answer``) on the first pull that asks for them;
+        a description query of a partition in ``mute`` never is. Ids like Flower's."""
         ids = []
         for msg in messages:
             self.pushed += 1
             message_id = f"m{self.pushed}"
-            self.queries[message_id] = msg
-            self.asked.append(msg.metadata.dst_node_id)
+            self.pending[message_id] = msg
+            if msg.metadata.message_type == MessageType.QUERY:
+                self.asked.append(msg.metadata.dst_node_id)
             ids.append(message_id)
         return ids
 
     def pull_messages(self, message_ids):
         replies = []
         for message_id in message_ids:
-            msg = self.queries.get(message_id)
-            partition = self.partition_of.get(msg.metadata.dst_node_id) if msg else None
-            if partition is None or partition in self.mute:
+            msg = self.pending.get(message_id)
+            if msg is None:
                 continue
-            del self.queries[message_id]
-            info = ConfigRecord({"partition-id": partition, "num-partitions": self.num_nodes})
-            reply = Message(RecordDict({CONFIG: info}), reply_to=msg)
+            is_query = msg.metadata.message_type == MessageType.QUERY
+            if is_query and self.partition_of.get(msg.metadata.dst_node_id) in self.mute:
+                continue
+            del self.pending[message_id]
+            reply = self.answer(msg)
+            if reply is None:
+                continue  # silent: never answers
             reply.metadata.__dict__["_reply_to_message_id"] = message_id
             replies.append(reply)
         return replies

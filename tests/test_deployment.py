@@ -1,6 +1,7 @@
 """A real deployment on this host: a SuperLink and three SuperNodes started by
 deploy/local.sh, a DRDFL run through ``flwr run``, one SuperNode killed mid-run and
-restarted. Every process started is stopped by PID at the end.
+restarted, one that joins after round 1, a SuperLink restart with resume, TLS.
+Every process started is stopped by PID at the end.
 
 Marked ``deployment`` (and ``slow``): about 6 minutes on 2 cores, so not in the default
 test run; ``pytest -m deployment -s`` runs it and prints the round records."""
@@ -142,6 +143,48 @@ def test_drdfl_on_three_supernodes_survives_a_killed_and_restarted_node(deployme
         },
     )
     assert summary["last"]["round"] == 5
+
+
+def test_a_supernode_that_starts_after_round_one_joins_the_ring(tmp_path):
+    env = environment(tmp_path)
+    script = runner(env)
+    script("start", "0")  # the SuperLink alone
+    try:
+        script("connection")
+        for k in (0, 1):
+            script("start-node", str(k), "3")
+        results = tmp_path / "results"
+        run_config = (
+            f'num-server-rounds=5 local-epochs=1 min-nodes=2 results-dir="{results}" '
+            'run-name="late"'
+        )
+        flwr_run(env, run_config)
+        run_dir = results / "late"
+        wait_for(lambda: len(records(run_dir)) >= 1, 600, "round 1")
+        script("start-node", "2", "3")
+        wait_for(lambda: (run_dir / "summary.json").is_file(), 900, "the end of the run")
+    finally:
+        script("stop")
+    assert not list((tmp_path / "deploy").glob("*.pid"))
+    rounds = records(run_dir)
+    for r in rounds:
+        node_2 = r["nodes"].get("2", {})
+        print(
+            f"round {r['round']}: {r['seconds']:.1f}s absent={r['absent']} joined={r['joined']} "
+            f"received_from={r['received_from']} node 2: rounds_trained="
+            f"{node_2.get('rounds_trained')} priors_frozen={node_2.get('priors_frozen')} "
+            f"Local-T={node_2.get('local_t_acc')}"
+        )
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5]
+    joined = [r["round"] for r in rounds if r["joined"] == [2]]
+    assert rounds[0]["absent"] == [2] and len(joined) == 1 and joined[0] >= 2
+    first = rounds[joined[0] - 1]
+    assert first["received_from"]["2"] == [1]  # its predecessor's payload ...
+    assert first["nodes"]["2"]["priors_frozen"] == 1.0  # ... taken by Algorithm 2
+    assert rounds[-1]["received_from"]["0"] == [2]  # and its successor now hears from it
+    assert all(r["failed"] == [] for r in rounds)
+    for partition in ("0", "1"):
+        assert rounds[-1]["nodes"][partition]["rounds_trained"] == 5
 
 
 def test_with_tls_an_unregistered_supernode_is_refused(tmp_path):

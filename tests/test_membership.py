@@ -14,7 +14,9 @@ from tests.fake_grid import FakeGrid
 
 def run(grid: FakeGrid, rounds: int, **loop_args) -> tuple[RoundLoop, list[dict]]:
     records: list[dict] = []
-    loop = RoundLoop(Relay(Ring()), node_wait_timeout=20, on_round=records.append, **loop_args)
+    loop = RoundLoop(
+        Relay(Ring()), node_wait_timeout=20, round_timeout=1, on_round=records.append, **loop_args
+    )
     loop.start(grid, num_rounds=rounds)
     return loop, records
 
@@ -87,15 +89,15 @@ def test_a_restarted_node_rejoins_under_its_new_id_and_gets_its_predecessors_pay
 def test_a_node_that_appears_late_joins_the_ring_at_its_partition():
     grid = FakeGrid(4)
     grid.hidden = {2}
-    train = grid.send_and_receive
+    answer = grid.answer
 
-    def register_after_round_2(messages, *, timeout=None):
-        replies = train(messages, timeout=timeout)
+    def register_after_round_2(msg):
+        reply = answer(msg)
         if (1, 2) in grid.order:
             grid.hidden = set()
-        return replies
+        return reply
 
-    grid.send_and_receive = register_after_round_2
+    grid.answer = register_after_round_2
     loop, records = run(grid, rounds=5, min_nodes=3)
     assert [rec["absent"] for rec in records] == [[2], [2], [], [], []]
     assert [rec["joined"] for rec in records] == [[], [], [2], [], []]

@@ -21,9 +21,10 @@ from tests.fake_grid import FakeGrid
 
 def run(grid: FakeGrid, mode: str, rounds: int = 3) -> list[dict]:
     records: list[dict] = []
-    RoundLoop(Relay(Ring()), mode=mode, node_wait_timeout=5, on_round=records.append).start(
-        grid, num_rounds=rounds
+    loop = RoundLoop(
+        Relay(Ring()), mode=mode, node_wait_timeout=5, round_timeout=1, on_round=records.append
     )
+    loop.start(grid, num_rounds=rounds)
     return records
 
 
