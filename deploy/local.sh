@@ -17,7 +17,8 @@
 # 0.0.0.0 to accept other devices), NODE_PORT_BASE (9094: SuperNode k serves its
 # ClientApps on NODE_PORT_BASE + k), TLS (0; 1: certificates and node keys from
 # DEPLOY_DIR/certs), SUPERLINK_NAME (an extra DNS name for the SuperLink's certificate),
-# CHECKPOINTS (1: each node keeps its state and decoded data in DEPLOY_DIR/node-k; 0: none).
+# CHECKPOINTS (1: each node keeps its state and decoded data in DEPLOY_DIR/node-k; 0: none),
+# NODE_THREADS (1: torch threads per ClientApp process, as the nodes share this host).
 set -euo pipefail
 
 DEPLOY_DIR=${DEPLOY_DIR:-.deploy}
@@ -101,8 +102,10 @@ start_node() {  # partition-id, num-partitions
     local k=$1 n=$2
     local config="partition-id=$k num-partitions=$n"
     if [[ ${CHECKPOINTS:-1} == 1 ]]; then config="$config checkpoint-dir=\"$DEPLOY_DIR/node-$k\""; fi
+    # Several SuperNodes share this host's cores: each ClientApp process gets NODE_THREADS
+    # torch threads (1 by default: 3 nodes x 2 threads on 2 cores oversubscribe them).
     # shellcheck disable=SC2046
-    spawn "supernode-$k" flower-supernode $(node_security "$k") \
+    OMP_NUM_THREADS=${NODE_THREADS:-1} spawn "supernode-$k" flower-supernode $(node_security "$k") \
         --superlink "127.0.0.1:$SUPERLINK_PORT" \
         --port $((NODE_PORT_BASE + k)) \
         --node-config "$config"

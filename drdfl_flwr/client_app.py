@@ -79,7 +79,9 @@ def run_key(msg: Message, context: Context) -> str:
     return str(config.get(RUN_KEY, context.run_id))
 
 
-def restore(context: Context, key: str) -> tuple[ClientData, Learner, bool]:
+def restore(
+    context: Context, key: str, clock: Stopwatch | None = None
+) -> tuple[ClientData, Learner, bool]:
     """The node's data and its learner as ``context.state`` holds it: the warm learner of
     this process when it holds that very state (see :mod:`drdfl_flwr.warm`), else built
     and loaded from the saved bytes, else (a restarted SuperNode, a resumed run) from the
@@ -87,6 +89,8 @@ def restore(context: Context, key: str) -> tuple[ClientData, Learner, bool]:
     cfg = RunConfig.from_run_config(context.run_config)
     partition_id, num_partitions = node_partition(context)
     data = load_client_data(cfg, partition_id, num_partitions, data_cache_dir(context))
+    if clock is not None:
+        clock.lap("time_load_data")
     saved = context.state.config_records.get(STATE_KEY)
     token = str(saved["token"]) if saved is not None and "token" in saved else None
     learner = WARM.take(warm_key(context), token)
@@ -146,7 +150,7 @@ def train(msg: Message, context: Context) -> Message:
     clock = Stopwatch()
     round_config = msg.content.config_records.get(CONFIG, ConfigRecord())
     key = run_key(msg, context)
-    data, learner, warm = restore(context, key)
+    data, learner, warm = restore(context, key, clock)
     clock.lap("time_restore")
     isolated = learner.cfg.isolated
     # Decoded and validated before anything changes; a bad payload costs only itself and

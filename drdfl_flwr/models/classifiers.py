@@ -12,7 +12,6 @@ import math
 from collections.abc import Callable
 
 import torch
-import torchvision
 from torch import nn
 
 from drdfl_flwr.models.resnet8 import resnet8_cifar
@@ -61,6 +60,10 @@ class SmallCNN(nn.Module):
 
 def resnet18_cifar(in_channels: int, num_classes: int, norm: Norm = nn.BatchNorm2d) -> nn.Module:
     """torchvision's ResNet-18 with the CIFAR stem (3x3 stride-1 conv, no max-pool)."""
+    # imported here: torchvision pulls in torch._dynamo, 2-4 s per process, which every
+    # deployed message (a fresh ClientApp process) would pay for the smaller classifiers
+    import torchvision
+
     net = torchvision.models.resnet18(num_classes=num_classes, norm_layer=norm)
     net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
     net.maxpool = nn.Identity()
