@@ -108,12 +108,26 @@ def node_work(records: list[dict]) -> float:
     return typical(per_round)
 
 
+def step_medians(records: list[dict]) -> str:
+    """Each timed step's median over nodes and rounds 2..R (where a node's time goes)."""
+    later = records[1:] or records
+    steps = sorted(
+        {k for r in later for n in r["nodes"].values() for k in n if k.startswith("time_")}
+    )
+    medians = {
+        k: statistics.median(n.get(k, 0.0) for r in later for n in r["nodes"].values())
+        for k in steps
+    }
+    return ", ".join(f"{k.removeprefix('time_')} {v:.2f}" for k, v in medians.items())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--app", type=Path, default=ROOT, help="the drdfl-flwr checkout to run")
     args = parser.parse_args()
     rows: list[tuple[str, list[float], float | None]] = []
+    steps: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         with Deployment(work / "a", checkpoints=False) as nodes:
@@ -137,6 +151,8 @@ def main() -> None:
         shown = " ".join(f"{s:.1f}" for s in seconds)
         node = f"{work_s:12.2f}" if work_s is not None else f"{'-':>12}"
         print(f"{name:26} {typical(seconds):22.2f} {typical(seconds) / floor:8.2f} {node}  {shown}")
+    for name, medians in steps.items():
+        print(f"{name}: median seconds per step: {medians}")
 
 
 if __name__ == "__main__":
