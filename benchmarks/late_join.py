@@ -53,7 +53,7 @@ def main() -> None:
         others = [
             100 * history[-1]["nodes"][k]["local_t_acc"] for k in range(args.clients) if k != joiner
         ]
-        gap = ring.learners[joiner].stats.mu - ring.learners[joiner - 1].stats.mu
+        gap = (ring.learners[joiner].stats.mu - ring.learners[joiner - 1].stats.mu).detach()
         print(
             f"{name:12} {' '.join(f'{a:5.1f}' for a in local):>60}  "
             f"{global_t[0]:11.1f} {global_t[-1]:12.1f}  {float(gap.norm(dim=1).mean()):20.3f}  "
