@@ -8,7 +8,6 @@ import torch
 from datasets import Dataset
 from PIL import Image
 
-import drdfl_flwr.data as data_module
 from drdfl_flwr.config import ConfigError, RunConfig
 from drdfl_flwr.data import load_client_data, split_test_like_train
 
@@ -80,7 +79,9 @@ def test_svhn_hub_path_on_data_the_test_makes(monkeypatch):
         def load_split(self, name):
             return split(60 if name == "train" else 20)
 
-    monkeypatch.setattr(data_module, "FederatedDataset", FakeHub)
+    import flwr_datasets  # data.py imports it where used (it is slow to import)
+
+    monkeypatch.setattr(flwr_datasets, "FederatedDataset", FakeHub)
     client = load_client_data(RunConfig(dataset="svhn", partitioner="iid", seed=3), 0, 2)
     assert client.x_train.shape == (30, 3, 32, 32)
     assert client.num_classes == 10
