@@ -274,6 +274,11 @@ class RoundLoop(Strategy):
                         f"nodes {known[partition_id]} and {node_id} both say "
                         f"partition-id={partition_id}"
                     )
+                if self.min_nodes > num_partitions:
+                    raise ValueError(
+                        f"min-nodes={self.min_nodes} exceeds the nodes' "
+                        f"num-partitions={num_partitions}"
+                    )
                 known[partition_id] = node_id
                 expected = num_partitions
             if expected is not None and len(known) >= (self.min_nodes or expected):
@@ -318,14 +323,16 @@ class RoundLoop(Strategy):
         suspended_ids = {self.members[p].node_id for p in self.suspended}
         strangers = [n for n in listed if n not in self.position_of]
         self._ask(grid, strangers + sorted(suspended_ids & listed))
-        for node_id, partition_id, _ in self._answers(grid, strict=False):
-            if not 0 <= partition_id < len(self.members):
+        for node_id, partition_id, num_partitions in self._answers(grid, strict=False):
+            if num_partitions != len(self.members) or not 0 <= partition_id < num_partitions:
                 log(
                     WARNING,
-                    "round %d: node %d names partition %d, outside this ring of %d; ignored",
+                    "round %d: node %d says partition-id=%d num-partitions=%d, not a place "
+                    "in this ring of %d; ignored (check its node config)",
                     server_round,
                     node_id,
                     partition_id,
+                    num_partitions,
                     len(self.members),
                 )
                 continue

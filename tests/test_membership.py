@@ -141,3 +141,28 @@ def test_inconsistent_node_configs_are_named(answers, message):
     grid.pull_messages = lying_pull
     with pytest.raises(ValueError, match=message):
         RoundLoop(Relay(Ring()), node_wait_timeout=5).discover(grid)
+
+
+def test_min_nodes_above_num_partitions_is_named():
+    with pytest.raises(ValueError, match="min-nodes=5 exceeds the nodes' num-partitions=3"):
+        RoundLoop(Relay(Ring()), node_wait_timeout=5, min_nodes=5).discover(FakeGrid(3))
+
+
+def test_a_late_node_with_another_num_partitions_is_not_admitted():
+    grid = FakeGrid(3)
+    grid.hidden = {2}
+    pull = grid.pull_messages
+
+    def pull_then_show_a_misconfigured_node(ids):
+        replies = pull(ids)
+        for reply in replies:
+            info = reply.content.config_records.get("config")
+            if info is not None and info["partition-id"] == 2:  # it says M = 4
+                info["num-partitions"] = 4
+        grid.hidden = set()
+        return replies
+
+    grid.pull_messages = pull_then_show_a_misconfigured_node
+    _, records = run(grid, rounds=3, min_nodes=2)
+    assert [rec["absent"] for rec in records] == [[2], [2], [2]]
+    assert all(rec["joined"] == [] for rec in records)
