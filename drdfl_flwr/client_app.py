@@ -73,6 +73,11 @@ def warm_key(context: Context) -> tuple[int, int, int]:
     return context.run_id, context.node_id, node_partition(context)[0]
 
 
+def server_round(msg: Message) -> int:
+    """The round the relay sent this message in (0 when absent: a message from elsewhere)."""
+    return int(msg.content.config_records.get(CONFIG, ConfigRecord()).get("server-round", 0))
+
+
 def run_key(msg: Message, context: Context) -> str:
     """The run whose checkpoints this message belongs to (see drdfl_flwr.checkpoint)."""
     config = msg.content.config_records.get(CONFIG, ConfigRecord())
@@ -155,8 +160,7 @@ def train(msg: Message, context: Context) -> Message:
     isolated = learner.cfg.isolated
     # Decoded and validated before anything changes; a bad payload costs only itself and
     # the node trains on (drdfl_flwr.intake). The reasons go back to the relay.
-    server_round = int(round_config.get("server-round", 0))
-    intake = Intake() if isolated else take_in(learner, msg.content, server_round)
+    intake = Intake() if isolated else take_in(learner, msg.content, server_round(msg))
     for sender, reason in intake.rejections.items():
         log(
             WARNING,
@@ -203,9 +207,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     clock = Stopwatch()
     data, learner, _ = restore(context, run_key(msg, context))
     clock.lap("time_eval_restore")
-    round_config = msg.content.config_records.get(CONFIG, ConfigRecord())
-    server_round = int(round_config.get("server-round", 0))
-    intake = Intake() if learner.cfg.isolated else take_in(learner, msg.content, server_round)
+    intake = Intake() if learner.cfg.isolated else take_in(learner, msg.content, server_round(msg))
     for sender, reason in intake.rejections.items():
         log(
             WARNING,
