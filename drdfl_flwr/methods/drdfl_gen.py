@@ -49,7 +49,6 @@ results folder).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -65,7 +64,6 @@ from drdfl_flwr.methods.drdfl import (
     reconstruction_loss,
 )
 from drdfl_flwr.models.vae import Decoder
-from drdfl_flwr.payload import Incoming
 from drdfl_flwr.registry import MethodSpec
 
 CLASS_MIXES = ("uniform", "absent", "local")
@@ -140,20 +138,11 @@ class DRDFLGenLearner(DRDFLLearner):
     def shared_modules(self) -> dict[str, nn.Module]:
         return {"learngene": self.learngene, "decoder": self.decoder}
 
-    def absorb(self, incoming: Sequence[Incoming]) -> None:
-        super().absorb(incoming)  # validates everything first; raises before any change
-        self.keep_received_stats(incoming)
-
-    def join(self, incoming: Sequence[Incoming]) -> None:
-        super().join(incoming)  # validates everything first; raises before any change
-        self.keep_received_stats(incoming)
-
-    def keep_received_stats(self, incoming: Sequence[Incoming]) -> None:
-        """The statistics the received decoder was trained with, for generation."""
-        if incoming:
-            mu = torch.stack([i.tensors["stats.mu"].float() for i in incoming]).mean(0)
-            var = torch.stack([i.tensors["stats.var"].float() for i in incoming]).mean(0)
-            self.received_stats = (mu.to(self.device), var.to(self.device))
+    def load_shared(self, received: dict[str, torch.Tensor], own_weight: float) -> None:
+        """Also keep the statistics the received decoder was trained with, for generation
+        (absorb and join both come here once everything received is validated)."""
+        super().load_shared(received, own_weight)
+        self.received_stats = (received["stats.mu"], received["stats.var"])
 
     # -- generation ----------------------------------------------------------------------
     def generation_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
