@@ -192,3 +192,18 @@ def test_every_conf_file_is_a_valid_grid():
         assert grid.runs, conf
         for run in grid.runs:
             assert json.dumps(run.cfg.to_run_config())
+
+
+def test_a_run_in_which_every_node_failed_is_recorded_failed_not_done(tmp_path):
+    """Every node raising leaves a metrics.jsonl of failed rounds and a summary without
+    a single evaluated round: that is a failure of the cell, not a result."""
+    grid = load_grid(write_conf(tmp_path))
+
+    def all_nodes_fail(cfg, num_clients, **kwargs):
+        writer = ResultsWriter(run_dir_for(cfg), cfg.to_run_config())
+        writer.log_round({"round": 1, "seconds": 0.1, "failed": [0, 1], "mean": {}, "std": {}})
+        return writer.finish()
+
+    outcomes = run_grid(grid, tmp_path / "out", simulate_fn=all_nodes_fail, echo=lambda _: None)
+    assert {o.status for o in outcomes} == {FAILED}
+    assert "every node failed" in outcomes[0].error

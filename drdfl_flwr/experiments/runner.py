@@ -17,8 +17,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from drdfl_flwr.data import data_identity
 from drdfl_flwr.experiments.grid import Grid, GridRun
-from drdfl_flwr.experiments.outcomes import DONE, FAILED, RunOutcome, read_outcome
+from drdfl_flwr.experiments.outcomes import (
+    DONE,
+    FAILED,
+    RunOutcome,
+    read_outcome,
+    write_data_identity,
+)
 
 Echo = Callable[[str], None]
 
@@ -110,13 +117,20 @@ def run_grid(
             shutil.rmtree(run_dir)
         cfg = run.cfg.replace(results_dir=str(runs_dir), run_name=run.run_id)
         try:
-            simulate_fn(
+            identity = data_identity(cfg)  # what the run reads, taken before it reads it
+            summary = simulate_fn(
                 cfg,
                 grid.options.clients,
                 cpus_per_client=grid.options.cpus_per_client,
                 gpus_per_client=grid.options.gpus_per_client,
                 on_round=progress.round_done,
             )
+            if not summary.get("last"):  # a run whose every node failed is no result
+                raise RuntimeError(
+                    "no node returned an evaluation in any round: every node failed "
+                    f"(see the log and {run_dir / 'metrics.jsonl'})"
+                )
+            write_data_identity(run_dir, identity)
         except Exception as err:  # noqa: BLE001 - recorded in the table, the grid goes on
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "run_config.json").write_text(json.dumps(cfg.to_run_config(), indent=2))
