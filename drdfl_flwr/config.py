@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Self
 
 DATASETS = ("digits", "cifar10", "cifar100", "svhn")
 MODES = ("synchronous", "sequential")
-TOPOLOGIES = ("auto", "ring", "bi-ring", "full", "random-k", "star")
+TOPOLOGIES = ("auto", "ring", "bi-ring", "full", "random-k", "fixed-random", "star")
 PARTITIONERS = ("dirichlet", "shard", "iid")
 CLASSIFIERS = ("small-cnn", "resnet8", "resnet18", "alexnet-dslth")
 DENSE_CLASSIFIERS = ("small-cnn", "resnet8", "resnet18")  # alexnet-dslth is DSLTH-only

@@ -8,7 +8,9 @@ neighbour connects to the next one), so a dead node never silences the rest.
 The DRDFL paper's Tables 8-9 compare a directed ring (the default), a fully connected
 graph, a dynamic random graph and the star of centralized FL; DisPFL and DFedPGP call
 "ring" the bidirectional one (left and right neighbours). The star has no
-in-neighbours: its hub reduces every reply (:mod:`strategies.hub`).
+in-neighbours: its hub reduces every reply (:mod:`strategies.hub`). ``fixed-random``
+stands for the fixed undirected graph DSLTH's release trains on (MCE-PL's
+``20_adj_matrix.txt``: 20 nodes, 2 to 14 neighbours, mean 10.4).
 """
 
 from __future__ import annotations
@@ -89,6 +91,62 @@ class RandomK(Topology):
         return sorted(rng.sample(others, min(self.k, len(others))))
 
 
+class FixedRandom(Topology):
+    """A fixed, connected, undirected random graph: the same in every round, drawn only
+    from ``seed`` and the number of nodes. It has ``max(M - 1, round(M * k / 2))``
+    edges (capped at all ``M (M - 1) / 2`` pairs), so the mean degree is ``k`` (at
+    most ``M - 1``): a random spanning tree (each node, in a seeded random order, linked
+    to one node before it) keeps it connected, and the remaining edges are drawn
+    uniformly from the pairs left. This stands for the release of DSLTH / MCE-PL, whose
+    ``20_adj_matrix.txt`` is one fixed undirected graph of 20 nodes with 2 to 14
+    neighbours (mean 10.4): ``topology-k = 10`` gives 100 edges, mean degree 10.
+
+    A dead node is nobody's in-neighbour; unlike the rings, nobody is rewired to stand
+    in for it (the graph is fixed, as in the release)."""
+
+    name = "fixed-random"
+
+    def __init__(self, k: int, seed: int) -> None:
+        if k < 1:
+            raise ValueError(f"topology-k must be >= 1, got {k}")
+        self.k = k
+        self.seed = seed
+        self._graphs: dict[int, list[set[int]]] = {}
+
+    def adjacency(self, num_nodes: int) -> list[set[int]]:
+        """The neighbours of each of the ``num_nodes`` positions (symmetric, no loops)."""
+        if num_nodes not in self._graphs:
+            self._graphs[num_nodes] = self._draw(num_nodes)
+        return self._graphs[num_nodes]
+
+    def _draw(self, num_nodes: int) -> list[set[int]]:
+        rng = random.Random(f"fixed-random/{self.seed}/{num_nodes}")
+        neighbours: list[set[int]] = [set() for _ in range(num_nodes)]
+        order = list(range(num_nodes))
+        rng.shuffle(order)
+        for i in range(1, num_nodes):  # a random spanning tree: connected
+            a, b = order[i], order[rng.randrange(i)]
+            neighbours[a].add(b)
+            neighbours[b].add(a)
+        pairs = num_nodes * (num_nodes - 1) // 2
+        edges = min(pairs, max(num_nodes - 1, round(num_nodes * self.k / 2)))
+        free = [
+            (a, b)
+            for a in range(num_nodes)
+            for b in range(a + 1, num_nodes)
+            if b not in neighbours[a]
+        ]
+        for a, b in rng.sample(free, edges - (num_nodes - 1) if num_nodes else 0):
+            neighbours[a].add(b)
+            neighbours[b].add(a)
+        return neighbours
+
+    def in_neighbours(self, position, num_nodes, alive, server_round):
+        if not 0 <= position < num_nodes:
+            return []
+        return sorted(p for p in self.adjacency(num_nodes)[position] if p in alive)
+
+
 class Star(Topology):
     """The centralized baselines' star: nodes hear only from the hub."""
 
@@ -98,11 +156,12 @@ class Star(Topology):
         return []
 
 
-TOPOLOGY_NAMES = ("ring", "bi-ring", "full", "random-k", "star")
+TOPOLOGY_NAMES = ("ring", "bi-ring", "full", "random-k", "fixed-random", "star")
 
 
 def build_topology(name: str, k: int = 2, seed: int = 0) -> Topology:
-    """The topology called ``name`` (``k`` and ``seed`` are used by random-k only)."""
+    """The topology called ``name`` (``k`` and ``seed`` are used by random-k, as the
+    number of in-neighbours, and fixed-random, as the mean degree, only)."""
     if name == "ring":
         return Ring()
     if name == "bi-ring":
@@ -111,6 +170,8 @@ def build_topology(name: str, k: int = 2, seed: int = 0) -> Topology:
         return FullyConnected()
     if name == "random-k":
         return RandomK(k, seed)
+    if name == "fixed-random":
+        return FixedRandom(k, seed)
     if name == "star":
         return Star()
     raise ValueError(f"unknown topology {name!r}; choose one of {', '.join(TOPOLOGY_NAMES)}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from flwr.app import RecordDict
 from drdfl_flwr.bitpack import pack_bits, packed_length, unpack_bits
 from drdfl_flwr.config import ConfigError, RunConfig
 from drdfl_flwr.data import ClientData
+from drdfl_flwr.learner import build_learner
 from drdfl_flwr.methods.dslth import DSLTHLearner, keep_ratios_for
 from drdfl_flwr.models.masked import MaskedAlexNet, MaskedConv2d, kept_entries
 from drdfl_flwr.payload import (
@@ -20,7 +22,10 @@ from drdfl_flwr.payload import (
     peers,
     to_array_record,
 )
+from strategies.topology import build_topology
 from tests.conftest import make_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SHAPE = (1, 8, 8)
 K = 4
@@ -78,7 +83,7 @@ def test_payload_is_one_bit_per_entry_plus_small_header():
 
 def test_released_mce_pl_network():
     """models/alex_cifar_att2.py of ZhuoJTian/MCE-PL: 1,227,328 mask entries for K = 10."""
-    net = MaskedAlexNet((3, 32, 32), 10, (0.3, 0.9), weight_seed=0, score_seed=1)
+    net = MaskedAlexNet((3, 32, 32), 10, (0.3, 0.9), weight_seed=0, score_seed=1, mask_seed=2)
     layers = net.masked_layers()
     assert [tuple(m.weight.shape) for m in layers.values()] == [
         (64, 3, 5, 5),
@@ -120,6 +125,36 @@ def test_nodes_share_fixed_weights_but_not_scores():
     assert not torch.equal(a.net.features[0].scores.detach(), b.net.features[0].scores.detach())
     other_seed = DSLTHLearner(make_cfg(seed=4), SHAPE, K)
     assert not torch.equal(other_seed.net.features[0].weight, wa["features.0"])
+
+
+def initial_masks(learner: DSLTHLearner) -> dict[str, torch.Tensor]:
+    return {n: m.neighbour_mean.clone() for n, m in learner.net.masked_layers().items()}
+
+
+def test_every_node_starts_from_one_initial_neighbour_mask():
+    """The release draws one Bernoulli(r) mask_list and gives it to every client: the same
+    on every node, from the run seed only (not the partition, not the global RNG)."""
+    cfg = make_cfg()
+    a = build_learner(cfg, SHAPE, K, partition_id=0)
+    torch.manual_seed(12345)
+    b = DSLTHLearner(cfg, SHAPE, K, partition_id=7)
+    ma, mb = initial_masks(a), initial_masks(b)
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)
+    for name, layer in a.net.masked_layers().items():
+        assert set(ma[name].unique().tolist()) <= {0.0, 1.0}  # a binary mask, as released
+        if layer.num_entries >= 1000:
+            assert abs(ma[name].mean().item() - layer.keep_ratio) < 0.05  # Bernoulli(r)
+    assert a.shared_payload().keys() == b.shared_payload().keys()
+    assert any(  # ... while the scores, and so the sent masks, stay private
+        not torch.equal(a.shared_payload()[k], b.shared_payload()[k]) for k in a.shared_payload()
+    )
+    other = initial_masks(DSLTHLearner(make_cfg(seed=4), SHAPE, K, partition_id=0))
+    assert not any(torch.equal(ma[k], other[k]) for k in ma)  # another seed, another mask
+    # nodes with their own keep ratios threshold the same draws: nested masks
+    cfg = make_cfg(dslth_keep_ratios="0.2/0.5,0.6/0.95")
+    low = initial_masks(DSLTHLearner(cfg, SHAPE, K, partition_id=0))
+    high = initial_masks(DSLTHLearner(cfg, SHAPE, K, partition_id=1))
+    assert all(bool((low[k] <= high[k]).all()) and not torch.equal(low[k], high[k]) for k in low)
 
 
 def test_fixed_weights_do_not_change_during_training():
@@ -211,6 +246,51 @@ def test_released_round_is_one_sgd_step_then_masked_finetuning():
     assert torch.allclose(layer.scores.detach(), expected, atol=1e-6)
 
 
+def test_a_node_is_scored_after_the_finetuning_step_with_the_new_masks():
+    """The release scores each client after update_localpop (the fine-tuning with the
+    masks just received). Here those masks arrive at the start of the next round, so a
+    node's round (absorb -> fit -> evaluate, as the ClientApp runs it) must score the
+    model absorb left, not the one fit's SGD step has just made."""
+    cfg = make_cfg()
+    node = DSLTHLearner(cfg, SHAPE, K)
+    data = make_data(n=64)
+    node.fit(data)  # round 1's step
+    before_finetune = DSLTHLearner(cfg, SHAPE, K)
+    before_finetune.load_bytes(node.to_bytes())
+    node.absorb(peers(*received_masks()))  # round 2: the new masks, the fine-tuning step
+    finetuned = DSLTHLearner(cfg, SHAPE, K)
+    finetuned.load_bytes(node.to_bytes())
+    node.fit(data)  # round 2's step
+    stepped = DSLTHLearner(cfg, SHAPE, K)
+    stepped.load_bytes(node.to_bytes())
+
+    scored: list[torch.Tensor] = []  # the logits evaluate sees: local test, then global
+    predict = node.predict
+
+    def recording_predict(x: torch.Tensor) -> torch.Tensor:
+        scored.append(predict(x))
+        return scored[-1]
+
+    node.predict = recording_predict
+    metrics = node.evaluate(data)
+    x_local, x_global = data.x_local_test, data.x_global_test
+    assert torch.equal(scored[0], finetuned.predict(x_local))
+    assert torch.equal(scored[1], finetuned.predict(x_global))
+    assert metrics == finetuned.evaluate(data)
+    # the three models differ, so the test tells the scoring points apart
+    assert not torch.equal(finetuned.predict(x_global), stepped.predict(x_global))
+    assert not torch.equal(finetuned.predict(x_global), before_finetune.predict(x_global))
+    # scoring changes nothing: the next round trains on from the stepped model
+    for name, layer in node.net.masked_layers().items():
+        assert torch.equal(layer.scores, stepped.net.masked_layers()[name].scores)
+    assert torch.equal(predict(x_global), stepped.predict(x_global))
+    # without a fit since the last absorb (an evaluation message), the current model
+    node.absorb(peers(*received_masks()))
+    scored.clear()
+    node.evaluate(data)
+    assert torch.equal(scored[1], predict(x_global))
+
+
 def test_scores_stay_bounded_and_masks_keep_moving_on_a_ring():
     """The reviewed bug: fusion written into the scores grew mean |z| ~1.5x per round and
     froze the masks. With fusion as a view, 15 rounds on a 2-node ring stay bounded."""
@@ -297,3 +377,20 @@ def test_bad_dslth_config_is_refused_by_run_config(key, value):
         make_cfg(**{key: value})
     expected = key.replace("_", "-").replace("dslth-", "dslth.", 1)
     assert err.value.key == expected
+
+
+def test_released_config_runs_on_the_fixed_random_graph():
+    """conf/dslth-released.toml: the release's fixed undirected graph (20 nodes, mean
+    degree 10.4) stood in for by fixed-random with mean degree 10, and 401 rounds (round
+    t + 1 scores the release's round t)."""
+    cfg = RunConfig.from_toml(ROOT / "conf" / "dslth-released.toml")
+    assert cfg.method == "dslth" and cfg.resolved_topology == "fixed-random"
+    assert cfg.topology_k == 10 and cfg.num_server_rounds == 401
+    topology = build_topology(cfg.resolved_topology, k=cfg.topology_k, seed=cfg.seed)
+    graph = [topology.in_neighbours(p, 20, set(range(20)) - {p}, 1) for p in range(20)]
+    assert sum(map(len, graph)) / 20 == 10
+    # so m_bar is a fraction: the mean of ~10 received masks, not a ring's 0 or 1
+    node = DSLTHLearner(make_cfg(), SHAPE, K, partition_id=0)
+    node.absorb(peers(*received_masks(partitions=graph[0])))
+    m_bar = node.net.features[0].neighbour_mean
+    assert ((m_bar > 0) & (m_bar < 1)).any()

@@ -22,11 +22,31 @@ One round (``dslth-procedure = "released"``, the release's ``train_MCE.py``):
    mini-batch of ``batch-size`` local samples (the release: 128), fusing with those masks;
 3. the binary mask top-r(|y|) is sent, packed 1 bit per entry.
 
-On a synchronous ring this is the release's order exactly: the fine-tuning of round t
+On a synchronous graph this is the release's order exactly: the fine-tuning of round t
 uses round t's gradient and the masks the neighbours sent in round t.
+
 ``dslth-procedure = "epochs"`` replaces step 2 by ``local-epochs`` epochs of the same
 SGD steps (``g`` is then the last step's gradient): more local computation per
 exchanged mask, for short runs.
+
+Where it is scored. The release scores every client after the fine-tuning step, with
+the new masks (``train_MCE.py``: ``client_update`` -> ``get_new_masks`` ->
+``update_localpop`` -> ``run_test``). A node here runs absorb -> fit -> evaluate ->
+send, and the masks of round t reach it only with round t + 1's message, so the
+fine-tuned model of round t exists only between absorb and fit of round t + 1. ``fit``
+therefore keeps a copy of the scores it starts from (what absorb's fine-tuning left,
+fused with the masks just received, which fit does not change), and :meth:`evaluate`
+scores the network with those scores (:meth:`scored_model`), not with the ones the
+round's SGD step has just moved. The Local-T / Global-T a node reports in round t + 1
+are thus the release's scores of its round t, computed on the same model; round 1
+reports the untrained network (the release has no score for it), and a run of R + 1
+rounds reports the release's R scored rounds (``conf/dslth-released.toml``: 401).
+The same holds for ``dslth-procedure = "epochs"``. Without a ``fit`` since the last
+absorb (an evaluation message), :meth:`evaluate` scores the current model.
+
+Before any mask arrives, every node fuses with the same initial neighbour mask, drawn
+from the run seed only (:func:`initial_mask_seed`), as the release hands one
+``mask_list`` to every client.
 
 An optional group lasso ``lambda * sum_filters ||y_filter||_2`` (``dslth-group-lasso``)
 is added to the loss (the release only logs it; lambda = 0 reproduces that).
@@ -39,7 +59,9 @@ sent the round before (``health_bits_flipped``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -111,7 +133,18 @@ def keep_ratios_for(opts: DSLTHOptions, partition_id: int) -> tuple[float, float
     return opts.keep_ratio_conv, opts.keep_ratio_fc
 
 
+def initial_mask_seed(seed: int) -> int:
+    """The seed of the initial neighbour mask: the run seed's, the same on every node, and
+    a stream of its own (neither the fixed weights' ``seed`` nor any node's scores)."""
+    digest = hashlib.sha256(f"dslth:initial-neighbour-mask:{seed}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 class DSLTHLearner(Learner):
+    # the mask a node sends is the top of its own scores; the fixed weights and the
+    # initial neighbour mask are common (tests/test_dslth.py)
+    NODE_SPECIFIC = (MASK_PREFIX,)
+
     def setup(self) -> None:
         cfg, partition_id = self.cfg, self.partition_id
         self.keep_ratios = keep_ratios_for(self.opts, partition_id)
@@ -123,6 +156,7 @@ class DSLTHLearner(Learner):
                 self.keep_ratios,
                 weight_seed=cfg.seed,  # shared by every node: the fixed weights
                 score_seed=cfg.seed * 1_000_033 + 7_919 * partition_id + 1,  # private
+                mask_seed=initial_mask_seed(cfg.seed),  # shared: the initial m_bar
                 init=self.opts.weight_init,
             )
         except ValueError as err:
@@ -134,6 +168,8 @@ class DSLTHLearner(Learner):
             momentum=0.0,
             weight_decay=self.opts.weight_decay,
         )
+        # The scores this round's fit started from: the model the release scores.
+        self.scored_scores: dict[str, torch.Tensor] | None = None
 
     # -- communication -------------------------------------------------------------
     def layer_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -188,6 +224,7 @@ class DSLTHLearner(Learner):
         self.net.has_received.fill_(True)
         if bool(self.net.has_grad):
             self.finetune()
+        self.scored_scores = None  # the current model is now the fine-tuned one
 
     @torch.no_grad()
     def finetune(self) -> None:
@@ -216,6 +253,10 @@ class DSLTHLearner(Learner):
         return parts
 
     def fit(self, data: ClientData) -> dict[str, float]:
+        # What absorb's fine-tuning left, with the masks just received: scored this round.
+        self.scored_scores = {
+            name: layer.scores.detach().clone() for name, layer in self.net.masked_layers().items()
+        }
         self.net.train()
         sums: dict[str, float] = {}
         steps = 0
@@ -265,9 +306,38 @@ class DSLTHLearner(Learner):
         self.net.eval()
         return self.net(x)
 
+    @contextmanager
+    def scored_model(self) -> Iterator[None]:
+        """Inside: the network as the release scores it, i.e. with the scores this round's
+        :meth:`fit` started from (after the fine-tuning step with the new masks); the
+        current scores are put back on exit. The current model if no fit ran since the
+        last absorb."""
+        if self.scored_scores is None:
+            yield
+            return
+        layers = self.net.masked_layers()
+        current = {name: layer.scores.detach().clone() for name, layer in layers.items()}
+        with torch.no_grad():
+            for name, layer in layers.items():
+                layer.scores.copy_(self.scored_scores[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, layer in layers.items():
+                    layer.scores.copy_(current[name])
+
+    def evaluate(self, data: ClientData) -> dict[str, float]:
+        """Local-T and Global-T after the fine-tuning step with the new masks, as the
+        release scores them (see the module docstring): the model :meth:`fit` started
+        from this round, not the one its step produced."""
+        with self.scored_model():
+            return super().evaluate(data)
+
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.net.check_weights()
+        self.scored_scores = None
 
 
 SPEC = MethodSpec(

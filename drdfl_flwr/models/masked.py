@@ -21,6 +21,13 @@ Every masked layer computes with ``w * m`` where
 * the top-r selection has the straight-through gradient, so
   ``dL/dz = (dL/dw_eff * w) * sign(y)``.
 
+Before any mask arrives, ``m_bar`` is one Bernoulli(r) mask per layer that every node
+shares, as the release draws a single ``mask_list`` and hands it to every client: it is
+drawn from its own generator seeded with ``mask_seed`` (derived from the run seed only,
+never the partition id, and independent of torch's global RNG). A node with its own
+keep ratio (``dslth.keep-ratios``) thresholds the same uniform draws at its own ``r``,
+so the initial masks of different ratios are nested.
+
 ``rescale`` (used by the small CNN, not by the released network) multiplies the
 effective weight by ``1 / sqrt(r)``, restoring the Kaiming variance of the kept
 sub-network; it scales activations only, never the shared ``w``.
@@ -87,6 +94,7 @@ class MaskedLayer(nn.Module):
         init: str,
         weight_generator: torch.Generator,
         score_generator: torch.Generator,
+        mask_generator: torch.Generator,
         bias: bool = False,
         rescale: bool = False,
     ) -> None:
@@ -104,8 +112,9 @@ class MaskedLayer(nn.Module):
         bound = 1.0 / math.sqrt(fan_in)  # Kaiming-uniform with a = sqrt 5, as released
         self.scores = nn.Parameter((torch.rand(shape, generator=score_generator) * 2 - 1) * bound)
         # Mean of the neighbours' latest binary masks; before any arrives, Bernoulli(r)
-        # samples as the release initialises it. Private, persistent, never trained.
-        initial = (torch.rand(shape, generator=score_generator) < keep_ratio).float()
+        # samples shared by every node (the shared mask generator), as the release
+        # initialises it. Persistent, never trained.
+        initial = (torch.rand(shape, generator=mask_generator) < keep_ratio).float()
         self.register_buffer("neighbour_mean", initial)
         # DSLTH's per-round bookkeeping, private and persistent: the last training step's
         # score gradient (for the fine-tuning step) and the mask sent last (to count
@@ -157,6 +166,7 @@ class MaskedConv2d(MaskedLayer):
         init: str,
         weight_generator: torch.Generator,
         score_generator: torch.Generator,
+        mask_generator: torch.Generator,
         rescale: bool = False,
     ) -> None:
         super().__init__(
@@ -165,6 +175,7 @@ class MaskedConv2d(MaskedLayer):
             init,
             weight_generator,
             score_generator,
+            mask_generator,
             bias=False,
             rescale=rescale,
         )
@@ -185,6 +196,7 @@ class MaskedLinear(MaskedLayer):
         init: str,
         weight_generator: torch.Generator,
         score_generator: torch.Generator,
+        mask_generator: torch.Generator,
         bias: bool = False,
         rescale: bool = False,
     ) -> None:
@@ -194,6 +206,7 @@ class MaskedLinear(MaskedLayer):
             init,
             weight_generator,
             score_generator,
+            mask_generator,
             bias=bias,
             rescale=rescale,
         )
@@ -256,10 +269,14 @@ class MaskedNet(nn.Module):
         return sum(layer.group_norms().sum() for layer in self.masked_layers().values())
 
 
-def _generators(weight_seed: int, score_seed: int) -> tuple[torch.Generator, torch.Generator]:
-    weights = torch.Generator().manual_seed(int(weight_seed))
-    scores = torch.Generator().manual_seed(int(score_seed))
-    return weights, scores
+def _generators(
+    weight_seed: int, score_seed: int, mask_seed: int
+) -> tuple[torch.Generator, torch.Generator, torch.Generator]:
+    """Generators of the shared fixed weights, the private scores and the shared initial
+    neighbour mask."""
+    return tuple(
+        torch.Generator().manual_seed(int(s)) for s in (weight_seed, score_seed, mask_seed)
+    )
 
 
 class MaskedAlexNet(MaskedNet):
@@ -277,13 +294,14 @@ class MaskedAlexNet(MaskedNet):
         keep_ratios: tuple[float, float],
         weight_seed: int,
         score_seed: int,
+        mask_seed: int,
         init: str = "kaiming-uniform",
     ) -> None:
         super().__init__()
         c, h, w = input_shape
         conv_r, fc_r = keep_ratios
-        gw, gs = _generators(weight_seed, score_seed)
-        conv = (conv_r, init, gw, gs)
+        gw, gs, gm = _generators(weight_seed, score_seed, mask_seed)
+        conv = (conv_r, init, gw, gs, gm)
         self.features = nn.Sequential(
             MaskedConv2d(c, 64, 5, 1, *conv),
             nn.ELU(),
@@ -300,7 +318,7 @@ class MaskedAlexNet(MaskedNet):
             nn.Flatten(),
         )
         flat = _flat_features(self.features, input_shape, "alexnet-dslth")
-        fc = (fc_r, init, gw, gs, True)
+        fc = (fc_r, init, gw, gs, gm, True)
         self.head = nn.Sequential(
             MaskedLinear(flat, 192, *fc),
             nn.ELU(),
@@ -321,6 +339,7 @@ class MaskedSmallCNN(MaskedNet):
         keep_ratios: tuple[float, float],
         weight_seed: int,
         score_seed: int,
+        mask_seed: int,
         init: str = "kaiming-uniform",
     ) -> None:
         super().__init__()
@@ -328,9 +347,9 @@ class MaskedSmallCNN(MaskedNet):
         if h % 4 or w % 4:
             raise ValueError(f"small-cnn needs height and width divisible by 4, got {h}x{w}")
         conv_r, fc_r = keep_ratios
-        gw, gs = _generators(weight_seed, score_seed)
-        conv = (conv_r, init, gw, gs, True)
-        fc = (fc_r, init, gw, gs, False, True)
+        gw, gs, gm = _generators(weight_seed, score_seed, mask_seed)
+        conv = (conv_r, init, gw, gs, gm, True)
+        fc = (fc_r, init, gw, gs, gm, False, True)
         self.features = nn.Sequential(
             MaskedConv2d(c, 32, 3, 1, *conv),
             nn.ReLU(),
@@ -371,10 +390,12 @@ def build_masked_classifier(
     keep_ratios: tuple[float, float],
     weight_seed: int,
     score_seed: int,
+    mask_seed: int,
     init: str = "kaiming-uniform",
 ) -> MaskedNet:
     """A masked network by ``classifier`` name; ``keep_ratios`` = (conv, fc).
-    Fixed weights depend on ``weight_seed`` only."""
+    Fixed weights depend on ``weight_seed`` only, the initial neighbour mask on
+    ``mask_seed`` (and the keep ratios) only, the scores on ``score_seed``."""
     if init not in WEIGHT_INITS:
         raise ValueError(f"unknown DSLTH weight init {init!r}; choose one of {WEIGHT_INITS}")
     if not all(0.0 < r <= 1.0 for r in keep_ratios):
@@ -386,4 +407,4 @@ def build_masked_classifier(
             f"classifier {name!r} has no masked version; DSLTH supports "
             f"{', '.join(MASKED_CLASSIFIERS)}"
         ) from None
-    return cls(input_shape, num_classes, keep_ratios, weight_seed, score_seed, init)
+    return cls(input_shape, num_classes, keep_ratios, weight_seed, score_seed, mask_seed, init)
