@@ -22,6 +22,18 @@ ALARMS: dict[str, str] = {
         "reconstruction by less than 1 %, so the shared Learngene carries no information "
         "(check drdfl-training, drdfl-ablation and the latent sizes)"
     ),
+    "alarm_fedfed_generator_idle": (
+        "FedFed's generator explains less than half the pixel variance beyond the mean "
+        "image (gen_rel_err > 0.5, worse than a 4-component PCA), so the "
+        "'performance-sensitive' features x - x_hat it shares keep most of each image "
+        "(train it longer: fedfed.distill-epochs, distill-rounds, weight-rec)"
+    ),
+    "alarm_fedfed_share_near_raw": (
+        "FedFed's shared features are close to the raw images (share_psnr_db > 20 dB "
+        "against their source images): the pool is near-raw data, a privacy leak, and any "
+        "gain is that of pooling data rather than of feature distillation (train the "
+        "generator longer or raise fedfed.sigma)"
+    ),
 }
 
 

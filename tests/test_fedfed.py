@@ -4,13 +4,29 @@ the pool; the phases switch at distill-rounds; a bad pool changes nothing."""
 
 from __future__ import annotations
 
+import logging
+import math
+
 import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 
-from baselines.fedfed import SHARE_X, SHARE_Y, FedFedLearner, balanced_indices
+from baselines.fedfed import (
+    MAX_REL_ERR,
+    MAX_SHARE_PSNR_DB,
+    PSNR_CAP_DB,
+    SHARE_X,
+    SHARE_Y,
+    FedFedLearner,
+    balanced_indices,
+    psnr_db,
+    relative_error,
+    share_alarms,
+)
+from drdfl_flwr import privacy
 from drdfl_flwr.config import ConfigError
+from drdfl_flwr.health import ALARMS
 from drdfl_flwr.learner import build_learner
 from drdfl_flwr.payload import PayloadError, from_array_record, from_hub, peers, to_array_record
 from strategies.reducers import ReductionError, Reply, fedfed
@@ -283,6 +299,7 @@ def test_options_and_schedule_are_validated():
         {"fedfed_share_fraction": 1.5},
         {"fedfed_distill_rounds": 0},
         {"fedfed_weight_kl": -1.0},
+        {"fedfed_distill_epochs": -1},
         {"fedfed_distill_rounds": 3, "num_server_rounds": 4},  # the pool would never be used
     ):
         with pytest.raises(ConfigError, match="fedfed|num-server-rounds"):
@@ -296,3 +313,128 @@ def test_reducer_output_is_plain_arrays():
     record = ArrayRecord({SHARE_X: Array(np.zeros((2, 1, 8, 8), np.float16))})
     out = fedfed([Reply(0, record, {"num-examples": 2.0})], None)
     assert out[SHARE_X].numpy().dtype == np.float16
+
+
+# -- health: is the generator splitting anything off? ------------------------------------------
+class FixedGenerator(torch.nn.Module):
+    """A stand-in generator: x_hat = x ("identity") or x_hat = a fixed image ("mean")."""
+
+    def __init__(self, image: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.image = image
+
+    def forward(self, x, noise=None):
+        x_hat = x.clone() if self.image is None else self.image.expand_as(x).clone()
+        zeros = torch.zeros(len(x), 4)
+        return x_hat, zeros, zeros
+
+
+def test_relative_error_is_against_the_mean_image_and_psnr_uses_the_data_range():
+    """Images that differ mostly by a per-pixel offset: predicting the mean image is
+    relative error 1 (not the much smaller error against the overall variance); PSNR is
+    10 log10(2^2 / MSE) per row, capped where the row equals its image."""
+    gen = torch.Generator().manual_seed(0)
+    offsets = torch.linspace(-0.9, 0.9, 64).view(1, 1, 8, 8)
+    x = (offsets + 0.05 * torch.randn((40, *SHAPE), generator=gen)).clamp(-1, 1)
+    assert relative_error(x, x) == 0.0
+    assert relative_error(x, x.mean(0, keepdim=True).expand_as(x)) == pytest.approx(1.0)
+    assert relative_error(x, torch.zeros_like(x)) > 50  # far worse than the mean image
+    assert math.isnan(relative_error(x[:1], x[:1]))  # no variance to compare with
+    noise = 0.1 * torch.randn(x.shape, generator=gen)
+    seen = (x + noise).clamp(-1, 1)  # a shared row is compared as an image would be shown
+    mse = (seen - x).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(psnr_db(x + noise, x), 10 * torch.log10(4.0 / mse))
+    assert (psnr_db(x, x) == PSNR_CAP_DB).all()
+    one = x[:1] + noise[:1]  # one row: the project's PSNR (privacy.psnr) exactly
+    assert psnr_db(one, x[:1]).item() == pytest.approx(privacy.psnr(one, x[:1]), abs=1e-4)
+
+
+def test_health_metrics_follow_what_the_generator_splits_off():
+    """A generator that reconstructs x exactly shares pure noise (relative error 0, PSNR
+    about 10 log10(4 / (E[x^2] + sigma^2)) = 10.5 dB on uniform [-1, 1] images, no alarm);
+    one that outputs the mean image shares x minus a constant plus noise (relative error
+    1, PSNR about 21 dB: both alarms). Distill rounds report the metrics too; pooled rounds
+    repeat the share round's values."""
+    data = random_client_data(48, seed=14)
+    healthy = node()
+    metrics = healthy.fit(data)  # distill round, untrained generator: measured on the probe
+    assert metrics["health_gen_rel_err"] == pytest.approx(1.0, abs=0.3)
+    assert 15 < metrics["health_share_psnr_db"] < 30
+    assert not any(k.startswith("alarm_") for k in metrics)  # no alarm while distilling
+    healthy.generator = FixedGenerator()
+    metrics = healthy.fit(data)  # share round
+    assert metrics["health_gen_rel_err"] == 0.0
+    sent = healthy.shared_payload()[SHARE_X].float()
+    want = psnr_db(sent, data.x_train).mean().item()
+    assert metrics["health_share_psnr_db"] == pytest.approx(want, abs=0.05)
+    assert metrics["health_share_psnr_db"] == pytest.approx(10.5, abs=0.5)
+    assert metrics["alarm_fedfed_generator_idle"] == metrics["alarm_fedfed_share_near_raw"] == 0
+
+    idle = node()
+    idle.fit(data)
+    trained, idle.generator = idle.generator, FixedGenerator(data.x_train.mean(0, keepdim=True))
+    metrics = idle.fit(data)
+    idle.generator = trained  # frozen from here on; the state keeps the share round's health
+    assert metrics["health_gen_rel_err"] == pytest.approx(1.0, rel=1e-4)
+    assert metrics["health_share_psnr_db"] == pytest.approx(21.3, abs=0.6)
+    assert metrics["alarm_fedfed_generator_idle"] == metrics["alarm_fedfed_share_near_raw"] == 1
+    shared_round = metrics
+    idle.absorb(from_hub(idle.shared_payload()))  # a one-node pool
+    later = idle.fit(data)
+    restored = node()
+    restored.load_bytes(idle.to_bytes())
+    for pooled in (later, restored.fit(data)):
+        for key in (
+            "health_gen_rel_err",
+            "health_share_psnr_db",
+            "alarm_fedfed_generator_idle",
+            "alarm_fedfed_share_near_raw",
+        ):
+            assert pooled[key] == pytest.approx(shared_round[key], rel=1e-6), key
+
+
+def test_the_warning_names_the_values_once_on_an_idle_generator_only(caplog):
+    data = random_client_data(48, seed=15)
+    runs = {}
+    for name, generator in (
+        ("good", FixedGenerator()),
+        ("idle", FixedGenerator(data.x_train.mean(0, keepdim=True))),
+    ):
+        learner = node(partition_id=3)
+        learner.fit(data)
+        learner.generator = generator
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="flwr"):
+            learner.fit(data)  # share round
+            learner.absorb(from_hub(learner.shared_payload()))
+            learner.fit(data)  # pooled round: the alarm stays up, the warning is not repeated
+        runs[name] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert runs["good"] == []
+    (message,) = runs["idle"]
+    assert "partition 3" in message and "1.00 of the pixel variance" in message
+    assert f"above {MAX_REL_ERR:.2f}" in message and f"above {MAX_SHARE_PSNR_DB:.0f} dB" in message
+    assert "21." in message  # the PSNR, named
+    assert message.endswith("fedfed_generator_idle, fedfed_share_near_raw")
+
+
+def test_thresholds_and_alarm_texts():
+    assert share_alarms(0.49, 19.9) == {
+        "alarm_fedfed_generator_idle": 0.0,
+        "alarm_fedfed_share_near_raw": 0.0,
+    }
+    assert share_alarms(0.51, 20.1) == {
+        "alarm_fedfed_generator_idle": 1.0,
+        "alarm_fedfed_share_near_raw": 1.0,
+    }
+    for key in share_alarms(1.0, 30.0):
+        assert key in ALARMS and "FedFed" in ALARMS[key]  # the ServerApp explains them
+
+
+def test_distill_epochs_set_the_generator_s_epochs_only():
+    """``distill-epochs = 3``: each distill round runs 3 epochs (2 batches each here); the
+    share and pooled rounds keep ``local-epochs`` (1). 0 means ``local-epochs``."""
+    data = random_client_data(32, seed=16)
+    learner = node(fedfed_distill_epochs=3)
+    assert learner.fit(data)["local_steps"] == 6
+    assert learner.fit(data)["local_steps"] == 2  # the share round
+    assert node().fit(data)["local_steps"] == 2

@@ -28,3 +28,17 @@ def test_alarm_is_reported_when_raised_cleared_and_at_the_last_round():
 
 def test_health_view_keeps_only_health_and_alarms():
     assert health_view(nodes(1)["1"]) == {"alarm_zl_unused": 1.0, "health_x": 1.0}
+
+
+def test_fedfed_alarms_are_explained_beside_drdfl_s():
+    """FedFed's two alarms reach the progress output with what they mean, not as bare
+    keys; a node raising both yields one message each."""
+    per_node = {
+        "0": {"alarm_fedfed_generator_idle": 1.0, "alarm_fedfed_share_near_raw": 1.0},
+        "1": {"alarm_fedfed_generator_idle": 1.0, "alarm_fedfed_share_near_raw": 0.0},
+    }
+    messages = AlarmTracker().update(4, per_node, last=False)
+    assert len(messages) == 2 and all(warn for warn, _ in messages)
+    idle, near_raw = sorted((text for _, text in messages), key=lambda t: "pixel variance" not in t)
+    assert "(partitions 0,1): FedFed's generator" in idle and "pixel variance" in idle
+    assert "(partitions 0): FedFed's shared features are close to the raw images" in near_raw
