@@ -44,7 +44,8 @@ class ClassifierLearner(Learner):
     """One classifier trained with cross-entropy; ``private_names()`` never leave the node."""
 
     def setup(self) -> None:
-        self.classifier = self.new_classifier()
+        with self.common_init():
+            self.classifier = self.new_classifier()
         self.optimizer = torch.optim.Adam(self.classifier.parameters(), lr=self.cfg.learning_rate)
 
     def private_names(self) -> set[str]:
@@ -126,7 +127,8 @@ class HeadBodyLearner(ClassifierLearner):
     with its own Adam, so that a phase can train one part alone (FedRep, DFedPGP)."""
 
     def setup(self) -> None:
-        self.classifier = self.new_classifier()
+        with self.common_init():  # the head too: one common model, as FedAvg's
+            self.classifier = self.new_classifier()
         head = self.head_parameter_names()
         named = dict(self.classifier.named_parameters())
         self.head_params = [p for n, p in named.items() if n in head]

@@ -62,6 +62,7 @@ from drdfl_flwr.config import MethodOptions
 from drdfl_flwr.data import ClientData
 from drdfl_flwr.learner import Learner
 from drdfl_flwr.methods.drdfl import kl_to_standard_normal, reconstruction_loss
+from drdfl_flwr.models.norm import running_stats_frozen
 from drdfl_flwr.models.vae import Decoder, _trunk
 from drdfl_flwr.payload import Incoming, Tensors, check_payload
 from drdfl_flwr.registry import MethodSpec
@@ -104,9 +105,8 @@ class ConditionalEncoder(nn.Module):
 class CVAELearner(Learner):
     def setup(self) -> None:
         opts = self.opts
-        with torch.random.fork_rng():
+        with self.common_init("encoder"):
             # The shared encoder starts identical on every node (private modules differ).
-            torch.manual_seed(self.cfg.seed)
             self.encoder = ConditionalEncoder(self.input_shape, self.num_classes, opts.latent_dim)
         self.decoder = Decoder(self.input_shape, opts.latent_dim + self.num_classes)
         self.classifier = self.new_classifier()
@@ -175,7 +175,8 @@ class CVAELearner(Learner):
             return l_ce, torch.zeros((), device=x.device)
         y_gen = self.sample_labels(counts, len(y), gen)
         x_gen = self.generate(y_gen, gen)
-        return l_ce, F.cross_entropy(self.classifier(x_gen), y_gen)
+        with running_stats_frozen(self.classifier):  # real images set the statistics
+            return l_ce, F.cross_entropy(self.classifier(x_gen), y_gen)
 
     def set_training(self, training: bool) -> None:
         for module in (self.encoder, self.decoder, self.classifier):

@@ -213,10 +213,14 @@ class MaskBank(nn.Module):
 
 
 class DisPFLLearner(Learner):
+    # each node draws its own initial mask (``different-initial``), so which values it
+    # sends differs too; the dense initialisation under the masks is common
+    # (tests/test_dispfl.py checks the entries both masks keep)
+    NODE_SPECIFIC = (MASK_PREFIX, VALUES_PREFIX)
+
     def setup(self) -> None:
         cfg, opts = self.cfg, self.opts
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)  # the common initialisation, identical on every node
+        with self.common_init():  # the common initialisation, identical on every node
             self.classifier = self.new_classifier()
         params = dict(self.classifier.named_parameters())
         self.shapes = {n: tuple(p.shape) for n, p in params.items()}

@@ -1,7 +1,7 @@
 """DRDFL-CFL (paper 001, Algorithm 3): DRDFL on the star. The hub averages the nodes'
 Learngenes and class statistics weighted by |D_m| (their training examples); every node
-replaces its Learngene by the average and pulls its statistics toward it as in
-Algorithm 1. Everything else, private modules included, is DRDFL's, from the same
+sets its Learngene and its class statistics to the average (Algorithm 3, line 4), where
+the ring's DRDFL pulls its statistics toward the received ones by EMA (Algorithm 1). Everything else, private modules included, is DRDFL's, from the same
 ``[drdfl]`` config section.
 """
 

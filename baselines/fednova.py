@@ -15,7 +15,7 @@ aggregate of round t - 1).
 Wire format (what the reducer consumes): ``update.<k>`` = d_i for every parameter of
 the classifier; ``start.<k>`` = x^t while the node has received no aggregate yet (round
 one: the hub has no x yet, and every node starts from the same seeded initialization,
-``torch.manual_seed(seed)`` in a forked RNG, so the start points agree bit for bit); the
+``Learner.common_init``, so the start points agree bit for bit); the
 fit metric ``fednova_a`` = ||a_i||_1 (the ClientApp adds ``num-examples``). The hub's
 aggregate is ``model.<k>`` for every floating-point state entry.
 
@@ -31,8 +31,10 @@ Choices and deviations:
   step normalization does not apply to them (JYWa/FedNova normalizes the optimizer's
   parameters only): they travel as ``mean.<k>`` and the hub averages them by examples,
   as FedAvg does. The integer ``num_batches_tracked`` stays on the node.
-- Prediction uses the node's classifier after its local round (trained from x^t), as the
-  project's FedAvg does: the next aggregate reaches the node only with the next round.
+- Local-T / Global-T score the node's classifier after its local round (trained from
+  x^t), the one evaluation point of every method (the DRDFL paper's Table 2 FedNova row,
+  90.8 Local-T, only makes sense so); the fresh x^{t+1} is scored apart, as every hub
+  method's, under ``aggregate_local_t_acc`` / ``aggregate_global_t_acc``.
 - If a node refuses an aggregate (a bad payload), it trains from the last x it accepted:
   its update is then relative to an older model than the hub applies it to. The hub
   keeps every node in step otherwise.
@@ -99,8 +101,7 @@ class FedNovaLearner(Learner):
     """``classifier``: the model trained this round (x_i); ``global_model``: x^t."""
 
     def setup(self) -> None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.cfg.seed)  # the same x^0 on every node
+        with self.common_init():  # the same x^0 on every node
             self.classifier = self.new_classifier()
         self.global_model = self.new_classifier()
         self.global_model.load_state_dict(self.classifier.state_dict())

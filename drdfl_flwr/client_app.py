@@ -29,7 +29,7 @@ from drdfl_flwr.checkpoint import (
 from drdfl_flwr.config import RunConfig
 from drdfl_flwr.data import ClientData, load_client_data
 from drdfl_flwr.intake import Intake, take_in
-from drdfl_flwr.learner import Learner, build_learner
+from drdfl_flwr.learner import Learner, build_learner, measured_fit
 from drdfl_flwr.payload import (
     ARTIFACTS,
     CONFIG,
@@ -171,7 +171,7 @@ def train(msg: Message, context: Context) -> Message:
         )
     clock.lap("time_absorb")
     torch.manual_seed(learner.round_seed)  # the same draws wherever the message runs
-    metrics = learner.fit(data)
+    metrics = measured_fit(learner, data)
     clock.lap("time_fit")
     save(context, learner, key)
     clock.lap("time_save")

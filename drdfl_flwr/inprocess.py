@@ -19,7 +19,7 @@ import torch
 
 from drdfl_flwr.config import RunConfig
 from drdfl_flwr.data import ClientData, load_client_data
-from drdfl_flwr.learner import Learner, build_learner
+from drdfl_flwr.learner import Learner, build_learner, measured_fit
 from drdfl_flwr.payload import peers
 from strategies.topology import Ring
 
@@ -76,7 +76,7 @@ def run_ring(
             if received is not None and not cfg.isolated:
                 learner.receive(peers(received), round_number)
             torch.manual_seed(learner.round_seed)
-            metrics = learner.fit(node_data)
+            metrics = measured_fit(learner, node_data)
             metrics.update(learner.evaluate(node_data))
             nodes[k] = metrics
             sent[k] = None if cfg.isolated else learner.shared_payload()

@@ -9,13 +9,17 @@ lets the relay and the hub route and reduce payloads without knowing what is in 
 
 from __future__ import annotations
 
+import hashlib
 import io
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from drdfl_flwr import registry
 from drdfl_flwr.config import ConfigError, RunConfig
@@ -23,10 +27,28 @@ from drdfl_flwr.data import ClientData
 from drdfl_flwr.payload import Incoming, PayloadError, Tensors
 
 
+def derived_seed(*parts: object) -> int:
+    """A 63-bit torch seed named by ``parts`` (``("common", seed, "model")``,
+    ``("private", seed, partition)``): independent streams for every name, so a node's
+    private modules can never be drawn from the same seed as the modules every node shares
+    (with ``seed * 7919 + partition`` and ``seed`` they were, for partition 0 of seed 0)."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 class Learner(ABC):
     """A method's local side. Subclasses build their modules and optimizers in
     :meth:`setup`; every such attribute is the node's private state. ``self.opts`` is the
-    method's validated config section (``None`` for a method without one)."""
+    method's validated config section (``None`` for a method without one).
+
+    Whatever a method averages, exchanges or replaces is built inside
+    :meth:`common_init`, so it starts bit-identical on every node (as Flower's FedAvg sends
+    its initial arrays): a first average of unrelated random networks is a worse start
+    than any node's own. Private modules are drawn from the node's own stream."""
+
+    # payload key prefixes that differ between freshly built nodes by design (a node's
+    # own sparse mask): excluded from :meth:`common_start`
+    NODE_SPECIFIC: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -43,11 +65,29 @@ class Learner(ABC):
         options = registry.method_spec(cfg.method).options
         self.opts = cfg.options(options.SECTION) if options is not None else None
         self.rounds_trained = 0
+        self.examples_drawn = 0  # local training examples drawn (see measured_fit)
         self.setup()
 
     @abstractmethod
     def setup(self) -> None:
         """Build the method's modules and optimizers from ``self.cfg`` and the data shape."""
+
+    @contextmanager
+    def common_init(self, part: str = "model") -> Iterator[None]:
+        """Draw the modules built inside from the run's common stream named ``part``
+        (identical on every node, whatever its partition), then give the node its own
+        stream back untouched."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derived_seed("common", self.cfg.seed, part))
+            yield
+
+    def common_start(self) -> Tensors:
+        """What every freshly built node of a run holds alike: the payload less the
+        :attr:`NODE_SPECIFIC` entries (tests/test_common_start.py checks it for every
+        registered method)."""
+        return {
+            k: v for k, v in self.shared_payload().items() if not k.startswith(self.NODE_SPECIFIC)
+        }
 
     @abstractmethod
     def absorb(self, incoming: Sequence[Incoming]) -> None:
@@ -140,14 +180,25 @@ class Learner(ABC):
         self.load_state_dict(torch.load(io.BytesIO(blob), map_location=self.device))
 
     @torch.no_grad()
-    def accuracy(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 128) -> float:
-        """Top-1 accuracy. Batches of 128: measured 1.3 s against 1.8 s for 512 on 2,000
-        CIFAR images with the small CNN on one CPU thread (the larger batch spills caches)."""
+    def accuracy(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int = 128,
+        log_prior: torch.Tensor | None = None,
+    ) -> float:
+        """Top-1 accuracy of :meth:`predict`, with ``log_prior`` added to the logits when
+        given (logit adjustment: a class-balanced classifier scored on a skewed set).
+        Batches of 128: measured 1.3 s against 1.8 s for 512 on 2,000 CIFAR images with
+        the small CNN on one CPU thread (the larger batch spills caches)."""
         if len(y) == 0:
             return float("nan")
         correct = 0
         for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True):
-            correct += (self.predict(xb.to(self.device)).argmax(1).cpu() == yb).sum().item()
+            logits = self.predict(xb.to(self.device))
+            if log_prior is not None:
+                logits = logits + log_prior.to(logits.device, logits.dtype)
+            correct += (logits.argmax(1).cpu() == yb).sum().item()
         return correct / len(y)
 
     def evaluate(self, data: ClientData) -> dict[str, float]:
@@ -165,6 +216,7 @@ class Learner(ABC):
         for _ in range(self.cfg.local_epochs if epochs is None else epochs):
             order = torch.randperm(n, generator=generator)
             for idx in order.split(self.cfg.batch_size):
+                self.examples_drawn += len(idx)
                 yield data.x_train[idx].to(self.device), data.y_train[idx].to(self.device)
 
     def supervised_epochs(
@@ -210,12 +262,35 @@ class Learner(ABC):
         return gen
 
 
+def measured_fit(learner: Learner, data: ClientData) -> dict[str, float]:
+    """``learner.fit(data)`` with its compute counted, for the tables' compute parity:
+    ``local_passes`` (local training examples drawn, over the training-set size: FedRep's
+    head and body phases make two, Local one) and ``optimizer_steps`` (every optimizer's
+    steps, including those a method builds inside ``fit``). The one way every round is
+    trained (ClientApp, in-process ring, benchmarks)."""
+    steps = [0]
+
+    def count(optimizer, args, kwargs) -> None:
+        steps[0] += 1
+
+    learner.examples_drawn = 0
+    handle = register_optimizer_step_post_hook(count)
+    try:
+        metrics = learner.fit(data)
+    finally:
+        handle.remove()
+    metrics["local_passes"] = learner.examples_drawn / max(len(data.y_train), 1)
+    metrics["optimizer_steps"] = float(steps[0])
+    return metrics
+
+
 def build_learner(
     cfg: RunConfig, input_shape: tuple[int, int, int], num_classes: int, partition_id: int = 0
 ) -> Learner:
-    """Instantiate the configured method with seeded initial weights."""
+    """Instantiate the configured method: shared modules from the run's common stream
+    (:meth:`Learner.common_init`), private ones from this node's own."""
     cls = registry.method_spec(cfg.method).learner
-    torch.manual_seed(cfg.seed * 7919 + partition_id)
+    torch.manual_seed(derived_seed("private", cfg.seed, partition_id))
     return cls(cfg, input_shape, num_classes, partition_id=partition_id)
 
 

@@ -22,6 +22,8 @@ from flwr.common import log
 from drdfl_flwr.health import health_view
 
 ACCURACY_KEYS = ("local_t_acc", "global_t_acc")
+# a hub method's fresh aggregate, scored apart from the after-training accuracies
+AGGREGATE_KEYS = ("aggregate_local_t_acc", "aggregate_global_t_acc")
 
 
 def mean_std(per_node: dict[Any, dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
@@ -150,6 +152,13 @@ class ResultsWriter:
             "mean_bytes_received_per_client_per_round": _mean(
                 r["mean"].get("bytes_received", 0.0) for r in self.rounds
             ),
+            # compute parity (drdfl_flwr.learner.measured_fit)
+            "mean_local_passes_per_client_per_round": _mean(
+                r["mean"].get("local_passes", 0.0) for r in self.rounds
+            ),
+            "mean_optimizer_steps_per_client_per_round": _mean(
+                r["mean"].get("optimizer_steps", 0.0) for r in self.rounds
+            ),
             "topology": self.rounds[-1].get("topology", "") if self.rounds else "",
         }
         if self.rounds:
@@ -195,8 +204,9 @@ class ResultsWriter:
 
 def _accuracy_view(record: dict[str, Any]) -> dict[str, Any]:
     view: dict[str, Any] = {"round": record["round"]}
-    for key in ACCURACY_KEYS:
-        view[key] = {"mean": record["mean"][key], "std": record["std"][key]}
+    for key in ACCURACY_KEYS + AGGREGATE_KEYS:
+        if key in record["mean"]:
+            view[key] = {"mean": record["mean"][key], "std": record["std"][key]}
     return view
 
 

@@ -3,11 +3,14 @@
 Each round the hub reduces the replies with the reducer the method names (weighted mean
 by examples, FedNova's step-normalized update, FedFed's pooling; see
 :mod:`strategies.reducers`) and sends every node the result the next round, marked as
-the hub's aggregate with the total weight behind it. The round's evaluation message
-carries the fresh aggregate too, so a node's Local-T and Global-T are those of the model
-it trains from next (FedAvg's global model, FedRep's global body with the node's head),
-as these methods' papers evaluate them; that evaluation traffic is not counted in
-``bytes_received``, which is the training exchange. Methods without a reducer (a
+the hub's aggregate with the total weight behind it. A node's Local-T and Global-T are
+those of the model it holds after its local training in the round, as for every relay
+method (one evaluation point for the tables; the DRDFL paper's Table 2 scores FedNova that
+way). The round's evaluation message carries the fresh aggregate as well, and the node
+scores it without keeping it (FedAvg's global model, FedRep's global body with the
+node's head): ``aggregate_local_t_acc`` / ``aggregate_global_t_acc``, a table of their
+own. That evaluation traffic is not counted in ``bytes_received``, which is the training
+exchange. Methods without a reducer (a
 bit-packed DSLTH mask, for one) cannot run here: their configuration is refused before
 the run starts, and :class:`Hub` refuses a missing reducer too.
 """
@@ -27,7 +30,7 @@ from strategies.rounds import Member, Router
 class Hub(Router):
     topology_name = "star"
     modes = ("synchronous",)
-    evaluates_after_training = False  # nodes evaluate on the fresh aggregate
+    scores_aggregate = True  # and, apart, the fresh aggregate (``aggregate_*`` metrics)
 
     def __init__(self, reducer: str | None) -> None:
         if reducer not in REDUCERS:
@@ -49,7 +52,7 @@ class Hub(Router):
         return content, [-1]
 
     def evaluation_content(self, position: int, members: list[Member]) -> RecordDict:
-        """The fresh aggregate, so that nodes evaluate the model they train from next."""
+        """The fresh aggregate, so that nodes also score the model they train from next."""
         content, _ = self.content_for(position, 0, members, set())
         return content
 

@@ -61,6 +61,7 @@ class Member:
         return self.node_id != ABSENT
 
 
+AGGREGATE_PREFIX = "aggregate_"  # metrics of the hub's fresh aggregate (Router.scores_aggregate)
 ABSENT = -1  # the node id of a ring slot whose partition has not appeared yet
 
 
@@ -113,11 +114,12 @@ class Router(ABC):
 
     topology_name: str
     modes: tuple[str, ...] = ("synchronous", "sequential")
-    # True: a node evaluates the model it has just trained, so the train message asks for
-    # the evaluation too (one restore of private state, one message and one barrier fewer
-    # per node and round). False: a separate evaluation message (the hub: it carries the
-    # fresh aggregate).
-    evaluates_after_training: bool = True
+    # Every method is scored at one point of the round, for the tables' Local-T /
+    # Global-T: after the node's local training, asked for in the train message itself
+    # (one restore of private state, one message and one barrier fewer per node and
+    # round). True: a second, separate evaluation message carries the fresh aggregate
+    # (the hub), scored as ``aggregate_local_t_acc`` / ``aggregate_global_t_acc``.
+    scores_aggregate: bool = False
 
     @abstractmethod
     def content_for(
@@ -130,7 +132,7 @@ class Router(ABC):
         """Take in the replies (by ring position) that answered this round."""
 
     def evaluation_content(self, position: int, members: list[Member]) -> RecordDict:
-        """What an evaluation message carries besides its config (nothing by default)."""
+        """What an aggregate-evaluation message carries besides its config."""
         return RecordDict()
 
 
@@ -386,14 +388,11 @@ class RoundLoop(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        evaluate = self._evaluates_in_training(server_round)
+        evaluate = self._evaluation_due(server_round)
         return [self.message_for(p, server_round, config, evaluate) for p in self.active()]
 
     def _evaluation_due(self, server_round: int) -> bool:
         return server_round % self.eval_every == 0 or server_round == self.num_rounds
-
-    def _evaluates_in_training(self, server_round: int) -> bool:
-        return self.router.evaluates_after_training and self._evaluation_due(server_round)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -469,7 +468,7 @@ class RoundLoop(Strategy):
             messages = list(self.configure_train(server_round, ArrayRecord(), config, grid))
             self.aggregate_train(server_round, self._send(grid, messages, server_round))
             return
-        evaluate = self._evaluates_in_training(server_round)
+        evaluate = self._evaluation_due(server_round)
         for position in self.active():
             message = self.message_for(position, server_round, config, evaluate)
             self.aggregate_train(server_round, self._send(grid, [message], server_round))
@@ -493,12 +492,15 @@ class RoundLoop(Strategy):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
+        """The fresh aggregate's scores, each key prefixed ``aggregate_`` so that they
+        never stand in for the after-training Local-T / Global-T of the tables."""
         for reply in replies:
             if reply.has_error() or reply.metadata.src_node_id not in self.position_of:
                 continue
             position = self.position_of[reply.metadata.src_node_id]
             partition = self.members[position].partition_id
-            self.report.node(partition).update(dict(reply.content[METRICS]))
+            scores = {AGGREGATE_PREFIX + k: v for k, v in dict(reply.content[METRICS]).items()}
+            self.report.node(partition).update(scores)
         mean, _ = mean_std(self.report.nodes)
         return MetricRecord(mean) if mean else None
 
@@ -536,7 +538,7 @@ class RoundLoop(Strategy):
                 for m in self.members
                 if m.present and m.partition_id not in self.alive
             ]
-            if self._evaluation_due(server_round) and not self._evaluates_in_training(server_round):
+            if self._evaluation_due(server_round) and self.router.scores_aggregate:
                 messages = list(
                     self.configure_evaluate(server_round, ArrayRecord(), evaluate_config, grid)
                 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.serde import message_to_proto
@@ -194,3 +195,27 @@ def test_a_train_message_can_ask_for_the_evaluation_too():
     metrics = train(msg, context()).content[METRICS]
     assert 0.0 <= metrics["local_t_acc"] <= 1.0 and 0.0 <= metrics["global_t_acc"] <= 1.0
     assert "local_t_acc" not in train(train_message(), context()).content[METRICS]
+
+
+@pytest.mark.parametrize("method", ["fedavg", "dfedpgp"])
+def test_a_round_scores_the_model_the_node_holds_after_fit(method):
+    """Local-T / Global-T of a train message are those of the model after this round's
+    local training (what the node saved), whatever the method, hub or relay."""
+    ctx = context(method=method, classifier_norm="batch")
+    cfg = RunConfig.from_run_config(ctx.run_config)
+    sender = build_learner(cfg, (1, 8, 8), 10, partition_id=2)
+    msg = train_message()
+    add_incoming(
+        msg.content,
+        HUB if method == "fedavg" else 2,
+        to_array_record(sender.shared_payload()),
+        weight=100.0,
+    )
+    msg.content[CONFIG]["server-round"] = 2
+    msg.content[CONFIG][EVALUATE_KEY] = True
+    metrics = train(msg, ctx).content[METRICS]
+    trained = saved_learner(ctx)
+    assert trained.rounds_trained == 1
+    data = load_client_data(cfg, 0, 3)
+    assert metrics["local_t_acc"] == trained.accuracy(data.x_local_test, data.y_local_test)
+    assert metrics["global_t_acc"] == trained.accuracy(data.x_global_test, data.y_global_test)

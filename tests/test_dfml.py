@@ -103,6 +103,7 @@ def test_loss_weight_follows_schedule(round_index, moves):
 @pytest.mark.parametrize("share, students", [("own", 1), ("received", 2)])
 def test_mutual_losses_combine_with_alpha(share, students):
     node, other = learner(0, dfml_share=share), learner(1)
+    other.fit(make_data(classes=(2, 3), seed=1))  # both start from the common model
     node.absorb(peers(other.shared_payload()))
     data = make_data()
     beta = class_proportions(data.y_train, K)
@@ -361,3 +362,20 @@ def test_health_reports_alpha_and_distance_to_received_predictions():
     node.absorb(peers(learner(1).shared_payload()))
     metrics = node.fit(make_data())
     assert metrics["health_kl_to_received"] >= 0.0
+
+
+def test_local_t_adds_the_local_prior_and_global_t_reads_balanced_logits(monkeypatch):
+    """A model trained on logits + log beta is class-balanced: its top raw logit here is
+    class 3, which this node never saw. Local-T (skewed toward classes 0 and 1) adds log
+    beta back and predicts the local class; Global-T reads the raw, balanced logits."""
+    node = learner()
+    x = torch.zeros(8, 1, 8, 8)
+    local_y = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1])
+    data = ClientData(x, local_y, x, local_y, x, torch.full((8,), 3), K)
+    logits = torch.zeros(K)
+    logits[3], logits[0], logits[1] = 2.0, 1.0, 1.5
+    monkeypatch.setattr(node, "predict", lambda xb: logits.expand(len(xb), K).clone())
+    scores = node.evaluate(data)
+    # prior: log 0.75 + 1.0 = 0.71 for class 0, log 0.25 + 1.5 = 0.11 for class 1, -inf for 3
+    assert scores["local_t_acc"] == 6 / 8
+    assert scores["global_t_acc"] == 1.0

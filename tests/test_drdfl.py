@@ -314,15 +314,20 @@ def test_collapsed_learngene_raises_the_health_alarm(tiny_data, monkeypatch):
     assert make().health(tiny_data)["alarm_zl_unused"] == 0.0
 
 
-def test_learngene_carries_information_after_training_on_real_digits():
+@pytest.mark.parametrize("seed", [0, 1])
+def test_learngene_carries_information_after_training_on_real_digits(seed):
     """The mechanism, not the plumbing: trained per block (Algorithm 1) on one real
     digits client, the decoder comes to rely on z_l; trained jointly (the reconstruction
-    also through PersonaNet), PersonaNet's code bypasses it and z_l is ignored."""
+    also through PersonaNet), PersonaNet's code bypasses it and z_l is ignored.
+
+    Seed-dependent in size: over seeds 0-5 the per-block gap was 0.05-0.47 and above the
+    joint one every time, but seed 42 (0.028 vs 0.038) is an exception, so the claim is
+    checked on two seeds rather than read off one."""
     from drdfl_flwr.data import load_client_data
 
     gaps = {}
     for training in ("per-block", "joint"):
-        cfg = make_config(method="drdfl", drdfl_training=training, device="cpu")
+        cfg = make_config(method="drdfl", drdfl_training=training, device="cpu", seed=seed)
         data = load_client_data(cfg, 0, 5)
         learner = build_learner(cfg, data.input_shape, data.num_classes)
         for _ in range(12):
@@ -331,9 +336,7 @@ def test_learngene_carries_information_after_training_on_real_digits():
         if training == "per-block":
             assert health["health_zl_kl_per_dim"] > 0.01
             assert health["alarm_zl_unused"] == 0.0
-    assert gaps["per-block"] > 0.05, gaps
-    # How far joint training falls behind depends on the client's data: half the gap on
-    # the partition before the seed reached the dataset shuffle, 0.043 vs 0.072 now.
+    assert gaps["per-block"] > 0.1, gaps
     assert gaps["joint"] < gaps["per-block"], gaps
 
 

@@ -10,12 +10,14 @@ from flwr.app import Array, ArrayRecord
 
 from drdfl_flwr.learner import build_learner
 from drdfl_flwr.methods.dslth import DSLTHLearner
-from drdfl_flwr.payload import CONFIG, from_array_record, from_hub, to_array_record
+from drdfl_flwr.payload import CONFIG, from_array_record, from_hub, peers, to_array_record
 from strategies.hub import Hub
 from strategies.reducers import ReductionError, Reply, weighted_mean
+from strategies.relay import Relay
 from strategies.rounds import RoundLoop
+from strategies.topology import Ring
 from tests.conftest import make_config
-from tests.fake_grid import FakeGrid
+from tests.fake_grid import EVAL_METRICS, FakeGrid
 
 SHAPE, K = (1, 8, 8), 10
 
@@ -101,3 +103,50 @@ def test_hub_round_loop_sends_every_node_the_same_aggregate():
         np.testing.assert_allclose(evaluated, np.full(4, round_one))
     assert records[1]["topology"] == "star"
     assert all(n["bytes_sent"] > 0 for n in records[1]["nodes"].values())
+
+
+def test_hub_methods_are_scored_after_local_training_and_the_aggregate_apart():
+    """One evaluation point for the tables: the train message asks every node for its
+    Local-T / Global-T after its local round, as on the relay; the fresh aggregate's
+    scores come from the evaluation message, under their own ``aggregate_`` names."""
+    grid = FakeGrid(3)
+    records: list[dict] = []
+    RoundLoop(Hub("weighted-mean"), node_wait_timeout=5, on_round=records.append).start(
+        grid, num_rounds=2
+    )
+    assert sorted(grid.evaluated_in_training) == [(p, r) for p in range(3) for r in (1, 2)]
+    for record in records:
+        for node in record["nodes"].values():
+            assert node["local_t_acc"] == EVAL_METRICS["local_t_acc"]
+            assert node["aggregate_local_t_acc"] == EVAL_METRICS["local_t_acc"]
+            assert node["aggregate_global_t_acc"] == EVAL_METRICS["global_t_acc"]
+    assert sorted(grid.eval_contents) == [(p, r) for p in range(3) for r in (1, 2)]
+
+
+def test_relay_methods_send_no_aggregate_evaluation():
+    grid = FakeGrid(3)
+    records: list[dict] = []
+    RoundLoop(Relay(Ring()), node_wait_timeout=5, on_round=records.append).start(grid, num_rounds=2)
+    assert grid.eval_contents == {}
+    assert not any(k.startswith("aggregate_") for k in records[-1]["mean"])
+
+
+def test_drdfl_cfl_sets_its_class_statistics_to_the_hubs_and_the_ring_pulls_by_ema():
+    """Algorithm 3 line 4: (mu_k, Sigma_k) <- the hub's average, in one round; the
+    ring's DRDFL (Algorithm 1) moves toward a peer's by ema-alpha only."""
+    aggregate = None
+    for method, incoming in (("drdfl-cfl", from_hub), ("drdfl", None)):
+        node = build_learner(make_config(method=method, device="cpu"), SHAPE, K)
+        if aggregate is None:
+            aggregate = node.shared_payload()
+            aggregate["stats.mu"] = aggregate["stats.mu"] + 3.0
+            aggregate["stats.var"] = aggregate["stats.var"] * 2.0
+        before = node.stats.mu.detach().clone()
+        node.absorb(incoming(aggregate) if incoming else peers(aggregate))
+        mu, var = node.stats.mu.detach(), node.stats.variance().detach()
+        if method == "drdfl-cfl":
+            torch.testing.assert_close(mu, aggregate["stats.mu"])
+            torch.testing.assert_close(var, aggregate["stats.var"])
+        else:
+            alpha = node.opts.ema_alpha
+            torch.testing.assert_close(mu, alpha * before + (1 - alpha) * aggregate["stats.mu"])

@@ -70,6 +70,7 @@ from torch import nn
 from drdfl_flwr.config import MethodOptions
 from drdfl_flwr.data import ClientData
 from drdfl_flwr.learner import Learner
+from drdfl_flwr.models.norm import running_stats_frozen
 from drdfl_flwr.models.vae import AdversarialHead, Decoder, Learngene, PersonaNet
 from drdfl_flwr.payload import Incoming, PayloadError, Tensors, check_payload
 from drdfl_flwr.registry import MethodSpec
@@ -201,11 +202,10 @@ class DRDFLLearner(Learner):
             self.input_shape,
             self.num_classes,
         )
-        with torch.random.fork_rng():
+        with self.common_init("learngene"):
             # Every node starts from the same Learngene and the same class prior, so that
             # merging received ones combines like with like from round one (the private
-            # modules differ per node).
-            torch.manual_seed(cfg.seed)
+            # modules differ per node, and from the Learngene: another stream).
             self.learngene = Learngene(input_shape, opts.learngene_dim)
             self.stats = ClassStatistics(num_classes, opts.persona_dim)
         self.persona = PersonaNet(input_shape, opts.persona_dim)
@@ -277,16 +277,22 @@ class DRDFLLearner(Learner):
             module.load_state_dict(state)
 
     def absorb(self, incoming: Sequence[Incoming]) -> None:
-        """Algorithm 1 line 8 (peers) or Algorithm 3 (the hub's |D_m|-weighted mean):
-        merge the Learngene, pull the class statistics toward the received ones (not
-        while the priors are fixed after joining late)."""
+        """Algorithm 1 line 8 (peers): merge the Learngene, pull the class statistics
+        toward the received ones by EMA. Algorithm 3 line 4 (the hub's |D_m|-weighted
+        mean): phi_m <- phi~, (mu_k, Sigma_k) <- (mu~_k, Sigma~_k), set, not pulled. Priors
+        fixed after joining late stay as they are either way."""
         if not incoming:
             return
         received = self.received_mean(incoming)
-        merge = "replace" if incoming[0].from_hub else self.opts.learngene_merge
+        from_hub = incoming[0].from_hub
+        merge = "replace" if from_hub else self.opts.learngene_merge
         own_weight = {"replace": 0.0, "average": 0.5, "ema": self.opts.learngene_ema_alpha}[merge]
         self.load_shared(received, own_weight)
-        if not self.stats.frozen:
+        if self.stats.frozen:
+            return
+        if from_hub:
+            self.stats.set_to(received["stats.mu"], received["stats.var"])
+        else:
             self.stats.ema_toward(received["stats.mu"], received["stats.var"], self.opts.ema_alpha)
 
     def join(self, incoming: Sequence[Incoming]) -> None:
@@ -336,9 +342,9 @@ class DRDFLLearner(Learner):
         parts.update(self.extra_losses(x, y, z_l))
         noise = torch.randn_like(x_rec) * math.sqrt(self.opts.noise_variance)
         x_noisy = x_rec.detach() + noise
-        parts["l_ce"] = F.cross_entropy(self.classifier(x), y) + F.cross_entropy(
-            self.classifier(x_noisy), y
-        )
+        with running_stats_frozen(self.classifier):  # real images set the statistics
+            l_noisy = F.cross_entropy(self.classifier(x_noisy), y)
+        parts["l_ce"] = F.cross_entropy(self.classifier(x), y) + l_noisy
         return parts
 
     def extra_losses(

@@ -63,6 +63,7 @@ from drdfl_flwr.methods.drdfl import (
     DRDFLOptions,
     reconstruction_loss,
 )
+from drdfl_flwr.models.norm import running_stats_frozen
 from drdfl_flwr.models.vae import Decoder
 from drdfl_flwr.registry import MethodSpec
 
@@ -121,10 +122,9 @@ class DRDFLGenLearner(DRDFLLearner):
         self.extension: DRDFLGenOptions = self.opts
         self.opts = self.cfg.options(DRDFLOptions.SECTION)
         super().setup()
-        with torch.random.fork_rng():
+        with self.common_init("decoder"):
             # Shared now, so it starts identical on every node like the Learngene: merges
             # then combine like with like from round one.
-            torch.manual_seed(self.cfg.seed + 1)
             self.decoder.load_state_dict(
                 Decoder(self.input_shape, self.opts.persona_dim + self.opts.learngene_dim)
                 .to(self.device)
@@ -208,9 +208,9 @@ class DRDFLGenLearner(DRDFLLearner):
             labels = self.draw_labels(n, self.label_counts).to(self.device)
             x_gen = self.generate(labels)
             x_gen = x_gen + torch.randn_like(x_gen) * math.sqrt(self.opts.noise_variance)
-            parts["l_gen"] = self.extension.generated_weight * F.cross_entropy(
-                self.classifier(x_gen), labels
-            )
+            with running_stats_frozen(self.classifier):  # real images set the statistics
+                l_gen = F.cross_entropy(self.classifier(x_gen), labels)
+            parts["l_gen"] = self.extension.generated_weight * l_gen
         return parts
 
     # -- health --------------------------------------------------------------------------
