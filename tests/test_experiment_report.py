@@ -34,7 +34,10 @@ DETERMINISTIC = [
 
 
 def grid_run(variant: str, dataset: str, partition: Partition, seed: int = 1) -> GridRun:
-    values = {"method": variant, "dataset": dataset, "seed": seed, **partition.run_config()}
+    method, isolated = variant.replace("+isolated", ""), "+isolated" in variant
+    values = {"method": method, "dataset": dataset, "seed": seed, **partition.run_config()}
+    if isolated:
+        values["isolated"] = True
     cfg = RunConfig.from_run_config(values)
     return GridRun(variant, dataset, partition, seed, cfg)
 
@@ -261,3 +264,65 @@ def test_label_distribution_plots_write_png_and_counts(tmp_path):
     assert paths[0].read_bytes().startswith(b"\x89PNG")
     table = np.loadtxt(paths[1], delimiter=",", skiprows=1, dtype=int)[:, 1:]
     assert np.array_equal(table, label_counts(runs[0].cfg, 5))
+
+
+def paired_outcomes(shared, isolated, local):
+    """drdfl, drdfl+isolated and local over len(shared) seeds (Local-T values; Global-T
+    the same minus 0.5)."""
+    outcomes = []
+    for seed, values in enumerate(zip(shared, isolated, local, strict=True)):
+        for variant, value in zip(("drdfl", "drdfl+isolated", "local"), values, strict=True):
+            run = grid_run(variant, "cifar10", DIR01, seed)
+            outcomes.append(done(run, (value, value - 0.5)))
+    return outcomes
+
+
+def comparison_rows(tmp_path, outcomes) -> dict[tuple[str, str], list[str]]:
+    write_report(outcomes, tmp_path, title="t")
+    text = (tmp_path / "tables.md").read_text()
+    section = text.split("## Paired differences over seeds")[1].split("\n## ")[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) > 4 and cells[0] not in ("a", "---"):
+            rows[(cells[0], cells[1])] = cells
+    return rows
+
+
+def test_a_difference_is_called_only_when_its_seed_interval_excludes_zero(tmp_path):
+    """Three seeds: drdfl beats its isolated twin by 0.9-1.1 points every seed (called
+    higher, interval mean ± 4.303 s / sqrt 3); against Local it differs by +3, -2, +1
+    points (mean +0.67, interval wide): not called."""
+    rows = comparison_rows(
+        tmp_path,
+        paired_outcomes(
+            shared=(0.600, 0.500, 0.700),
+            isolated=(0.591, 0.490, 0.689),
+            local=(0.570, 0.520, 0.690),
+        ),
+    )
+    twin = rows[("drdfl", "drdfl+isolated")]
+    diffs = np.array([0.9, 1.0, 1.1])
+    half = 4.303 * diffs.std(ddof=1) / np.sqrt(3)
+    assert twin[3] == "3"
+    assert twin[4] == f"+1.00 [{1.0 - half:+.2f}, {1.0 + half:+.2f}]" and twin[5] == "higher"
+    against_local = rows[("drdfl", "local")]
+    assert against_local[4].startswith("+0.67 [") and against_local[5] == "not called"
+
+
+def test_one_seed_gives_no_interval_and_no_verdict(tmp_path):
+    rows = comparison_rows(tmp_path, paired_outcomes((0.6,), (0.5,), (0.4,)))
+    assert rows[("drdfl", "drdfl+isolated")][4:6] == ["+10.00", "not called (1 seed)"]
+
+
+def test_the_hub_aggregate_has_a_table_of_its_own(tmp_path):
+    """Scored after local training in the main tables; the fresh aggregate apart."""
+    run = grid_run("fedavg", "cifar10", DIR01)
+    outcome = done(run, (0.8, 0.3))
+    outcome.summary["last"]["aggregate_local_t_acc"] = {"mean": 0.4, "std": 0.02}
+    outcome.summary["last"]["aggregate_global_t_acc"] = {"mean": 0.5, "std": 0.03}
+    write_report([outcome], tmp_path, title="t")
+    text = (tmp_path / "tables.md").read_text()
+    main, aggregate = text.split("## Hub methods: the fresh aggregate")
+    assert "80.00 ± 1.00" in main and "40.00" not in main
+    assert "| fedavg | cifar10 β = 0.1 | 40.00 ± 2.00 | 50.00 ± 3.00 |" in aggregate

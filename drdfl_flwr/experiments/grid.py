@@ -161,11 +161,13 @@ def load_grid(path: str | Path, overrides: dict[str, Any] | None = None) -> Grid
     datasets = _items(options.datasets) or [base.dataset]
     seeds = [int(s) for s in _items(options.seeds)] or [base.seed]
     runs = []
+    # every seed of a variant before the next variant: an interrupted grid then has whole
+    # cells (intervals over seeds) rather than one seed of everything
     for dataset in datasets:
         data_dir = _data_dir(options, dataset, base)
         for partition in _partitions(options, dataset, base):
-            for seed in seeds:
-                for variant in variants:
+            for variant in variants:
+                for seed in seeds:
                     values = {
                         **base.to_run_config(),
                         **_variant_values(variant),

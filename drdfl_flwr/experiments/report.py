@@ -34,6 +34,13 @@ LAYOUTS = {
     "iid": "IID",
 }
 METRICS = (("local_t_acc", "Local-T"), ("global_t_acc", "Global-T"))
+# a hub method's fresh aggregate, scored apart (strategies.rounds.Router.scores_aggregate)
+AGGREGATE_METRICS = (
+    ("aggregate_local_t_acc", "Local-T of the aggregate"),
+    ("aggregate_global_t_acc", "Global-T of the aggregate"),
+)
+ISOLATED = "+isolated"
+LOCAL = "local"
 VIEWS = {
     "last": "last round",
     "best": "best round (by mean Local-T; the round is given)",
@@ -92,7 +99,9 @@ class Cell:
     rounds: tuple[int, ...] = ()
 
 
-def seed_result(outcome: RunOutcome, view: str) -> SeedResult | None:
+def seed_result(
+    outcome: RunOutcome, view: str, metrics: Sequence[tuple[str, str]] = METRICS
+) -> SeedResult | None:
     """``view`` (last | best) of one finished run. The best view is the summary's
     ``best_by_local_t_acc`` entry, which holds the Global-T of that same round: the
     paper selects by the personalization metric and reports both at that round."""
@@ -101,12 +110,16 @@ def seed_result(outcome: RunOutcome, view: str) -> SeedResult | None:
     entry = outcome.summary.get(SUMMARY_KEY[view])
     if not entry:
         return None  # finished without a single evaluated round
-    mean = {key: 100.0 * entry[key]["mean"] for key, _ in METRICS if key in entry}
-    std = {key: 100.0 * entry[key]["std"] for key, _ in METRICS if key in entry}
+    mean = {key: 100.0 * entry[key]["mean"] for key, _ in metrics if key in entry}
+    std = {key: 100.0 * entry[key]["std"] for key, _ in metrics if key in entry}
+    if not mean:
+        return None
     return SeedResult(int(entry["round"]), mean, std)
 
 
-def aggregate(outcomes: Sequence[RunOutcome], view: str) -> Cell:
+def aggregate(
+    outcomes: Sequence[RunOutcome], view: str, metrics: Sequence[tuple[str, str]] = METRICS
+) -> Cell:
     """A cell from the runs of its seeds. A single result keeps its std over clients;
     several give the mean over seeds of the client mean, ± the population std over
     seeds (np.std), because seed-to-seed spread is what a reader compares methods by.
@@ -115,13 +128,13 @@ def aggregate(outcomes: Sequence[RunOutcome], view: str) -> Cell:
     seeds = len(outcomes)
     if any(o.status == FAILED for o in outcomes):
         return Cell(FAILED, seeds)
-    results = [r for o in outcomes if (r := seed_result(o, view)) is not None]
+    results = [r for o in outcomes if (r := seed_result(o, view, metrics)) is not None]
     if not results:
         return Cell(MISSING, seeds)
     rounds = tuple(r.round for r in results)
     if len(results) == 1:
         return Cell(VALUE, seeds, 1, results[0].mean, results[0].std, rounds)
-    keys = [k for k, _ in METRICS if all(k in r.mean for r in results)]
+    keys = [k for k, _ in metrics if all(k in r.mean for r in results)]
     mean = {k: float(np.mean([r.mean[k] for r in results])) for k in keys}
     std = {k: float(np.std([r.mean[k] for r in results])) for k in keys}
     return Cell(VALUE, seeds, len(results), mean, std, rounds)
@@ -261,6 +274,184 @@ def markdown_table(outcomes: Sequence[RunOutcome], kind: str, view: str) -> list
     return lines + _md_table(header, rows) + [""]
 
 
+# -- paired comparisons over seeds --------------------------------------------------
+
+# two-sided 95 % Student t quantiles t_{0.975, df}, df = seeds - 1
+T_975 = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+    15: 2.131,
+    20: 2.086,
+    30: 2.042,
+}
+
+
+def t_975(df: int) -> float:
+    """The t quantile for ``df`` degrees of freedom (the next smaller tabulated df above
+    10, which errs toward a wider interval)."""
+    return T_975[max(d for d in T_975 if d <= df)]
+
+
+@dataclass(frozen=True)
+class Paired:
+    """The per-seed difference ``a - b`` of client-mean accuracies (points) at the last
+    round, over the seeds both have finished: mean and its 95 % interval."""
+
+    seeds: int
+    mean: float
+    low: float
+    high: float
+
+    @property
+    def verdict(self) -> str:
+        """Called only when the interval excludes 0."""
+        if self.seeds < 2:
+            return "not called (1 seed)"
+        if self.low > 0:
+            return "higher"
+        if self.high < 0:
+            return "lower"
+        return "not called"
+
+
+def paired(a: Sequence[RunOutcome], b: Sequence[RunOutcome], key: str) -> Paired | None:
+    """Seeds pair runs on the same partitions and the same common initial model; the
+    interval is mean ± t_{0.975, n-1} s / sqrt(n) with s the sample std of the n
+    differences."""
+    by_seed = {}
+    for o in b:
+        if (r := seed_result(o, "last")) is not None and key in r.mean:
+            by_seed[o.run.seed] = r.mean[key]
+    diffs = [
+        r.mean[key] - by_seed[o.run.seed]
+        for o in a
+        if (r := seed_result(o, "last")) is not None and key in r.mean and o.run.seed in by_seed
+    ]
+    if not diffs:
+        return None
+    mean = float(np.mean(diffs))
+    if len(diffs) < 2:
+        return Paired(1, mean, float("nan"), float("nan"))
+    half = t_975(len(diffs) - 1) * float(np.std(diffs, ddof=1)) / np.sqrt(len(diffs))
+    return Paired(len(diffs), mean, mean - half, mean + half)
+
+
+def comparison_pairs(outcomes: Sequence[RunOutcome]) -> list[tuple[str, str, str]]:
+    """(question, variant, reference) in grid order: every variant against ``local``,
+    and every variant with a ``+isolated`` twin against that twin."""
+    names = variants(outcomes)
+    pairs = []
+    for variant in names:
+        twin = variant.replace(ISOLATED, "", 1)
+        if ISOLATED in variant and twin in names:
+            pairs.append(("sharing", twin, variant))
+    for variant in names:
+        if LOCAL in names and variant != LOCAL and ISOLATED not in variant:
+            pairs.append(("local", variant, LOCAL))
+    return pairs
+
+
+QUESTIONS = {
+    "sharing": "Does sharing help? Each method minus its own isolated twin",
+    "local": "Against Local: each method minus the Local baseline",
+}
+
+
+def _paired_text(result: Paired | None) -> list[str]:
+    if result is None:
+        return [MISSING, MISSING]
+    if result.seeds < 2:
+        return [f"{result.mean:+.2f}", result.verdict]
+    return [f"{result.mean:+.2f} [{result.low:+.2f}, {result.high:+.2f}]", result.verdict]
+
+
+def comparison_markdown(outcomes: Sequence[RunOutcome]) -> list[str]:
+    """The questions a reader asks of a grid, answered per column with paired 95 %
+    intervals over seeds; a difference is called only when its interval excludes 0."""
+    pairs = comparison_pairs(outcomes)
+    if not pairs:
+        return []
+    lines = [
+        "## Paired differences over seeds (last round)",
+        "",
+        "Accuracy points, a minus b per seed (same partitions and common initial model), "
+        "mean [95 % interval: mean ± t(0.975, n-1) s/sqrt(n)]. A difference is called "
+        "higher or lower only when its interval excludes 0.",
+        "",
+    ]
+    for question, title in QUESTIONS.items():
+        chosen = [(a, b) for q, a, b in pairs if q == question]
+        if not chosen:
+            continue
+        rows = []
+        for kind in kinds(outcomes):
+            for column in columns(outcomes, kind):
+                for a, b in chosen:
+                    runs = {
+                        name: [
+                            o
+                            for o in outcomes
+                            if o.run.variant == name
+                            and (o.run.dataset, o.run.partition)
+                            == (column.dataset, column.partition)
+                        ]
+                        for name in (a, b)
+                    }
+                    results = [paired(runs[a], runs[b], key) for key, _ in METRICS]
+                    seeds = max((r.seeds for r in results if r is not None), default=0)
+                    row = [a, b, column.name, str(seeds)]
+                    for result in results:
+                        row += _paired_text(result)
+                    rows.append(row)
+        header = ["a", "b", "data", "seeds"]
+        for _, label in METRICS:
+            header += [f"{label} a - b", f"{label} verdict"]
+        lines += [f"### {title}", ""] + _md_table(header, rows) + [""]
+    return lines
+
+
+def aggregate_markdown(outcomes: Sequence[RunOutcome]) -> list[str]:
+    """Hub methods' fresh aggregate, scored before any local training on it: a metric of
+    its own, never in the main tables (which score every method after local training)."""
+    rows = []
+    for kind in kinds(outcomes):
+        for column in columns(outcomes, kind):
+            for variant in variants(outcomes):
+                group = [
+                    o
+                    for o in outcomes
+                    if o.run.variant == variant
+                    and (o.run.dataset, o.run.partition) == (column.dataset, column.partition)
+                ]
+                cell = aggregate(group, "last", AGGREGATE_METRICS)
+                if cell.state != VALUE:
+                    continue
+                row = [variant, column.name]
+                row += [cell_text(cell, key, "last", False) for key, _ in AGGREGATE_METRICS]
+                rows.append(row)
+    if not rows:
+        return []
+    header = ["method", "data"] + [label for _, label in AGGREGATE_METRICS]
+    return [
+        "## Hub methods: the fresh aggregate (last round)",
+        "",
+        "The model the hub sends back, scored by each node before training on it (FedAvg's "
+        "global model; FedRep's global body with the node's own head). Not comparable with "
+        "the tables above, which score every method after its local round.",
+        "",
+        *_md_table(header, rows),
+        "",
+    ]
+
+
 def error_line(outcome: RunOutcome) -> str:
     """The last line of a traceback is the one that says what went wrong."""
     lines = outcome.error.strip().splitlines()
@@ -294,18 +485,28 @@ COMMUNICATION_HEADER = (
     "params sent/round/client",
     "bytes sent/round/client",
     "bytes received/round/client",
+    "local passes/round/client",
+    "optimizer steps/round/client",
 )
 COMMUNICATION_KEYS = (
     "mean_params_sent_per_client_per_round",
     "mean_bytes_sent_per_client_per_round",
     "mean_bytes_received_per_client_per_round",
 )
+# compute parity beside the traffic (drdfl_flwr.learner.measured_fit); runs made before
+# it was measured have none
+COMPUTE_KEYS = (
+    "mean_local_passes_per_client_per_round",
+    "mean_optimizer_steps_per_client_per_round",
+)
 
 
-def communication_rows(outcomes: Sequence[RunOutcome]) -> list[tuple[list[str], list[float]]]:
+def communication_rows(
+    outcomes: Sequence[RunOutcome],
+) -> list[tuple[list[str], list[float | None]]]:
     """One row per (variant, dataset), since payloads grow with the class count: the
-    descriptive columns, and the three per-round means from the first finished run
-    (empty while none finished)."""
+    descriptive columns, and the per-round means (traffic, then compute; ``None`` where
+    the run did not measure it) from the first finished run (empty while none finished)."""
     rows = []
     for variant, dataset in _first_seen((o.run.variant, o.run.dataset) for o in outcomes):
         group = [o for o in outcomes if (o.run.variant, o.run.dataset) == (variant, dataset)]
@@ -314,7 +515,10 @@ def communication_rows(outcomes: Sequence[RunOutcome]) -> list[tuple[list[str], 
         runs_on = f"{'hub' if spec.centralized else 'relay'} ({cfg.resolved_topology})"
         described = [variant, dataset, cfg.method, runs_on, spec.personalized]
         done = next((o for o in group if o.status == DONE and o.summary), None)
-        numbers = [float(done.summary.get(k, 0.0)) for k in COMMUNICATION_KEYS] if done else []
+        numbers: list[float | None] = []
+        if done:
+            numbers = [float(done.summary.get(k, 0.0)) for k in COMMUNICATION_KEYS]
+            numbers += [float(done.summary[k]) if k in done.summary else None for k in COMPUTE_KEYS]
         rows.append((described, numbers))
     return rows
 
@@ -323,16 +527,20 @@ def communication_markdown(outcomes: Sequence[RunOutcome]) -> list[str]:
     rows = []
     for described, numbers in communication_rows(outcomes):
         if numbers:
-            params, sent, received = numbers
-            rows.append(described + [_count(params), _bytes(sent), _bytes(received)])
+            params, sent, received, passes, steps = numbers
+            compute = [MISSING if v is None else fmt(v, 1) for v in (passes, steps)]
+            rows.append(described + [_count(params), _bytes(sent), _bytes(received), *compute])
         else:
-            rows.append(described + [MISSING] * 3)
+            rows.append(described + [MISSING] * 5)
     lines = [
         "## Communication (the paper's Table 1 layout)",
         "",
         "Per client and round, mean over clients and rounds, of the first finished run of "
         "each variant and dataset. Runs on: hub = a server averages (centralized), relay = "
-        "the server only forwards peers' payloads (decentralized).",
+        "the server only forwards peers' payloads (decentralized). Compute parity: local "
+        "passes = local training examples drawn / training-set size (FedRep's head and "
+        "body phases make two); optimizer steps counts every optimizer (DRDFL's "
+        "adversarial head steps beside its main step).",
         "",
     ]
     return lines + _md_table(COMMUNICATION_HEADER, rows) + [""]
@@ -344,6 +552,8 @@ def tables_markdown(outcomes: Sequence[RunOutcome], title: str) -> str:
         lines += [f"## {LAYOUTS[kind]}", ""]
         for view in VIEWS:
             lines += markdown_table(outcomes, kind, view)
+    lines += comparison_markdown(outcomes)
+    lines += aggregate_markdown(outcomes)
     lines += communication_markdown(outcomes)
     lines += health_section(outcomes)
     lines += failed_section(outcomes)
@@ -411,7 +621,8 @@ def table_csv(outcomes: Sequence[RunOutcome], kind: str, view: str) -> str:
 def communication_csv(outcomes: Sequence[RunOutcome]) -> str:
     rows: list[list[str]] = [list(COMMUNICATION_HEADER)]
     for described, numbers in communication_rows(outcomes):
-        rows.append(described + ([fmt(n, 1) for n in numbers] if numbers else [""] * 3))
+        values = ["" if n is None else fmt(n, 1) for n in numbers]
+        rows.append(described + (values if numbers else [""] * 5))
     return _csv_text(rows)
 
 
