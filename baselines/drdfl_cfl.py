@@ -1,8 +1,9 @@
 """DRDFL-CFL (paper 001, Algorithm 3): DRDFL on the star. The hub averages the nodes'
 Learngenes and class statistics weighted by |D_m| (their training examples); every node
 sets its Learngene and its class statistics to the average (Algorithm 3, line 4), where
-the ring's DRDFL pulls its statistics toward the received ones by EMA (Algorithm 1). Everything else, private modules included, is DRDFL's, from the same
-``[drdfl]`` config section.
+the ring's DRDFL pulls its statistics toward the received ones by EMA (Algorithm 1).
+Everything else, private modules included, is DRDFL's, from the same ``[drdfl]`` config
+section.
 """
 
 from __future__ import annotations
