@@ -176,6 +176,15 @@ def columns(outcomes: Sequence[RunOutcome], kind: str) -> list[Column]:
     return _first_seen(Column(run.dataset, run.partition) for run in chosen)
 
 
+def runs_in(outcomes: Sequence[RunOutcome], variant: str, column: Column) -> list[RunOutcome]:
+    """The runs (one per seed) of one variant in one column."""
+    return [
+        o
+        for o in outcomes
+        if o.run.variant == variant and Column(o.run.dataset, o.run.partition) == column
+    ]
+
+
 def cells(outcomes: Sequence[RunOutcome], kind: str, view: str) -> dict[tuple[str, Column], Cell]:
     """Every (variant, column) of one partition kind; absent pairs are missing cells."""
     groups: dict[tuple[str, Column], list[RunOutcome]] = {}
@@ -395,17 +404,8 @@ def comparison_markdown(outcomes: Sequence[RunOutcome]) -> list[str]:
         for kind in kinds(outcomes):
             for column in columns(outcomes, kind):
                 for a, b in chosen:
-                    runs = {
-                        name: [
-                            o
-                            for o in outcomes
-                            if o.run.variant == name
-                            and (o.run.dataset, o.run.partition)
-                            == (column.dataset, column.partition)
-                        ]
-                        for name in (a, b)
-                    }
-                    results = [paired(runs[a], runs[b], key) for key, _ in METRICS]
+                    runs_a, runs_b = runs_in(outcomes, a, column), runs_in(outcomes, b, column)
+                    results = [paired(runs_a, runs_b, key) for key, _ in METRICS]
                     seeds = max((r.seeds for r in results if r is not None), default=0)
                     row = [a, b, column.name, str(seeds)]
                     for result in results:
@@ -425,13 +425,7 @@ def aggregate_markdown(outcomes: Sequence[RunOutcome]) -> list[str]:
     for kind in kinds(outcomes):
         for column in columns(outcomes, kind):
             for variant in variants(outcomes):
-                group = [
-                    o
-                    for o in outcomes
-                    if o.run.variant == variant
-                    and (o.run.dataset, o.run.partition) == (column.dataset, column.partition)
-                ]
-                cell = aggregate(group, "last", AGGREGATE_METRICS)
+                cell = aggregate(runs_in(outcomes, variant, column), "last", AGGREGATE_METRICS)
                 if cell.state != VALUE:
                     continue
                 row = [variant, column.name]
