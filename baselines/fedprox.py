@@ -14,7 +14,8 @@ import torch
 from baselines.common import ClassifierLearner
 from drdfl_flwr.config import MethodOptions
 from drdfl_flwr.data import ClientData
-from drdfl_flwr.registry import MethodSpec
+from drdfl_flwr.spec import MethodSpec
+from strategies.reducers import weighted_mean
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,9 @@ class FedProxOptions(MethodOptions):
 
 
 class FedProxLearner(ClassifierLearner):
-    def fit(self, data: ClientData) -> dict[str, float]:
+    OPTIONS = FedProxOptions
+
+    def train_round(self, data: ClientData) -> dict[str, float]:
         # fit() runs right after absorb(): the weights now are the hub's model w_global.
         anchor = [p.detach().clone() for p in self.classifier.parameters()]
 
@@ -39,7 +42,6 @@ class FedProxLearner(ClassifierLearner):
         loss, steps = self.supervised_epochs(
             self.classifier, self.optimizer, data, self.round_generator(), penalty=proximal
         )
-        self.rounds_trained += 1
         return {"l_total": loss, "local_steps": float(steps)}
 
 
@@ -47,6 +49,5 @@ SPEC = MethodSpec(
     name="fedprox",
     personalized="none (one global model)",
     learner=FedProxLearner,
-    options=FedProxOptions,
-    reducer="weighted-mean",
+    reducer=weighted_mean,
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,6 +18,7 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from drdfl_flwr import registry  # noqa: E402
 from drdfl_flwr.config import RunConfig  # noqa: E402
 from drdfl_flwr.data import ClientData  # noqa: E402
+from strategies.reducers import Contribution  # noqa: E402
 
 CIFAR10_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "cifar10"
 
@@ -50,4 +52,19 @@ def make_config(**kwargs) -> RunConfig:
         section = next((s for s in sections if name.startswith(s + "_")), None)
         key = f"{section}.{name[len(section) + 1 :]}" if section else name
         flat[key.replace("_", "-")] = value
-    return RunConfig.from_run_config(flat)
+    cfg = RunConfig.from_run_config(flat)
+    registry.check_run_config(cfg)  # as the ServerApp does at start-up
+    return cfg
+
+
+def contribution(partition_id: int, payload, metrics: dict) -> Contribution:
+    """A node's reply as a hub reducer sees it, from tensors, numpy arrays or a record."""
+    arrays = {
+        k: v.numpy() if hasattr(v, "numpy") else np.asarray(v) for k, v in dict(payload).items()
+    }
+    return Contribution(partition_id, arrays, metrics)
+
+
+def as_tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """A reducer's output as the tensors a node receives."""
+    return {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
