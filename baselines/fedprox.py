@@ -1,7 +1,8 @@
 """FedProx (Li et al. 2020): FedAvg whose local objective adds the proximal term
 (mu / 2) * ||w - w_global||^2, keeping each node's update near the model the hub sent.
 FedFed (SPEC-ADDENDUM section 8) plugs into it; it is also the README's worked example
-of adding a method: this file plus one line in ``drdfl_flwr/registry.py``.
+of adding a method: this file, one line in ``drdfl_flwr/registry.py`` and its defaults
+in ``pyproject.toml``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class FedProxLearner(ClassifierLearner):
     OPTIONS = FedProxOptions
 
     def train_round(self, data: ClientData) -> dict[str, float]:
-        # fit() runs right after absorb(): the weights now are the hub's model w_global.
+        # train_round() runs right after absorb(): the weights now are the hub's model w_global.
         anchor = [p.detach().clone() for p in self.classifier.parameters()]
 
         def proximal() -> torch.Tensor:

@@ -204,11 +204,9 @@ class RunConfig:
         ``_`` for ``-``, or ``{"section.key": value}`` through :meth:`with_values`)."""
         import tomllib
 
-        from flwr.common.config import flatten_dict
-
         try:
             with open(path, "rb") as f:
-                values = flatten_dict(tomllib.load(f))
+                values = flatten_tables(tomllib.load(f))
         except FileNotFoundError:
             raise ConfigError("run-config file", str(path), "no such file") from None
         return cls.from_run_config(values).replace(**changes)
@@ -230,6 +228,21 @@ class RunConfig:
         """A validated copy with run-config keys changed, section keys included:
         ``cfg.with_values({"drdfl.noise-variance": 0.3, "local-epochs": 1})``."""
         return RunConfig.from_run_config({**self.to_run_config(), **values})
+
+
+def flatten_tables(tables: Mapping[str, Any], parent: str = "") -> dict[str, Any]:
+    """TOML tables as Flower flattens a run config: ``{"drdfl": {"ema-alpha": 0.9}}`` is
+    ``{"drdfl.ema-alpha": 0.9}``. Only scalars are run-config values."""
+    flat: dict[str, Any] = {}
+    for key, value in tables.items():
+        name = f"{parent}.{key}" if parent else key
+        if isinstance(value, Mapping):
+            flat.update(flatten_tables(value, name))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        else:
+            raise ConfigError(name, value, "a run-config value is a number, a string or a bool")
+    return flat
 
 
 def _raw_sections(sections: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

@@ -193,10 +193,6 @@ class DSLTHLearner(Learner):
             sum(layer.binary_mask().sum().item() for layer in self.net.masked_layers().values())
         )
 
-    def mask_entries(self) -> int:
-        """Entries of the whole mask (bits on the wire before byte padding and headers)."""
-        return sum(layer.num_entries for layer in self.net.masked_layers().values())
-
     def decode_payload(self, payload: Tensors) -> dict[str, torch.Tensor]:
         """The bool masks in ``payload``, by layer name; :class:`PayloadError` if malformed."""
         if not isinstance(payload, dict):
