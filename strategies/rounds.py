@@ -394,7 +394,6 @@ class RoundLoop(Strategy):
         content, senders = self.router.content_for(position, server_round, self.members, self.alive)
         round_config = ConfigRecord(dict(config))
         round_config[SERVER_ROUND] = server_round
-        round_config["senders"] = senders
         if evaluate:
             round_config[EVALUATE_KEY] = True
         if server_round == self.num_rounds and self.on_artifacts is not None:

@@ -17,7 +17,6 @@ from strategies.reducers import Contribution, ReductionError, weighted_mean
 from strategies.relay import Relay
 from strategies.rounds import RoundLoop
 from strategies.topology import Ring
-from strategies.wire import CONFIG
 from tests.conftest import as_tensors, contribution, make_config
 from tests.fake_grid import EVAL_METRICS, FakeGrid
 
@@ -97,7 +96,7 @@ def test_hub_round_loop_sends_every_node_the_same_aggregate():
         np.testing.assert_allclose(content[name]["w"].numpy(), np.full(4, want))
         meta = content.config_records["in-meta.hub"]
         assert meta["origin"] == "hub" and meta["weight"] == sum(examples)
-        assert list(content[CONFIG]["senders"]) == [-1]
+        assert records[1]["received_from"][str(p)] == [-1]  # the round report says so
         assert grid.contents[(p, 1)].array_records == {}  # nothing to send before round 1
         # the evaluation of round 1 already carries round 1's aggregate
         evaluated = grid.eval_contents[(p, 1)]["in-payload.hub"]["w"].numpy()
