@@ -1,4 +1,16 @@
-"""Shared fixtures: offline, quiet Flower; Message ids outside a Flower runtime; tiny data."""
+"""Shared fixtures: offline, quiet Flower; Message ids outside a Flower runtime; tiny data.
+
+Test tiers (markers registered in pyproject.toml)::
+
+    pytest -m fast          # no Ray, no Jupyter kernel, no SuperNode: about 2 minutes
+    pytest -m "not slow"    # the default run (.ci/run): the fast tier, Ray and kernels
+    pytest -m slow          # paper-scale runs and the SuperLink/SuperNode deployments
+
+A test that starts Ray's simulation engine is marked ``ray``, one that starts a Jupyter
+kernel ``kernel``, one that starts a SuperLink and SuperNodes as processes ``deployment``;
+every test with none of these marks and not ``slow`` is marked ``fast`` here, at
+collection, so that a new test lands in the fast tier unless it says otherwise.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +31,16 @@ from drdfl_flwr.config import RunConfig  # noqa: E402
 from drdfl_flwr.data import ClientData  # noqa: E402
 
 CIFAR10_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "cifar10"
+
+# A test that starts any of these is not in the fast tier.
+HEAVY_MARKERS = ("slow", "ray", "kernel", "deployment")
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if not any(item.get_closest_marker(name) for name in HEAVY_MARKERS):
+            item.add_marker(pytest.mark.fast)
 
 
 @pytest.fixture(autouse=True)
