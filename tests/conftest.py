@@ -10,15 +10,22 @@ A test that starts Ray's simulation engine is marked ``ray``, one that starts a 
 kernel ``kernel``, one that starts a SuperLink and SuperNodes as processes ``deployment``;
 every test with none of these marks and not ``slow`` is marked ``fast`` here, at
 collection, so that a new test lands in the fast tier unless it says otherwise.
+
+Fuzz size: the Hypothesis tests take their ``max_examples`` from a settings profile,
+``fast`` (50 examples) when the run selects ``-m fast``, ``full`` (400) otherwise;
+``HYPOTHESIS_PROFILE=fast`` (or ``full``) or Hypothesis's own ``--hypothesis-profile``
+chooses one explicitly.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -34,6 +41,25 @@ CIFAR10_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
 # A test that starts any of these is not in the fast tier.
 HEAVY_MARKERS = ("slow", "ray", "kernel", "deployment")
+
+settings.register_profile("fast", max_examples=50)
+settings.register_profile("full", max_examples=400)
+
+
+def hypothesis_profile(markexpr: str) -> str:
+    """``HYPOTHESIS_PROFILE`` when set, else ``fast`` for a run that selects the fast tier
+    (``-m fast``, ``-m "fast and not x"``), else ``full``."""
+    chosen = os.environ.get("HYPOTHESIS_PROFILE")
+    if chosen:
+        return chosen
+    selects_fast = re.search(r"(?<!not )\bfast\b", markexpr) is not None
+    return "fast" if selects_fast else "full"
+
+
+def pytest_configure(config):
+    # before the test modules are imported: their @settings inherit the loaded profile
+    if not config.getoption("hypothesis_profile", None):
+        settings.load_profile(hypothesis_profile(config.getoption("markexpr", "") or ""))
 
 
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
