@@ -232,17 +232,20 @@ def check_intake_survives(content: RecordDict, server_round: int) -> None:
                 )
 
 
-def fuzz(examples: int) -> settings:
+def fuzz(examples: int | None = None) -> settings:
+    """Derandomized, no deadline; ``examples`` or, when None, the loaded profile's
+    ``max_examples`` (50 in the fast tier, 400 otherwise: tests/conftest.py)."""
+    size = {} if examples is None else {"max_examples": examples}
     return settings(
-        max_examples=examples,
         deadline=None,
         suppress_health_check=list(HealthCheck),
         derandomize=True,
         database=None,
+        **size,
     )
 
 
-@fuzz(400)
+@fuzz()
 @given(hostile_content(), st.sampled_from(list(ROUNDS.values())))
 def test_fuzzed_payloads_never_crash_or_change_a_node(content, server_round):
     check_intake_survives(content, server_round)
