@@ -15,6 +15,12 @@ Fuzz size: the Hypothesis tests take their ``max_examples`` from a settings prof
 ``fast`` (50 examples) when the run selects ``-m fast``, ``full`` (400) otherwise;
 ``HYPOTHESIS_PROFILE=fast`` (or ``full``) or Hypothesis's own ``--hypothesis-profile``
 chooses one explicitly.
+
+Threads: torch runs on ``OMP_NUM_THREADS`` threads, 1 unless set (the kernels, Ray
+workers and SuperNodes the tests start inherit it), as in the simulation engine's
+ClientApp actors (Ray sets an actor's OMP_NUM_THREADS to its num_cpus). These models are
+tiny: on two cores that other work shares, two threads each spin-waiting for the other
+made the same tests 10 to 30 times slower.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from hypothesis import settings
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 

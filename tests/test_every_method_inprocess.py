@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 from flwr.app import Context, MessageType, RecordDict
 
 from drdfl_flwr import registry
@@ -45,18 +44,7 @@ class Finished:
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """Torch on one thread, as in the simulation engine's ClientApp actors (Ray sets
-    OMP_NUM_THREADS to an actor's num_cpus, 1 here). Two threads on two busy cores cost
-    these tiny models 10 to 30 times the time in spin-waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory, one_thread):
+def finished(tmp_path_factory):
     """variant -> its finished run, each variant run once for the whole module."""
     done: dict[str, Finished] = {}
 
