@@ -74,7 +74,6 @@ class ClassifierLearner(Learner):
         """Centralized: load the hub's aggregate; a peer's payload is refused."""
         if not incoming:
             return
-        self.check_origin(incoming)
         expected = self.shared_payload()
         for item in incoming:
             check_payload(item.tensors, expected)
@@ -109,17 +108,11 @@ class ClassifierLearner(Learner):
             for p in frozen:
                 p.requires_grad_(True)
 
-    def fit(self, data: ClientData) -> dict[str, float]:
+    def train_round(self, data: ClientData) -> dict[str, float]:
         loss, steps = self.supervised_epochs(
             self.classifier, self.optimizer, data, self.round_generator()
         )
-        self.rounds_trained += 1
         return {"l_ce": loss, "local_steps": float(steps)}
-
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        self.classifier.eval()
-        return self.classifier(x)
 
 
 class HeadBodyLearner(ClassifierLearner):

@@ -60,12 +60,12 @@ from torch import nn
 
 from drdfl_flwr.config import MethodOptions
 from drdfl_flwr.data import ClientData
-from drdfl_flwr.learner import Learner
+from drdfl_flwr.learner import Learner, LossMeans
 from drdfl_flwr.methods.drdfl import kl_to_standard_normal, reconstruction_loss
 from drdfl_flwr.models.norm import running_stats_frozen
 from drdfl_flwr.models.vae import Decoder, _trunk
 from drdfl_flwr.payload import Incoming, Tensors, check_payload
-from drdfl_flwr.registry import MethodSpec
+from drdfl_flwr.spec import MethodSpec
 
 MERGES = ("average", "replace")
 PREFIX = "encoder."  # payload keys: the encoder's state entries under this prefix
@@ -103,6 +103,8 @@ class ConditionalEncoder(nn.Module):
 
 
 class CVAELearner(Learner):
+    OPTIONS = CVAEOptions
+
     def setup(self) -> None:
         opts = self.opts
         with self.common_init("encoder"):
@@ -127,7 +129,6 @@ class CVAELearner(Learner):
         if not incoming:
             return
         expected = self.shared_payload()
-        self.check_origin(incoming)
         for item in incoming:
             check_payload(item.tensors, expected)
         own = self.encoder.state_dict()
@@ -187,12 +188,11 @@ class CVAELearner(Learner):
         seed = int(torch.randint(2**62, (1,), generator=self.round_generator()))
         return torch.Generator(device=self.device).manual_seed(seed + 1)
 
-    def fit(self, data: ClientData) -> dict[str, float]:
+    def train_round(self, data: ClientData) -> dict[str, float]:
         self.set_training(True)
         gen = self.noise_generator()
         counts = torch.bincount(data.y_train, minlength=self.num_classes).float().to(self.device)
-        sums = {"l_rec": 0.0, "l_kl": 0.0, "l_ce": 0.0, "l_ce_gen": 0.0}
-        steps = 0
+        losses = LossMeans()
         for x, y in self.batches(data, self.round_generator()):
             l_rec, l_kl = self.cvae_losses(x, y, gen)
             l_ce, l_ce_gen = self.classifier_losses(x, y, counts, gen)
@@ -200,13 +200,10 @@ class CVAELearner(Learner):
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            for key, value in zip(sums, (l_rec, l_kl, l_ce, l_ce_gen), strict=True):
-                sums[key] += value.item()
-            steps += 1
-        self.rounds_trained += 1
-        metrics = {k: v / max(steps, 1) for k, v in sums.items()}
-        metrics["local_steps"] = float(steps)
-        metrics.update(self.health(data))
+            parts = {"l_rec": l_rec, "l_kl": l_kl, "l_ce": l_ce, "l_ce_gen": l_ce_gen}
+            losses.add({k: v.item() for k, v in parts.items()})
+        metrics = losses.means()
+        metrics["local_steps"] = float(losses.steps)
         return metrics
 
     @torch.no_grad()
@@ -226,15 +223,9 @@ class CVAELearner(Learner):
         self.set_training(True)
         return {"health_rec_loss": rec, "health_kl_per_dim": kl_per_dim}
 
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        self.classifier.eval()
-        return self.classifier(x)
-
 
 SPEC = MethodSpec(
     name="cvae",
     personalized="decoder + classifier (encoder shared)",
     learner=CVAELearner,
-    options=CVAEOptions,
 )

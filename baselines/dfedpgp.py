@@ -45,7 +45,7 @@ from baselines.common import HeadBodyLearner
 from drdfl_flwr.config import MethodOptions
 from drdfl_flwr.data import ClientData
 from drdfl_flwr.payload import Incoming, check_payload
-from drdfl_flwr.registry import MethodSpec
+from drdfl_flwr.spec import MethodSpec
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,8 @@ class _NormStatsFrozen(nn.Module):
 class DFedPGPLearner(HeadBodyLearner):
     """Private head (last linear layer), body averaged uniformly with the in-neighbours."""
 
+    OPTIONS = DFedPGPOptions
+
     def setup(self) -> None:
         super().setup()
         self._body_spread = 0.0  # computed by absorb, reported by the same round's fit
@@ -95,7 +97,6 @@ class DFedPGPLearner(HeadBodyLearner):
         if not incoming:
             return
         own = self.shared_payload()
-        self.check_origin(incoming)
         for item in incoming:
             check_payload(item.tensors, own)  # missing, extra (a head key), shape, NaN
         spreads = []
@@ -114,7 +115,7 @@ class DFedPGPLearner(HeadBodyLearner):
         }
         self.load_shared(averaged)
 
-    def fit(self, data: ClientData) -> dict[str, float]:
+    def train_round(self, data: ClientData) -> dict[str, float]:
         gen = self.round_generator()
         opts = self.opts
         head_loss, head_steps = self.train_only(
@@ -128,7 +129,6 @@ class DFedPGPLearner(HeadBodyLearner):
         body_loss, body_steps = self.train_only(
             self.body_params, self.body_optimizer, data, gen, opts.body_epochs
         )
-        self.rounds_trained += 1
         metrics = {
             "l_ce": body_loss if body_steps else head_loss,
             "local_steps": float(head_steps + body_steps),
@@ -146,6 +146,4 @@ SPEC = MethodSpec(
     name="dfedpgp",
     personalized="output layer (head)",
     learner=DFedPGPLearner,
-    options=DFedPGPOptions,
-    reducer=None,
 )

@@ -70,7 +70,7 @@ from drdfl_flwr.config import MethodOptions
 from drdfl_flwr.data import ClientData
 from drdfl_flwr.learner import Learner
 from drdfl_flwr.payload import Incoming, PayloadError, Tensors
-from drdfl_flwr.registry import MethodSpec
+from drdfl_flwr.spec import MethodSpec
 
 MASK_PREFIX = "mask."
 VALUES_PREFIX = "values."
@@ -213,6 +213,8 @@ class MaskBank(nn.Module):
 
 
 class DisPFLLearner(Learner):
+    OPTIONS = DisPFLOptions
+
     # each node draws its own initial mask (``different-initial``), so which values it
     # sends differs too; the dense initialisation under the masks is common
     # (tests/test_dispfl.py checks the entries both masks keep)
@@ -259,7 +261,6 @@ class DisPFLLearner(Learner):
     def absorb(self, incoming: Sequence[Incoming]) -> None:
         """Masked average over {self} U senders of the entries each one's mask holds; 0
         where nobody holds it; then times the own current mask."""
-        self.check_origin(incoming)
         decoded = [decode_payload(item.tensors, self.shapes) for item in incoming]
         sent, current = self.masks.sent(), self.masks.current()
         for name, param in self.classifier.named_parameters():
@@ -287,7 +288,7 @@ class DisPFLLearner(Learner):
         grads = torch.autograd.grad(loss, list(params.values()))
         return {n: g.abs() for n, g in zip(params, grads, strict=True)}
 
-    def fit(self, data: ClientData) -> dict[str, float]:
+    def train_round(self, data: ClientData) -> dict[str, float]:
         gen = self.round_generator()
         current = self.masks.current()
         self.apply_mask(current)  # no-op after absorb; drops last round's pruned values else
@@ -309,7 +310,6 @@ class DisPFLLearner(Learner):
                 total += new.numel()
                 sent.copy_(current[name])  # the trained weights travel under this mask
                 current[name].copy_(new)
-        self.rounds_trained += 1
         return {
             "l_ce": loss,
             "local_steps": float(steps),
@@ -318,16 +318,9 @@ class DisPFLLearner(Learner):
             "health_drop_rate": rate,
         }
 
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        self.classifier.eval()
-        return self.classifier(x)
-
 
 SPEC = MethodSpec(
     name="dispfl",
     personalized="sparse mask and its weights",
     learner=DisPFLLearner,
-    options=DisPFLOptions,
-    reducer=None,
 )

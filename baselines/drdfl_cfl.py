@@ -8,13 +8,13 @@ section.
 
 from __future__ import annotations
 
-from drdfl_flwr.methods.drdfl import DRDFLLearner, DRDFLOptions
-from drdfl_flwr.registry import MethodSpec
+from drdfl_flwr.methods.drdfl import DRDFLLearner
+from drdfl_flwr.spec import MethodSpec
+from strategies.reducers import weighted_mean
 
 SPEC = MethodSpec(
     name="drdfl-cfl",
     personalized="PersonaNet + decoder + classifier",
     learner=DRDFLLearner,
-    options=DRDFLOptions,
-    reducer="weighted-mean",
+    reducer=weighted_mean,
 )

@@ -6,7 +6,8 @@ reference point). The hub's reduction is Flower's ``aggregate_arrayrecords``.
 from __future__ import annotations
 
 from baselines.common import ClassifierLearner
-from drdfl_flwr.registry import MethodSpec
+from drdfl_flwr.spec import MethodSpec
+from strategies.reducers import weighted_mean
 
 
 class FedAvgLearner(ClassifierLearner):
@@ -17,5 +18,5 @@ SPEC = MethodSpec(
     name="fedavg",
     personalized="none (one global model)",
     learner=FedAvgLearner,
-    reducer="weighted-mean",
+    reducer=weighted_mean,
 )

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 from baselines.common import ClassifierLearner, norm_names
 from drdfl_flwr.config import ConfigError, RunConfig
-from drdfl_flwr.registry import MethodSpec
+from drdfl_flwr.spec import MethodSpec
+from strategies.reducers import weighted_mean
 
 
 def resolved_norm(classifier: str, norm: str) -> str:
@@ -63,6 +64,6 @@ SPEC = MethodSpec(
     name="fedbn",
     personalized="BatchNorm layers",
     learner=FedBNLearner,
-    reducer="weighted-mean",
+    reducer=weighted_mean,
     check=check_has_batchnorm,
 )

@@ -96,20 +96,28 @@ from dataclasses import dataclass
 from logging import WARNING
 from typing import ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from flwr.common import log
 from torch import nn
 
 from drdfl_flwr.config import ConfigError, MethodOptions, RunConfig
-from drdfl_flwr.data import ClientData
-from drdfl_flwr.learner import Learner
+from drdfl_flwr.data import PIXEL_RANGE, ClientData
+from drdfl_flwr.learner import Learner, LossMeans
+from drdfl_flwr.logs import log
 from drdfl_flwr.models.vae import Decoder, Learngene
 from drdfl_flwr.payload import Incoming, PayloadError, Tensors, check_payload
-from drdfl_flwr.privacy import PIXEL_RANGE
-from drdfl_flwr.registry import MethodSpec
+from drdfl_flwr.spec import MethodSpec
+from strategies.reducers import (
+    Arrays,
+    Contribution,
+    ReductionError,
+    check_float_keys,
+    weighted_mean,
+)
 
-SHARE_X, SHARE_Y = "share.x", "share.y"  # strategies.reducers.POOL_PREFIX = "share."
+POOL_PREFIX = "share."  # keys the hub pools (concatenates rows), never averages
+SHARE_X, SHARE_Y = POOL_PREFIX + "x", POOL_PREFIX + "y"
 CHUNK = 512  # rows per forward pass when computing the shared features
 PROBE_SIZE = 256  # training images the generator's health is measured on while distilling
 DATA_RANGE = PIXEL_RANGE[1] - PIXEL_RANGE[0]  # 2: the PSNR's peak
@@ -143,7 +151,7 @@ class FedFedOptions(MethodOptions):
 
 def check_rounds(cfg: RunConfig) -> None:
     """The pool is shared in round D + 1 and first used in round D + 2."""
-    distill = cfg.options(FedFedOptions.SECTION).distill_rounds
+    distill = cfg.options(FedFedOptions).distill_rounds
     if cfg.num_server_rounds < distill + 2:
         raise ConfigError(
             "num-server-rounds",
@@ -277,6 +285,8 @@ class FedFedLearner(Learner):
     """``generator`` + ``classifier`` (one Adam); ``pool`` (received), ``outbox`` (the
     shares this node sends in round D) and ``share_health`` are private buffers."""
 
+    OPTIONS = FedFedOptions
+
     def setup(self) -> None:
         with self.common_init():
             self.classifier = self.new_classifier()
@@ -346,7 +356,6 @@ class FedFedLearner(Learner):
         expected = self.model_entries(self.rounds_trained <= self.opts.distill_rounds)
         expects_pool = self.rounds_trained == self.opts.distill_rounds + 1
         pool = None
-        self.check_origin(incoming)
         for item in incoming:
             model = dict(item.tensors)
             if expects_pool:
@@ -435,8 +444,7 @@ class FedFedLearner(Learner):
         o = self.opts
         self.generator.train()
         self.classifier.train()
-        sums = {"l_rec": 0.0, "l_ce_s": 0.0, "l_kl": 0.0, "l_ce": 0.0, "loss": 0.0}
-        steps = 0
+        losses = LossMeans()
         for x, y in self.batches(data, gen, epochs=o.distill_epochs or None):
             x_hat, mu, log_var = self.generator(x, self.noise(mu_shape(x, o.latent_dim), gen))
             x_s = x - x_hat
@@ -450,11 +458,10 @@ class FedFedLearner(Learner):
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            for key, value in zip(sums, (l_rec, l_ce_s, kl, l_ce, loss), strict=True):
-                sums[key] += value.item()
-            steps += 1
-        metrics = {k: v / max(steps, 1) for k, v in sums.items()}
-        metrics["local_steps"] = float(steps)
+            parts = {"l_rec": l_rec, "l_ce_s": l_ce_s, "l_kl": kl, "l_ce": l_ce, "loss": loss}
+            losses.add({k: v.item() for k, v in parts.items()})
+        metrics = losses.means()
+        metrics["local_steps"] = float(losses.steps)
         metrics["health_rec_mse"] = metrics["l_rec"]
         return metrics
 
@@ -489,7 +496,7 @@ class FedFedLearner(Learner):
             "health_pool_balance": float(present.min() / present.max()) if len(present) else 0.0,
         }
 
-    def fit(self, data: ClientData) -> dict[str, float]:
+    def train_round(self, data: ClientData) -> dict[str, float]:
         gen = self.round_generator()
         phase = self.phase()
         if phase == "distill":
@@ -518,24 +525,57 @@ class FedFedLearner(Learner):
                 loss, steps = self.supervised_epochs(self.classifier, self.optimizer, data, gen)
                 metrics = {"l_ce": loss, "local_steps": float(steps), "health_pool_size": 0.0}
             metrics.update(self.kept_health())
-        self.rounds_trained += 1
         return metrics
-
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        self.classifier.eval()
-        return self.classifier(x)
 
 
 def mu_shape(x: torch.Tensor, latent_dim: int) -> torch.Size:
     return torch.Size((len(x), latent_dim))
 
 
+def fedfed_reduce(contributions: Sequence[Contribution], previous: Arrays | None) -> Arrays:
+    """FedFed's server: FedAvg for the model, pooling (row concatenation, in partition
+    order) for the shared ``share.*`` feature sets, which every node then receives.
+
+    Every contribution must hold the same ``share.*`` keys, as floating-point arrays with
+    one row per sample: all of one node's pooled arrays have the same number of rows (a
+    feature row and its label stay paired), and each key's rows have the same shape
+    across nodes."""
+    if not contributions:
+        raise ReductionError("no replies to reduce")
+    pooled = sorted(k for k in contributions[0].arrays if k.startswith(POOL_PREFIX))
+    averaged_keys = {k for k in contributions[0].arrays if not k.startswith(POOL_PREFIX)}
+    check_float_keys(contributions, set(pooled), lambda k: k.startswith(POOL_PREFIX))
+    check_float_keys(contributions, averaged_keys, lambda k: not k.startswith(POOL_PREFIX))
+    models = [
+        Contribution(c.partition_id, {k: c.arrays[k] for k in averaged_keys}, c.metrics)
+        for c in contributions
+    ]
+    out = weighted_mean(models) if averaged_keys else {}
+    ordered = sorted(contributions, key=lambda c: c.partition_id)
+    for c in ordered:
+        shapes = {k: c.arrays[k].shape for k in pooled}
+        if any(len(s) == 0 for s in shapes.values()):
+            raise ReductionError(f"partition {c.partition_id} sent a pooled scalar: {shapes}")
+        if len({s[0] for s in shapes.values()}) > 1:
+            raise ReductionError(
+                f"partition {c.partition_id} sent pooled arrays with different row counts "
+                f"{shapes}: rows would lose their pairing"
+            )
+    for key in pooled:
+        parts = [c.arrays[key] for c in ordered]
+        if len({p.shape[1:] for p in parts}) > 1:
+            raise ReductionError(
+                f"'{key}' rows differ in shape across partitions: "
+                f"{sorted({p.shape[1:] for p in parts})}"
+            )
+        out[key] = np.concatenate(parts, axis=0)
+    return out
+
+
 SPEC = MethodSpec(
     name="fedfed",
     personalized="none (one global model)",
     learner=FedFedLearner,
-    options=FedFedOptions,
-    reducer="fedfed",
+    reducer=fedfed_reduce,
     check=check_rounds,
 )

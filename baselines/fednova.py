@@ -45,10 +45,12 @@ the size of the normalized update (comparable across nodes with different tau_i)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -56,9 +58,21 @@ from drdfl_flwr.config import MethodOptions
 from drdfl_flwr.data import ClientData
 from drdfl_flwr.learner import Learner
 from drdfl_flwr.payload import Incoming, Tensors, check_payload
-from drdfl_flwr.registry import MethodSpec
+from drdfl_flwr.spec import MethodSpec
+from strategies.reducers import (
+    Arrays,
+    Contribution,
+    ReductionError,
+    check_float_keys,
+    float_array,
+    total_examples,
+    weighted_mean,
+)
 
+# payload key prefixes, read by the learner and the reducer below: the normalized update
+# d_i, the first round's start point, entries averaged as in FedAvg, and the aggregate
 UPDATE, START, MEAN, MODEL = "update.", "start.", "mean.", "model."
+NORM_METRIC = "fednova_a"  # reply metric: ||a_i||_1
 
 
 @dataclass(frozen=True)
@@ -99,6 +113,8 @@ class NovaState(nn.Module):
 
 class FedNovaLearner(Learner):
     """``classifier``: the model trained this round (x_i); ``global_model``: x^t."""
+
+    OPTIONS = FedNovaOptions
 
     def setup(self) -> None:
         with self.common_init():  # the same x^0 on every node
@@ -145,7 +161,6 @@ class FedNovaLearner(Learner):
         """Load x^{t+1} (``model.<k>``) from the hub; a peer's payload is refused."""
         if not incoming:
             return
-        self.check_origin(incoming)
         expected = self.expected_aggregate()
         for item in incoming:
             check_payload(item.tensors, expected)
@@ -158,7 +173,7 @@ class FedNovaLearner(Learner):
                     state[name].copy_(aggregate[key].to(ref.device, ref.dtype))
         self.nova.aggregates += 1
 
-    def fit(self, data: ClientData) -> dict[str, float]:
+    def train_round(self, data: ClientData) -> dict[str, float]:
         """tau_i SGD steps with momentum from x^t (momentum buffer reset)."""
         self.classifier.load_state_dict(self.global_model.state_dict())
         optimizer = torch.optim.SGD(
@@ -169,7 +184,6 @@ class FedNovaLearner(Learner):
         )
         a = normalizing_norm(steps, self.opts.momentum)
         self.nova.a_norm.fill_(a)
-        self.rounds_trained += 1
         with torch.no_grad():
             now = dict(self.classifier.named_parameters())
             start = self.global_model.state_dict()
@@ -177,20 +191,100 @@ class FedNovaLearner(Learner):
         return {
             "l_ce": loss,
             "local_steps": float(steps),
-            "fednova_a": a,
+            NORM_METRIC: a,
             "health_update_norm": moved / a if a > 0 else 0.0,
         }
 
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        self.classifier.eval()
-        return self.classifier(x)
+
+def fednova_reduce(contributions: Sequence[Contribution], previous: Arrays | None) -> Arrays:
+    """FedNova's server (Wang et al. 2020; JYWa/FedNova): x <- x - tau_eff * sum_i p_i d_i
+    with d_i = (x - x_i) / ||a_i||_1, p_i = n_i / n, tau_eff = sum_i p_i ||a_i||_1.
+
+    Contributions carry ``update.<k>`` = d_i (already normalized by the node, which knows
+    its own steps and momentum) and the metric ``fednova_a``; the global model
+    ``model.<k>`` is the previous aggregate, or, in the first round, the common start point
+    the nodes send as ``start.<k>`` (every sender's must be the same: the normalized update
+    is only meaningful from one shared x). Entries that SGD does not optimize (BatchNorm's
+    running statistics) come as ``mean.<k>`` and are averaged by examples as in FedAvg:
+    step normalization applies to gradient steps only (JYWa/FedNova normalizes the
+    optimizer's parameters), and rescaling a running variance by tau_eff / a_i can
+    drive it negative.
+    """
+    total = total_examples(contributions)
+    norms = []
+    for c in contributions:
+        a = c.metrics.get(NORM_METRIC)
+        if a is None or not (a > 0 and math.isfinite(a)):
+            raise ReductionError(
+                f"partition {c.partition_id} sent no finite positive '{NORM_METRIC}'"
+            )
+        norms.append(float(a))
+    weights = [c.examples / total for c in contributions]
+    tau_eff = sum(p * a for p, a in zip(weights, norms, strict=True))
+    first = contributions[0].arrays
+    updates = {k.removeprefix(UPDATE): k for k in first if k.startswith(UPDATE)}
+    means = {k.removeprefix(MEAN): k for k in first if k.startswith(MEAN)}
+    check_float_keys(contributions, set(updates.values()), lambda k: k.startswith(UPDATE))
+    check_float_keys(contributions, set(means.values()), lambda k: k.startswith(MEAN))
+    if not updates:
+        raise ReductionError(f"FedNova replies carry no '{UPDATE}*' entries")
+    if set(updates) & set(means):
+        raise ReductionError(
+            f"entries both stepped and averaged: {sorted(set(updates) & set(means))[:5]}"
+        )
+    if previous:
+        base = {k.removeprefix(MODEL): v for k, v in previous.items() if k.startswith(MODEL)}
+        if set(base) != set(updates) | set(means):
+            raise ReductionError(
+                "update keys differ from the model's: "
+                f"{sorted(set(base) ^ (set(updates) | set(means)))[:5]}"
+            )
+    else:
+        base = _common_start(contributions, updates)
+    out: Arrays = {}
+    for name, key in updates.items():
+        for c in contributions:
+            if c.arrays[key].shape != base[name].shape:
+                raise ReductionError(
+                    f"'{key}' from partition {c.partition_id} has shape "
+                    f"{c.arrays[key].shape}, the model's is {base[name].shape}"
+                )
+        step = sum(p * c.arrays[key] for p, c in zip(weights, contributions, strict=True))
+        out[MODEL + name] = (base[name] - tau_eff * step).astype(base[name].dtype)
+    if means:
+        subset = [
+            Contribution(c.partition_id, {k: c.arrays[k] for k in means.values()}, c.metrics)
+            for c in contributions
+        ]
+        averaged = weighted_mean(subset)
+        for name, key in means.items():
+            out[MODEL + name] = averaged[key]
+    return out
+
+
+def _common_start(contributions: Sequence[Contribution], updates: dict[str, str]) -> Arrays:
+    """The first round's global model: the start point every sender sent, which must be
+    one and the same."""
+    starts = [c for c in contributions if any(k.startswith(START) for k in c.arrays)]
+    if not starts:
+        raise ReductionError("first FedNova round: no node sent its start point")
+    base = {}
+    for name in updates:
+        first = float_array(starts[0], START + name)
+        for c in starts[1:]:
+            if not np.array_equal(first, float_array(c, START + name)):
+                raise ReductionError(
+                    f"partitions {starts[0].partition_id} and {c.partition_id} started "
+                    f"from different models ('{START}{name}' differs): FedNova's "
+                    "normalized updates need one common start point"
+                )
+        base[name] = first
+    return base
 
 
 SPEC = MethodSpec(
     name="fednova",
     personalized="none (one global model)",
     learner=FedNovaLearner,
-    options=FedNovaOptions,
-    reducer="fednova",
+    reducer=fednova_reduce,
 )

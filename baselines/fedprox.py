@@ -1,7 +1,8 @@
 """FedProx (Li et al. 2020): FedAvg whose local objective adds the proximal term
 (mu / 2) * ||w - w_global||^2, keeping each node's update near the model the hub sent.
 FedFed (SPEC-ADDENDUM section 8) plugs into it; it is also the README's worked example
-of adding a method: this file plus one line in ``drdfl_flwr/registry.py``.
+of adding a method: this file, one line in ``drdfl_flwr/registry.py`` and its defaults
+in ``pyproject.toml``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import torch
 from baselines.common import ClassifierLearner
 from drdfl_flwr.config import MethodOptions
 from drdfl_flwr.data import ClientData
-from drdfl_flwr.registry import MethodSpec
+from drdfl_flwr.spec import MethodSpec
+from strategies.reducers import weighted_mean
 
 
 @dataclass(frozen=True)
@@ -27,8 +29,10 @@ class FedProxOptions(MethodOptions):
 
 
 class FedProxLearner(ClassifierLearner):
-    def fit(self, data: ClientData) -> dict[str, float]:
-        # fit() runs right after absorb(): the weights now are the hub's model w_global.
+    OPTIONS = FedProxOptions
+
+    def train_round(self, data: ClientData) -> dict[str, float]:
+        # train_round() runs right after absorb(): the weights now are the hub's model w_global.
         anchor = [p.detach().clone() for p in self.classifier.parameters()]
 
         def proximal() -> torch.Tensor:
@@ -39,7 +43,6 @@ class FedProxLearner(ClassifierLearner):
         loss, steps = self.supervised_epochs(
             self.classifier, self.optimizer, data, self.round_generator(), penalty=proximal
         )
-        self.rounds_trained += 1
         return {"l_total": loss, "local_steps": float(steps)}
 
 
@@ -47,6 +50,5 @@ SPEC = MethodSpec(
     name="fedprox",
     personalized="none (one global model)",
     learner=FedProxLearner,
-    options=FedProxOptions,
-    reducer="weighted-mean",
+    reducer=weighted_mean,
 )

@@ -44,7 +44,8 @@ from torch import nn
 from baselines.common import HeadBodyLearner
 from drdfl_flwr.config import MethodOptions
 from drdfl_flwr.data import ClientData
-from drdfl_flwr.registry import MethodSpec
+from drdfl_flwr.spec import MethodSpec
+from strategies.reducers import weighted_mean
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ class FedRepOptions(MethodOptions):
 
 class FedRepLearner(HeadBodyLearner):
     """Head (last linear layer) personal, trained first; body shared, trained second."""
+
+    OPTIONS = FedRepOptions
 
     def train_head(
         self, data: ClientData, generator: torch.Generator, after_step: Callable | None = None
@@ -88,7 +91,7 @@ class FedRepLearner(HeadBodyLearner):
             after_step=after_step,
         )
 
-    def fit(self, data: ClientData) -> dict[str, float]:
+    def train_round(self, data: ClientData) -> dict[str, float]:
         gen = self.round_generator()
         head = self.head_parameter_names()
         start = _snapshot(self.classifier)
@@ -96,7 +99,6 @@ class FedRepLearner(HeadBodyLearner):
         middle = _snapshot(self.classifier)
         body_loss, body_steps = self.train_body(data, gen)
         end = _snapshot(self.classifier)
-        self.rounds_trained += 1
         steps = head_steps + body_steps
         return {
             "l_ce": (head_loss * head_steps + body_loss * body_steps) / max(steps, 1),
@@ -127,6 +129,5 @@ SPEC = MethodSpec(
     name="fedrep",
     personalized="output layer (head)",
     learner=FedRepLearner,
-    options=FedRepOptions,
-    reducer="weighted-mean",
+    reducer=weighted_mean,
 )

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from baselines.common import ClassifierLearner
 from drdfl_flwr.payload import Incoming, PayloadError, Tensors
-from drdfl_flwr.registry import MethodSpec
+from drdfl_flwr.spec import MethodSpec
 
 
 class LocalLearner(ClassifierLearner):

@@ -21,16 +21,13 @@ from pathlib import Path
 
 from flwr.app import RecordDict
 
+from baselines.fedfed import FedFedOptions
 from drdfl_flwr import registry
 from drdfl_flwr.config import RunConfig
-from drdfl_flwr.learner import build_learner
-from drdfl_flwr.payload import (
-    OUT_PAYLOAD,
-    content_bytes,
-    from_hub,
-    num_parameters,
-    to_array_record,
-)
+from drdfl_flwr.payload import from_hub, num_parameters
+from drdfl_flwr.records import to_array_record
+from drdfl_flwr.registry import build_learner
+from strategies.wire import OUT_PAYLOAD, content_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENTS = 20
@@ -60,7 +57,7 @@ def payload_of(method: str) -> tuple[int, int]:
     cfg = RunConfig.from_run_config({**values, "device": "cpu"})
     learner = build_learner(cfg, (3, 32, 32), 10)
     if method == "fedfed":  # past the generator rounds: the classifier is what travels
-        learner.rounds_trained = cfg.options("fedfed").distill_rounds + 1
+        learner.rounds_trained = cfg.options(FedFedOptions).distill_rounds + 1
     if method == "fednova":  # after the first aggregate: no more start point (round one)
         learner.absorb(from_hub(learner.expected_aggregate()))
     payload = learner.shared_payload()

@@ -36,8 +36,9 @@ import torch
 
 from drdfl_flwr.config import RunConfig
 from drdfl_flwr.data import load_client_data
-from drdfl_flwr.learner import build_learner
-from drdfl_flwr.payload import Incoming
+from drdfl_flwr.node import node_round
+from drdfl_flwr.payload import PEER, Incoming
+from drdfl_flwr.registry import build_learner
 from drdfl_flwr.simulation import simulate
 
 
@@ -126,7 +127,8 @@ def simulated_rounds(cfg: RunConfig, clients: int) -> tuple[list[float], dict, f
 
 
 def plain_rounds(cfg: RunConfig, clients: int) -> tuple[list[float], float]:
-    """The same rounds in a plain loop: ring payloads of the previous round, fit, evaluate."""
+    """The same rounds in a plain loop (:func:`node_round`, as the ClientApp runs a round):
+    ring payloads of the previous round, take in, train, evaluate."""
     torch.set_num_threads(1)
     with PeakMemory() as memory:
         data = [load_client_data(cfg, p, clients) for p in range(clients)]
@@ -135,17 +137,15 @@ def plain_rounds(cfg: RunConfig, clients: int) -> tuple[list[float], float]:
         ]
         payloads: list[dict] = [{} for _ in range(clients)]
         seconds = []
-        for _ in range(cfg.num_server_rounds):
+        for server_round in range(1, cfg.num_server_rounds + 1):
             started = time.perf_counter()
             sent = []
             for p, learner in enumerate(learners):
                 q = (p - 1) % clients
-                if payloads[q]:
-                    learner.absorb([Incoming(payloads[q], q, float(len(data[q].y_train)), "peer")])
-                torch.manual_seed(getattr(learner, "round_seed", 0))  # as the ClientApp does
-                learner.fit(data[p])
-                sent.append(learner.shared_payload())
-                learner.evaluate(data[p])
+                weight = float(len(data[q].y_train))
+                incoming = [Incoming(payloads[q], q, weight, PEER)] if payloads[q] else []
+                # the node's round exactly as the ClientApp runs it
+                sent.append(node_round(learner, incoming, data[p], server_round).payload)
             payloads = sent
             seconds.append(time.perf_counter() - started)
     return seconds, memory.peak_mib

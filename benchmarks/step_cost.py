@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from drdfl_flwr.config import RunConfig
-from drdfl_flwr.learner import build_learner
+from drdfl_flwr.registry import build_learner
 
 
 def learners(batch_size: int):

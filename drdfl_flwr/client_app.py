@@ -9,11 +9,9 @@ Nothing private ever goes into a reply: the reply holds the learner's
 
 from __future__ import annotations
 
-import time
 import uuid
 from logging import INFO, WARNING
 
-import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
@@ -29,33 +27,22 @@ from drdfl_flwr.checkpoint import (
 from drdfl_flwr.config import RunConfig
 from drdfl_flwr.data import ClientData, load_client_data
 from drdfl_flwr.intake import Intake, take_in
-from drdfl_flwr.learner import Learner, build_learner, measured_fit
-from drdfl_flwr.payload import (
+from drdfl_flwr.learner import Learner
+from drdfl_flwr.node import Stopwatch, evaluation_metrics, node_round
+from drdfl_flwr.records import decode_received, to_array_record
+from drdfl_flwr.registry import build_learner
+from drdfl_flwr.warm import WARM
+from strategies.wire import (
     ARTIFACTS,
     CONFIG,
     EVALUATE_KEY,
     METRICS,
     OUT_PAYLOAD,
     REJECTIONS,
-    to_array_record,
+    SERVER_ROUND,
 )
-from drdfl_flwr.warm import WARM
 
 STATE_KEY = "learner"
-
-
-class Stopwatch:
-    """Seconds spent in each step of a message (``time_*`` metrics), so a slow round can
-    be told apart: restoring state, absorbing, training, saving, evaluating."""
-
-    def __init__(self) -> None:
-        self.laps: dict[str, float] = {}
-        self._last = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.laps[name] = self.laps.get(name, 0.0) + now - self._last
-        self._last = now
 
 
 def node_partition(context: Context) -> tuple[int, int]:
@@ -75,7 +62,7 @@ def warm_key(context: Context) -> tuple[int, int, int]:
 
 def server_round(msg: Message) -> int:
     """The round the relay sent this message in (0 when absent: a message from elsewhere)."""
-    return int(msg.content.config_records.get(CONFIG, ConfigRecord()).get("server-round", 0))
+    return int(msg.content.config_records.get(CONFIG, ConfigRecord()).get(SERVER_ROUND, 0))
 
 
 def run_key(msg: Message, context: Context) -> str:
@@ -132,13 +119,6 @@ def keep_warm(context: Context, learner: Learner, token: str, nbytes: int) -> No
     WARM.put(warm_key(context), token, learner, nbytes, learner.cfg.warm_cache_mib * 2**20)
 
 
-def evaluation_metrics(learner: Learner, data: ClientData) -> dict[str, float]:
-    """Local-T and Global-T and the Local-T size, whichever message asked for them."""
-    metrics = learner.evaluate(data)
-    metrics["num-examples-local-t"] = float(len(data.y_local_test))
-    return metrics
-
-
 def describe(msg: Message, context: Context) -> Message:
     """Tell the relay where this node sits in the ring."""
     partition_id, num_partitions = node_partition(context)
@@ -147,21 +127,25 @@ def describe(msg: Message, context: Context) -> Message:
 
 
 def train(msg: Message, context: Context) -> Message:
-    """Absorb the in-neighbours' payloads, train one round, reply with the own payload.
-
-    With ``isolated = true`` the node neither absorbs nor sends anything and changes
-    nothing else (same data, seeds, model, schedule): the "does sharing help?" control.
-    """
+    """Take in the in-neighbours' payloads, train one round (:func:`node_round`), save the
+    private state, reply with the own payload and the metrics. The reasons for every
+    refused payload go back to the router."""
     clock = Stopwatch()
     round_config = msg.content.config_records.get(CONFIG, ConfigRecord())
     key = run_key(msg, context)
     data, learner, warm = restore(context, key, clock)
     clock.lap("time_restore")
-    isolated = learner.cfg.isolated
-    # Decoded and validated before anything changes; a bad payload costs only itself and
-    # the node trains on (drdfl_flwr.intake). The reasons go back to the relay.
-    intake = Intake() if isolated else take_in(learner, msg.content, server_round(msg))
-    for sender, reason in intake.rejections.items():
+    incoming, undecodable = decode_received(msg.content)
+    result = node_round(
+        learner,
+        incoming,
+        data,
+        server_round(msg),
+        evaluate=bool(round_config.get(EVALUATE_KEY, False)),  # the router asks for it
+        undecodable=undecodable,
+        clock=clock,
+    )
+    for sender, reason in result.intake.rejections.items():
         log(
             WARNING,
             "partition %d rejected the payload of sender %s: %s",
@@ -169,29 +153,14 @@ def train(msg: Message, context: Context) -> Message:
             sender,
             reason,
         )
-    clock.lap("time_absorb")
-    torch.manual_seed(learner.round_seed)  # the same draws wherever the message runs
-    metrics = measured_fit(learner, data)
-    clock.lap("time_fit")
     save(context, learner, key)
     clock.lap("time_save")
-    if round_config.get(EVALUATE_KEY, False):  # the relay asks for it here (see Router)
-        metrics.update(evaluation_metrics(learner, data))
-        clock.lap("time_evaluate")
-    outgoing = {} if isolated else learner.shared_payload()
-    metrics.update(
-        {
-            "num-examples": float(len(data.y_train)),
-            "payloads_received": float(len(intake.accepted) + len(intake.rejections)),
-            "payloads_rejected": float(len(intake.rejections)),
-            "rounds_trained": float(learner.rounds_trained),
-            "warm_start": float(warm),
-            **clock.laps,
-        }
+    metrics = {**result.metrics, "warm_start": float(warm), **clock.laps}
+    content = RecordDict(
+        {OUT_PAYLOAD: to_array_record(result.payload), METRICS: MetricRecord(metrics)}
     )
-    content = RecordDict({OUT_PAYLOAD: to_array_record(outgoing), METRICS: MetricRecord(metrics)})
-    if intake.rejections:
-        content[REJECTIONS] = ConfigRecord(intake.rejections)
+    if result.intake.rejections:
+        content[REJECTIONS] = ConfigRecord(result.intake.rejections)
     if round_config.get(ARTIFACTS, False):
         images = learner.artifacts()
         if images:
@@ -207,7 +176,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     clock = Stopwatch()
     data, learner, _ = restore(context, run_key(msg, context))
     clock.lap("time_eval_restore")
-    intake = Intake() if learner.cfg.isolated else take_in(learner, msg.content, server_round(msg))
+    if learner.cfg.isolated:
+        intake = Intake()
+    else:
+        incoming, undecodable = decode_received(msg.content)
+        intake = take_in(learner, incoming, server_round(msg), undecodable)
     for sender, reason in intake.rejections.items():
         log(
             WARNING,

@@ -2,12 +2,16 @@
 
 Flower hands every component a flat ``{str: scalar}`` mapping (``context.run_config``)
 whose defaults live in ``pyproject.toml``. Generic keys (data, schedule, topology,
-training budget) are fields of :class:`RunConfig`; each method's own keys live in its
-section (``[tool.flwr.app.config.drdfl]`` in TOML, flattened by Flower to
-``drdfl.noise-variance``) and are parsed and validated by that method's
-:class:`MethodOptions` class. A typo or a nonsensical value fails once, at start-up,
-with an error that names the key and the value, rather than deep inside a training
-loop on some remote node.
+training budget) are fields of :class:`RunConfig`, validated when it is built; each
+method's own keys live in its section (``[tool.flwr.app.config.drdfl]`` in TOML, flattened
+by Flower to ``drdfl.noise-variance``) and are parsed and validated by that method's
+:class:`MethodOptions` class when the method asks for them (:meth:`RunConfig.options`).
+Building a RunConfig imports no method: a node builds one per message. The whole
+config, every section and the method's fit with the generic keys included, is checked
+once at start-up by :func:`drdfl_flwr.registry.check_run_config` (the ServerApp, the
+simulation, the experiment runner), so a typo or a nonsensical value fails there, with an
+error that names the key and the value, rather than deep inside a training loop on some
+remote node.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Self, TypeVar
 
 DATASETS = ("digits", "cifar10", "cifar100", "svhn")
 MODES = ("synchronous", "sequential")
@@ -26,6 +30,11 @@ CLASSIFIERS = ("small-cnn", "resnet8", "resnet18", "alexnet-dslth")
 DENSE_CLASSIFIERS = ("small-cnn", "resnet8", "resnet18")  # alexnet-dslth is DSLTH-only
 NORMS = ("auto", "none", "batch", "group")
 DEVICES = ("auto", "cpu", "cuda")
+RUNNER_SECTION = "grid"  # the experiment runner's own keys (drdfl_flwr.experiments.grid):
+# they may sit in a run-config file beside the app's; the app passes them by
+
+
+OptionsT = TypeVar("OptionsT", bound="MethodOptions")
 
 
 class ConfigError(ValueError):
@@ -85,7 +94,8 @@ class MethodOptions:
 @dataclass(frozen=True)
 class RunConfig:
     """Every generic knob of a run. Field ``foo_bar`` is run-config key ``foo-bar``;
-    ``sections`` holds every registered method's options, by section name."""
+    ``sections`` holds the method sections' values as given (section name -> key ->
+    value), parsed by :meth:`options`."""
 
     method: str = "drdfl"
     num_server_rounds: int = 16
@@ -118,9 +128,8 @@ class RunConfig:
     sections: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
-        from drdfl_flwr import registry  # the registry imports methods, which import us
-
-        _choice("method", self.method, tuple(registry.METHODS))
+        if not isinstance(self.method, str) or not self.method:
+            raise ConfigError("method", self.method, "must name a method")
         _choice("dataset", self.dataset, DATASETS)
         _choice("mode", self.mode, MODES)
         _choice("topology", self.topology, TOPOLOGIES)
@@ -148,8 +157,8 @@ class RunConfig:
                 raise ConfigError(key, getattr(self, _attr(key)), "must be >= 0 (0 = use all)")
         for key in ("round-timeout", "node-wait-timeout", "learning-rate", "dirichlet-beta"):
             _positive(key, getattr(self, _attr(key)))
-        object.__setattr__(self, "sections", registry.parse_sections(self.sections))
-        registry.check_method_fits(self)
+        object.__setattr__(self, "sections", _raw_sections(self.sections))
+        object.__setattr__(self, "_parsed", {})
         if self.data_dir:
             folder = Path(self.data_dir).expanduser()
             if not folder.is_dir():
@@ -161,18 +170,15 @@ class RunConfig:
                     "data-dir", self.data_dir, "must hold train.parquet and test.parquet"
                 )
 
-    def options(self, section: str) -> Any:
-        """The validated options of one method section (e.g. ``cfg.options("drdfl")``)."""
-        return self.sections[section]
-
-    @property
-    def resolved_topology(self) -> str:
-        """``auto``: the star for centralized methods, the directed ring otherwise."""
-        if self.topology != "auto":
-            return self.topology
-        from drdfl_flwr import registry
-
-        return "star" if registry.method_spec(self.method).centralized else "ring"
+    def options(self, options_class: type[OptionsT]) -> OptionsT:
+        """One section's validated options (``cfg.options(DRDFLOptions)``), its defaults
+        where the section is absent; parsed once per config."""
+        parsed = self._parsed  # type: ignore[attr-defined]
+        if options_class not in parsed:
+            parsed[options_class] = options_class.from_section(
+                self.sections.get(options_class.SECTION, {})
+            )
+        return parsed[options_class]
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:
@@ -198,20 +204,20 @@ class RunConfig:
         ``_`` for ``-``, or ``{"section.key": value}`` through :meth:`with_values`)."""
         import tomllib
 
-        from flwr.common.config import flatten_dict
-
         try:
             with open(path, "rb") as f:
-                values = flatten_dict(tomllib.load(f))
+                values = flatten_tables(tomllib.load(f))
         except FileNotFoundError:
             raise ConfigError("run-config file", str(path), "no such file") from None
         return cls.from_run_config(values).replace(**changes)
 
     def to_run_config(self) -> dict[str, Any]:
-        """The inverse of :meth:`from_run_config` (for ``run_simulation`` and results)."""
+        """The inverse of :meth:`from_run_config`: every generic key and the section keys
+        given (``drdfl_flwr.registry.recorded_run_config`` adds every section's defaults,
+        for the record of a run)."""
         flat = {_key(f.name): getattr(self, f.name) for f in fields(self) if f.name != "sections"}
-        for options in self.sections.values():
-            flat.update(options.to_section())
+        for section, values in self.sections.items():
+            flat.update({f"{section}.{key}": value for key, value in values.items()})
         return flat
 
     def replace(self, **changes: Any) -> RunConfig:
@@ -222,6 +228,33 @@ class RunConfig:
         """A validated copy with run-config keys changed, section keys included:
         ``cfg.with_values({"drdfl.noise-variance": 0.3, "local-epochs": 1})``."""
         return RunConfig.from_run_config({**self.to_run_config(), **values})
+
+
+def flatten_tables(tables: Mapping[str, Any], parent: str = "") -> dict[str, Any]:
+    """TOML tables as Flower flattens a run config: ``{"drdfl": {"ema-alpha": 0.9}}`` is
+    ``{"drdfl.ema-alpha": 0.9}``. Only scalars are run-config values."""
+    flat: dict[str, Any] = {}
+    for key, value in tables.items():
+        name = f"{parent}.{key}" if parent else key
+        if isinstance(value, Mapping):
+            flat.update(flatten_tables(value, name))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        else:
+            raise ConfigError(name, value, "a run-config value is a number, a string or a bool")
+    return flat
+
+
+def _raw_sections(sections: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Section name -> {key: value}, from values as given or from parsed options."""
+    raw: dict[str, dict[str, Any]] = {}
+    for section, values in sections.items():
+        if isinstance(values, MethodOptions):
+            values = {k.removeprefix(f"{section}."): v for k, v in values.to_section().items()}
+        if not isinstance(values, Mapping):
+            raise ConfigError(section, values, "a config section must be a table of keys")
+        raw[section] = dict(values)
+    return raw
 
 
 def _key(attr: str) -> str:

@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from flwr.common import log
 
 from drdfl_flwr.config import DATASETS, ConfigError, RunConfig
+from drdfl_flwr.logs import log
 
 if TYPE_CHECKING:
     # Imported where used: they take ~4 s to import (scipy, seaborn, pandas), and a
@@ -371,6 +371,9 @@ def _decoded_test(cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return decode_images(test[spec.image_column]), torch.tensor(
         test[spec.label_column], dtype=torch.long
     )
+
+
+PIXEL_RANGE = (-1.0, 1.0)  # the project's image scale: decode_images maps [0, 1] here
 
 
 def decode_images(images: Sequence) -> torch.Tensor:

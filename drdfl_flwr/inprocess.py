@@ -19,8 +19,10 @@ import torch
 
 from drdfl_flwr.config import RunConfig
 from drdfl_flwr.data import ClientData, load_client_data
-from drdfl_flwr.learner import Learner, build_learner, measured_fit
-from drdfl_flwr.payload import peers
+from drdfl_flwr.learner import Learner
+from drdfl_flwr.node import node_round
+from drdfl_flwr.payload import PayloadError, peers
+from drdfl_flwr.registry import build_learner, check_run_config
 from strategies.topology import Ring
 
 RING = Ring()
@@ -59,6 +61,7 @@ def run_ring(
             raise ValueError(
                 f"joins={{{k}: {first}}}: a node 0..{num_clients - 1} joining in round 1..{rounds}"
             )
+    check_run_config(cfg)
     data = [load_client_data(cfg, k, num_clients) for k in range(num_clients)]
     learners = [
         build_learner(cfg, d.input_shape, d.num_classes, partition_id=k) for k, d in enumerate(data)
@@ -73,13 +76,12 @@ def run_ring(
             learner, node_data = learners[k], data[k]
             senders = RING.in_neighbours(k, num_clients, set(present), round_number)
             received = outbox[senders[0]] if senders else None
-            if received is not None and not cfg.isolated:
-                learner.receive(peers(received), round_number)
-            torch.manual_seed(learner.round_seed)
-            metrics = measured_fit(learner, node_data)
-            metrics.update(learner.evaluate(node_data))
-            nodes[k] = metrics
-            sent[k] = None if cfg.isolated else learner.shared_payload()
+            incoming = peers(received) if received else []
+            result = node_round(learner, incoming, node_data, round_number)
+            for sender, reason in result.intake.rejections.items():
+                raise PayloadError(f"round {round_number}: node {k} refused {sender}: {reason}")
+            nodes[k] = result.metrics
+            sent[k] = result.payload or None
         outbox = sent
         there = [n for n in nodes if n is not None]
         keys = sorted(set().union(*there))

@@ -10,12 +10,11 @@ on whatever happens; and a bad input never crashes the node.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from flwr.app import RecordDict
-
 from drdfl_flwr.learner import Learner
-from drdfl_flwr.payload import HUB, Incoming, PayloadError, decode_received
+from drdfl_flwr.payload import AGGREGATE, Incoming, PayloadError
 
 # Exceptions a method's absorb may raise on input its checks did not foresee (a tensor
 # operation on a strange value); they count as a rejection of that input, not a crash.
@@ -29,23 +28,29 @@ class Intake:
 
 
 def sender_name(item: Incoming) -> str:
-    return HUB if item.from_hub else str(item.sender)
+    return AGGREGATE if item.from_hub else str(item.sender)
 
 
 def _reason(err: Exception) -> str:
     return str(err) if isinstance(err, PayloadError) else f"{type(err).__name__}: {err}"
 
 
-def take_in(learner: Learner, content: RecordDict, server_round: int) -> Intake:
-    """Absorb every received payload that decodes and passes the learner's checks.
+def take_in(
+    learner: Learner,
+    incoming: Sequence[Incoming],
+    server_round: int,
+    undecodable: Mapping[str, str] | None = None,
+) -> Intake:
+    """Absorb every received payload that passes the learner's checks; ``undecodable``
+    (sender name -> reason) are those that did not even decode, already refused.
 
     With several senders and a refusal, each is tried alone on a copy of the learner to
     find which one is bad, and the others are absorbed together, as they would have been.
     ``server_round`` lets a fresh node tell joining a running ring from starting one
     (:meth:`Learner.receive`).
     """
-    incoming, rejections = decode_received(content)
-    intake = Intake(rejections=dict(rejections))
+    incoming = list(incoming)
+    intake = Intake(rejections=dict(undecodable or {}))
     if not incoming:
         return intake
     try:

@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from drdfl_flwr import registry
-from drdfl_flwr.config import ConfigError, RunConfig
+from drdfl_flwr.config import ConfigError, MethodOptions, RunConfig
 from drdfl_flwr.data import ClientData
 from drdfl_flwr.payload import Incoming, PayloadError, Tensors
 
@@ -38,8 +37,12 @@ def derived_seed(*parts: object) -> int:
 
 class Learner(ABC):
     """A method's local side. Subclasses build their modules and optimizers in
-    :meth:`setup`; every such attribute is the node's private state. ``self.opts`` is the
-    method's validated config section (``None`` for a method without one).
+    :meth:`setup` and train one round in :meth:`train_round`; every module or optimizer
+    attribute is the node's private state. ``OPTIONS`` is the method's config section
+    class and ``self.opts`` its validated values (``None`` for a method without one).
+    The base owns what every method needs alike: the round's seed, counting rounds
+    (:meth:`fit`), the origin check of what arrives (:meth:`receive`), and a default
+    :meth:`predict` (the node's ``classifier``).
 
     Whatever a method averages, exchanges or replaces is built inside
     :meth:`common_init`, so it starts bit-identical on every node (as Flower's FedAvg sends
@@ -49,6 +52,7 @@ class Learner(ABC):
     # payload key prefixes that differ between freshly built nodes by design (a node's
     # own sparse mask): excluded from :meth:`common_start`
     NODE_SPECIFIC: ClassVar[tuple[str, ...]] = ()
+    OPTIONS: ClassVar[type[MethodOptions] | None] = None
 
     def __init__(
         self,
@@ -56,14 +60,17 @@ class Learner(ABC):
         input_shape: tuple[int, int, int],
         num_classes: int,
         partition_id: int = 0,
+        centralized: bool = False,
     ):
+        """``centralized``: the method's spec names a hub reducer, so the node takes only
+        the hub's aggregate (:meth:`check_origin`); ``registry.build_learner`` sets it."""
         self.cfg = cfg
         self.partition_id = partition_id
         self.input_shape = input_shape
         self.num_classes = num_classes
+        self.centralized = centralized
         self.device = resolve_device(cfg.device)
-        options = registry.method_spec(cfg.method).options
-        self.opts = cfg.options(options.SECTION) if options is not None else None
+        self.opts = cfg.options(self.OPTIONS) if self.OPTIONS is not None else None
         self.rounds_trained = 0
         self.examples_drawn = 0  # local training examples drawn (see measured_fit)
         self.setup()
@@ -97,7 +104,9 @@ class Learner(ABC):
     def receive(self, incoming: Sequence[Incoming], server_round: int) -> None:
         """Take in what arrived in round ``server_round``: a node that has never trained
         and receives in a ring that has (a late joiner, or a node whose state is gone)
-        joins it (:meth:`join`); every other node absorbs. The one place that decides."""
+        joins it (:meth:`join`); every other node absorbs. The one place that decides,
+        after the origin check (nothing from the wrong side reaches a method)."""
+        self.check_origin(incoming)
         if self.rounds_trained == 0 and server_round > 1:
             self.join(incoming)
         else:
@@ -113,7 +122,7 @@ class Learner(ABC):
         """Refuse what came from the wrong side, before anything changes: a centralized
         method (its spec names a reducer) takes only the hub's aggregate, a decentralized
         one only its peers' payloads."""
-        centralized = registry.method_spec(self.cfg.method).centralized
+        centralized = self.centralized
         for item in incoming:
             if item.from_hub == centralized:
                 continue
@@ -127,17 +136,34 @@ class Learner(ABC):
                 "hub's aggregate"
             )
 
-    @abstractmethod
     def fit(self, data: ClientData) -> dict[str, float]:
-        """One round of local training; returns mean training losses."""
+        """One round of local training (:meth:`train_round`), counted, then the method's
+        health read on the trained state (:meth:`health`)."""
+        metrics = self.train_round(data)
+        self.rounds_trained += 1
+        metrics.update(self.health(data))
+        return metrics
+
+    @abstractmethod
+    def train_round(self, data: ClientData) -> dict[str, float]:
+        """The method's local training for one round; returns its mean training losses
+        and whatever else it measures while training. ``rounds_trained`` still counts the
+        rounds before this one (:attr:`round_seed`)."""
+
+    def health(self, data: ClientData) -> dict[str, float]:
+        """Metrics that say whether the method's mechanism works (``health_*``, alarms),
+        measured after the round is counted. None by default."""
+        return {}
 
     @abstractmethod
     def shared_payload(self) -> Tensors:
         """What this node sends its out-neighbours (empty for methods that share nothing)."""
 
-    @abstractmethod
+    @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Class logits of the personalized model."""
+        """Class logits of the personalized model: the node's ``classifier`` by default."""
+        self.classifier.eval()
+        return self.classifier(x)
 
     def artifacts(self) -> dict[str, torch.Tensor]:
         """Images for the results folder, asked for on the last round (uint8, (H, W, C)
@@ -262,6 +288,22 @@ class Learner(ABC):
         return gen
 
 
+class LossMeans:
+    """Per-step losses summed over a round and read as means over its steps."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+
+    def add(self, losses: dict[str, float]) -> None:
+        for key, value in losses.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.steps += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: v / max(self.steps, 1) for k, v in self.sums.items()}
+
+
 def measured_fit(learner: Learner, data: ClientData) -> dict[str, float]:
     """``learner.fit(data)`` with its compute counted, for the tables' compute parity:
     ``local_passes`` (local training examples drawn, over the training-set size: FedRep's
@@ -282,16 +324,6 @@ def measured_fit(learner: Learner, data: ClientData) -> dict[str, float]:
     metrics["local_passes"] = learner.examples_drawn / max(len(data.y_train), 1)
     metrics["optimizer_steps"] = float(steps[0])
     return metrics
-
-
-def build_learner(
-    cfg: RunConfig, input_shape: tuple[int, int, int], num_classes: int, partition_id: int = 0
-) -> Learner:
-    """Instantiate the configured method: shared modules from the run's common stream
-    (:meth:`Learner.common_init`), private ones from this node's own."""
-    cls = registry.method_spec(cfg.method).learner
-    torch.manual_seed(derived_seed("private", cfg.seed, partition_id))
-    return cls(cfg, input_shape, num_classes, partition_id=partition_id)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -1,8 +1,7 @@
-"""What crosses the wire: tensors <-> ArrayRecord, validation of received payloads, byte counts.
-
-The relay counts bytes on the serialized protobuf of each message's content, i.e. the
-bytes Flower actually puts on the wire for it, not a back-of-the-envelope
-``numel * 4``; :func:`num_parameters` gives the paper's parameter count beside it.
+"""What a node receives and sends, as tensors: the :class:`Incoming` a learner takes in,
+the checks every received payload passes before anything is applied, and the paper's
+parameter count. Plain PyTorch: the conversion to Flower's records and the record names
+are the app's (:mod:`drdfl_flwr.records`, :mod:`strategies.wire`).
 """
 
 from __future__ import annotations
@@ -12,57 +11,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
-from flwr.common.serde import recorddict_to_proto
 
 Tensors = dict[str, torch.Tensor]
-
-# Record names in the messages exchanged between the relay and the ClientApp.
-OUT_PAYLOAD = "payload"  # node -> relay: what the node shares this round
-IN_PAYLOAD_PREFIX = "in-payload."  # relay/hub -> node: one record per sender
-IN_META_PREFIX = "in-meta."  # beside each: who sent it, with what weight, peer or hub
-HUB = "hub"  # sender name of the hub's aggregate
-CONFIG = "config"
-EVALUATE_KEY = "evaluate"  # in a train message's config: evaluate after training
-ARTIFACTS = "artifacts"  # train config flag (last round) and the reply record it asks for:
-# images a learner makes for the results folder; they go to the relay, never to a peer
-METRICS = "metrics"
-REJECTIONS = "rejections"  # node -> relay: sender name -> why its payload was refused
 PEER, AGGREGATE = "peer", "hub"  # Incoming.origin
 
 
 class PayloadError(ValueError):
     """A payload received from a neighbour does not fit this node's model."""
-
-
-def to_array_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
-    return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
-
-
-DECODABLE_KINDS = "fiub"  # numpy dtype kinds a payload may hold: float, int, uint, bool
-
-
-def from_array_record(record: ArrayRecord, sender: int | str | None = None) -> Tensors:
-    """The record's arrays as tensors; :class:`PayloadError` naming the key (and the
-    sender, when given) for anything that does not decode to a numeric array: truncated
-    or garbage bytes, a bad header, an unknown storage type, object or complex dtypes."""
-    origin = "" if sender is None else f" from sender {sender}"
-    tensors: Tensors = {}
-    for key, array in record.items():
-        try:
-            values = array.numpy()
-            if values.dtype.kind not in DECODABLE_KINDS:
-                raise TypeError(f"dtype {values.dtype} is not a numeric tensor type")
-            if tuple(values.shape) != tuple(array.shape):
-                raise ValueError(f"header says shape {tuple(array.shape)}, data {values.shape}")
-            tensors[key] = torch.from_numpy(values.copy())
-        except PayloadError:
-            raise
-        except Exception as err:  # noqa: BLE001 - any decoder failure is the sender's fault
-            raise PayloadError(
-                f"payload{origin}: array {key!r} cannot be decoded ({type(err).__name__}: {err})"
-            ) from None
-    return tensors
 
 
 @dataclass(frozen=True)
@@ -82,56 +37,6 @@ class Incoming:
     @property
     def from_hub(self) -> bool:
         return self.origin == AGGREGATE
-
-
-def in_payload_name(sender: int | str) -> str:
-    """Record name of what a node receives from ``sender`` (a ring position or ``HUB``)."""
-    return f"{IN_PAYLOAD_PREFIX}{sender}"
-
-
-def add_incoming(content: RecordDict, sender: int | str, payload: ArrayRecord, weight: float):
-    """Put one sender's payload and its description into a train message's content."""
-    content[in_payload_name(sender)] = payload
-    origin = AGGREGATE if sender == HUB else PEER
-    content[f"{IN_META_PREFIX}{sender}"] = ConfigRecord({"weight": float(weight), "origin": origin})
-
-
-def decode_received(content: RecordDict) -> tuple[list[Incoming], dict[str, str]]:
-    """Every sender's payload in a train message, decoded on its own: the ones that decode
-    (peers ordered by ring position, numerically, the hub's aggregate last) and, for the
-    others, the reason by sender name. One bad sender costs only its own payload."""
-    senders: list[int | str] = []
-    rejections: dict[str, str] = {}
-    for name in content.array_records:
-        if not name.startswith(IN_PAYLOAD_PREFIX):
-            continue
-        suffix = name.removeprefix(IN_PAYLOAD_PREFIX)
-        if suffix != HUB and not suffix.isdigit():
-            rejections[suffix] = f"received record {name!r} does not name a sender"
-            continue
-        senders.append(suffix if suffix == HUB else int(suffix))
-    ordered = sorted(senders, key=lambda s: (s == HUB, s if s != HUB else 0))
-    incoming = []
-    for sender in ordered:
-        meta = content.config_records.get(f"{IN_META_PREFIX}{sender}", ConfigRecord())
-        weight = meta.get("weight", 1.0)
-        if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
-            rejections[str(sender)] = f"sender {sender} comes with an invalid weight {weight!r}"
-            continue
-        try:
-            tensors = from_array_record(content.array_records[in_payload_name(sender)], sender)
-        except PayloadError as err:
-            rejections[str(sender)] = str(err)
-            continue
-        incoming.append(
-            Incoming(
-                tensors=tensors,
-                sender=-1 if sender == HUB else int(sender),
-                weight=float(weight),
-                origin=AGGREGATE if sender == HUB else PEER,
-            )
-        )
-    return incoming, rejections
 
 
 def peers(*payloads: Mapping[str, torch.Tensor], weight: float = 1.0) -> list[Incoming]:
@@ -191,8 +96,3 @@ def sane_magnitude(own: torch.Tensor) -> float:
 
 def num_parameters(tensors: Mapping[str, torch.Tensor]) -> int:
     return sum(math.prod(t.shape) for t in tensors.values())
-
-
-def content_bytes(content: RecordDict) -> int:
-    """Bytes of the serialized message content (Flower's protobuf encoding)."""
-    return recorddict_to_proto(content).ByteSize()

@@ -30,12 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from drdfl_flwr.data import PIXEL_RANGE
+from drdfl_flwr.methods.drdfl import kl_to_standard_normal
+
 Gradients = list[torch.Tensor]
 # (dummy image, dummy soft label) -> the gradient that the attacker's loss gives them
 Rehearsal = Callable[[torch.Tensor, torch.Tensor], Gradients]
-
-
-PIXEL_RANGE = (-1.0, 1.0)  # the project's image scale (drdfl_flwr.data.decode_images)
 
 
 def psnr(reconstruction: torch.Tensor, original: torch.Tensor) -> float:
@@ -129,8 +129,6 @@ def learngene_gradient(learner, x: torch.Tensor, y: torch.Tensor, seed: int = 0)
 
 def learngene_rehearsal(learngene: nn.Module) -> Rehearsal:
     """What an attacker holding only the shared Learngene can rehearse: its KL term."""
-    from drdfl_flwr.methods.drdfl import kl_to_standard_normal  # no cycle at import
-
     params = list(learngene.parameters())
 
     def rehearse(x: torch.Tensor, label_logits: torch.Tensor) -> Gradients:

@@ -2,21 +2,23 @@
 
 Adding a method is one new file that ends with ``SPEC = MethodSpec(...)`` plus one line in
 :data:`METHODS`. The names can be listed (and a wrong ``method`` refused) without importing
-any method; validating a run config imports every method once, because every method's
-config section is validated, whichever method runs.
+any method; :func:`check_run_config`, run once at start-up, imports every method, because
+every method's config section is validated, whichever method runs. It sits above the
+methods (it finds them by name) and below the apps; it knows no runner: the experiment
+runner's ``[grid]`` section (:data:`~drdfl_flwr.config.RUNNER_SECTION`) is the runner's
+to validate.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from drdfl_flwr.config import DENSE_CLASSIFIERS, ConfigError, MethodOptions
+import torch
 
-if TYPE_CHECKING:
-    from drdfl_flwr.config import RunConfig
+from drdfl_flwr.config import RUNNER_SECTION, ConfigError, MethodOptions, RunConfig
+from drdfl_flwr.learner import Learner, derived_seed
+from drdfl_flwr.spec import MethodSpec
 
 # name -> module defining SPEC. The papers' three methods live in drdfl_flwr/methods,
 # the comparison methods in baselines/.
@@ -39,38 +41,6 @@ METHODS: dict[str, str] = {
 }
 
 
-@dataclass(frozen=True)
-class MethodSpec:
-    """What the rest of the app needs to know about a method.
-
-    ``reducer`` names the hub's reduction (:data:`strategies.reducers.REDUCERS`) for a
-    centralized method; ``None`` means decentralized: peers' payloads are routed by the
-    relay and never averaged by anyone but the receiving node.
-    ``personalized`` says in words which part stays on the node (the paper's Table 1
-    column), for the experiment runner's communication table. ``reads`` names other
-    methods' sections the method also reads (an extension configured on top of its base).
-    """
-
-    name: str
-    learner: type
-    personalized: str  # what stays on the node, for the communication table (Table 1)
-    options: type[MethodOptions] | None = None
-    reducer: str | None = None
-    classifiers: tuple[str, ...] = DENSE_CLASSIFIERS
-    check: Callable[[RunConfig], None] | None = None  # cross-key checks beyond the section
-    reads: tuple[str, ...] = ()  # other methods' sections this one also reads (drdfl-gen)
-
-    @property
-    def sections(self) -> tuple[str, ...]:
-        """Every config section the method's results depend on."""
-        own = (self.options.SECTION,) if self.options is not None else ()
-        return own + self.reads
-
-    @property
-    def centralized(self) -> bool:
-        return self.reducer is not None
-
-
 def method_spec(name: str) -> MethodSpec:
     try:
         module_name = METHODS[name]
@@ -83,11 +53,9 @@ def method_spec(name: str) -> MethodSpec:
 
 
 def option_classes() -> dict[str, type[MethodOptions]]:
-    """Section name -> options class, over every registered method (sections may be shared:
-    drdfl-cfl reads the drdfl section), plus the experiment runner's ``grid`` section."""
-    from drdfl_flwr.experiments.grid import GridOptions
-
-    classes: dict[str, type[MethodOptions]] = {GridOptions.SECTION: GridOptions}
+    """Section name -> options class, over every registered method (sections may be
+    shared: drdfl-cfl reads the drdfl section)."""
+    classes: dict[str, type[MethodOptions]] = {}
     for name in METHODS:
         options = method_spec(name).options
         if options is not None:
@@ -95,32 +63,40 @@ def option_classes() -> dict[str, type[MethodOptions]]:
     return classes
 
 
-def parse_sections(raw: Mapping[str, Any]) -> dict[str, MethodOptions]:
-    """Every known section's validated options; absent sections take their defaults."""
+def resolved_topology(cfg: RunConfig) -> str:
+    """``auto``: the star for centralized methods, the directed ring otherwise."""
+    if cfg.topology != "auto":
+        return cfg.topology
+    return "star" if method_spec(cfg.method).centralized else "ring"
+
+
+def check_run_config(cfg: RunConfig) -> None:
+    """The whole run config, once at start-up: the method exists, every section is a
+    known one with valid values (absent ones take their defaults), and the method fits
+    the generic keys (classifier, topology, mode, its own cross-key checks)."""
+    spec = method_spec(cfg.method)
     classes = option_classes()
-    for section, values in raw.items():
-        if section not in classes:
-            first = next(iter(values), "") if isinstance(values, Mapping) else ""
+    for section, values in cfg.sections.items():
+        if section not in classes and section != RUNNER_SECTION:
+            first = next(iter(values), "")
             raise ConfigError(
                 f"{section}.{first}",
                 values,
-                f"unknown section {section!r}; sections are {', '.join(sorted(classes))}",
+                f"unknown section {section!r}; sections are "
+                f"{', '.join(sorted([*classes, RUNNER_SECTION]))}",
             )
-    parsed = {}
-    for section, cls in classes.items():
-        values = raw.get(section, {})
-        parsed[section] = values if isinstance(values, cls) else cls.from_section(values)
-    return parsed
+    for options in classes.values():
+        cfg.options(options)
+    check_method_fits(cfg, spec)
 
 
-def check_method_fits(cfg: RunConfig) -> None:
+def check_method_fits(cfg: RunConfig, spec: MethodSpec) -> None:
     """Cross-checks between the method and the generic keys (classifier, topology, mode)."""
-    spec = method_spec(cfg.method)
     if cfg.classifier not in spec.classifiers:
         raise ConfigError(
             "classifier", cfg.classifier, f"{spec.name} needs one of {', '.join(spec.classifiers)}"
         )
-    topology = cfg.resolved_topology
+    topology = resolved_topology(cfg)
     if spec.centralized:
         if topology != "star":
             raise ConfigError(
@@ -137,3 +113,27 @@ def check_method_fits(cfg: RunConfig) -> None:
         )
     if spec.check is not None:
         spec.check(cfg)
+
+
+def recorded_run_config(cfg: RunConfig) -> dict[str, Any]:
+    """The run config as a run's record holds it: every generic key and every method
+    section's keys, defaults included (``run_config.json``), so that a record says what
+    ran even after a default changes. The runner's section is the runner's record."""
+    flat = {k: v for k, v in cfg.to_run_config().items() if "." not in k}
+    for options in option_classes().values():
+        flat.update(cfg.options(options).to_section())
+    return flat
+
+
+def build_learner(
+    cfg: RunConfig, input_shape: tuple[int, int, int], num_classes: int, partition_id: int = 0
+) -> Learner:
+    """Instantiate the configured method, checked against the generic keys: shared
+    modules from the run's common stream (:meth:`Learner.common_init`), private ones from
+    this node's own."""
+    spec = method_spec(cfg.method)
+    check_method_fits(cfg, spec)
+    torch.manual_seed(derived_seed("private", cfg.seed, partition_id))
+    return spec.learner(
+        cfg, input_shape, num_classes, partition_id=partition_id, centralized=spec.centralized
+    )

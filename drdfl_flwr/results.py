@@ -9,7 +9,6 @@ separately by mean Global-T), each labelled, so nobody mistakes a peak for a fin
 from __future__ import annotations
 
 import json
-import math
 import time
 import uuid
 from logging import WARNING
@@ -24,18 +23,6 @@ from drdfl_flwr.health import health_view
 ACCURACY_KEYS = ("local_t_acc", "global_t_acc")
 # a hub method's fresh aggregate, scored apart from the after-training accuracies
 AGGREGATE_KEYS = ("aggregate_local_t_acc", "aggregate_global_t_acc")
-
-
-def mean_std(per_node: dict[Any, dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
-    """Unweighted mean and std over nodes of every numeric metric any node reported."""
-    keys = sorted({k for metrics in per_node.values() for k in metrics})
-    mean, std = {}, {}
-    for key in keys:
-        values = [m[key] for m in per_node.values() if key in m and not math.isnan(float(m[key]))]
-        if values:
-            mean[key] = float(np.mean(values))
-            std[key] = float(np.std(values))
-    return mean, std
 
 
 class ResultsWriter:

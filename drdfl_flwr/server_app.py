@@ -21,7 +21,12 @@ from flwr.serverapp import Grid, ServerApp
 from drdfl_flwr.checkpoint import RUN_KEY
 from drdfl_flwr.config import RunConfig
 from drdfl_flwr.health import HEALTH_PREFIX, AlarmTracker, health_view
-from drdfl_flwr.registry import method_spec
+from drdfl_flwr.registry import (
+    check_run_config,
+    method_spec,
+    recorded_run_config,
+    resolved_topology,
+)
 from drdfl_flwr.results import ResultsWriter
 from strategies.hub import Hub
 from strategies.relay import Relay
@@ -63,7 +68,7 @@ def build_router(cfg: RunConfig) -> Router:
     spec = method_spec(cfg.method)
     if spec.centralized:
         return Hub(spec.reducer)
-    return Relay(build_topology(cfg.resolved_topology, k=cfg.topology_k, seed=cfg.seed))
+    return Relay(build_topology(resolved_topology(cfg), k=cfg.topology_k, seed=cfg.seed))
 
 
 def run_job(
@@ -74,9 +79,11 @@ def run_job(
 ) -> dict:
     """Run the configured job on ``grid``; returns the summary that was written.
     ``on_round`` also gets every round's record (the grid runner's progress). ``run_key``
-    files the nodes' checkpoints (Flower's run id; a resumed run keeps the first one's)."""
+    files the nodes' checkpoints (Flower's run id; a resumed run keeps the first one's).
+    The whole config is checked here, once, before anything is written."""
+    check_run_config(cfg)
     writer = ResultsWriter(
-        run_dir_for(cfg), cfg.to_run_config(), resume=cfg.resume, run_key=run_key
+        run_dir_for(cfg), recorded_run_config(cfg), resume=cfg.resume, run_key=run_key
     )
     log(INFO, "Results go to %s", writer.run_dir)
     if cfg.resume:

@@ -18,6 +18,7 @@ from flwr.simulation import run_simulation
 
 from drdfl_flwr.client_app import build_client_app, with_run_config
 from drdfl_flwr.config import RunConfig
+from drdfl_flwr.registry import check_run_config
 from drdfl_flwr.server_app import run_job
 
 
@@ -37,6 +38,7 @@ def simulate(
     """
     if num_clients < 2:
         raise ValueError(f"num_clients={num_clients}: a ring needs at least 2 nodes")
+    check_run_config(cfg)  # before Ray starts
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     summary: dict[str, Any] = {}
     failures: list[Exception] = []

@@ -1,16 +1,16 @@
 """The star of centralized FL: a router that reduces every reply into one aggregate.
 
-Each round the hub reduces the replies with the reducer the method names (weighted mean
-by examples, FedNova's step-normalized update, FedFed's pooling; see
-:mod:`strategies.reducers`) and sends every node the result the next round, marked as
-the hub's aggregate with the total weight behind it. A node's Local-T and Global-T are
-those of the model it holds after its local training in the round, as for every relay
-method (one evaluation point for the tables; the DRDFL paper's Table 2 scores FedNova that
-way). The round's evaluation message carries the fresh aggregate as well, and the node
-scores it without keeping it (FedAvg's global model, FedRep's global body with the
-node's head): ``aggregate_local_t_acc`` / ``aggregate_global_t_acc``, a table of their
-own. That evaluation traffic is not counted in ``bytes_received``, which is the training
-exchange. Methods without a reducer (a
+Each round the hub reduces the replies with the reducer the method's spec gives (the
+weighted mean by examples of :mod:`strategies.reducers`, or a method's own, kept in its
+file: FedNova's step-normalized update, FedFed's pooling) and sends every node the
+result the next round, marked as the hub's aggregate with the total weight behind it. A
+node's Local-T and Global-T are those of the model it holds after its local training in
+the round, as for every relay method (one evaluation point for the tables; the DRDFL
+paper's Table 2 scores FedNova that way). The round's evaluation message carries the
+fresh aggregate as well, and the node scores it without keeping it (FedAvg's global
+model, FedRep's global body with the node's head): ``aggregate_local_t_acc`` /
+``aggregate_global_t_acc``, a table of their own. That evaluation traffic is not counted
+in ``bytes_received``, which is the training exchange. Methods without a reducer (a
 bit-packed DSLTH mask, for one) cannot run here: their configuration is refused before
 the run starts, and :class:`Hub` refuses a missing reducer too.
 """
@@ -19,12 +19,12 @@ from __future__ import annotations
 
 from logging import WARNING
 
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord, RecordDict
 from flwr.common import log
 
-from drdfl_flwr.payload import HUB, add_incoming
-from strategies.reducers import REDUCERS, ReductionError, Reply
-from strategies.rounds import Member, Router
+from strategies.reducers import Arrays, Contribution, Reducer, ReductionError
+from strategies.rounds import Member, Reply, Router
+from strategies.wire import HUB, add_incoming
 
 
 class Hub(Router):
@@ -32,14 +32,14 @@ class Hub(Router):
     modes = ("synchronous",)
     scores_aggregate = True  # and, apart, the fresh aggregate (``aggregate_*`` metrics)
 
-    def __init__(self, reducer: str | None) -> None:
-        if reducer not in REDUCERS:
+    def __init__(self, reducer: Reducer | None) -> None:
+        if not callable(reducer):
             raise ValueError(
-                f"the hub needs a reducer, one of {', '.join(REDUCERS)}; got {reducer!r}"
+                f"the hub needs a reducer (a method's spec names one); got {reducer!r}"
             )
-        self.reducer_name = reducer
-        self.reduce = REDUCERS[reducer]
-        self.aggregate: ArrayRecord | None = None
+        self.reduce = reducer
+        self.reduced: Arrays | None = None  # the aggregate, as the reducer returned it
+        self.aggregate: ArrayRecord | None = None  # the same, as every node receives it
         self.weight = 0.0
 
     def content_for(
@@ -58,12 +58,29 @@ class Hub(Router):
 
     def collect(self, server_round: int, replies: dict[int, Reply]) -> None:
         """Reduce the round's non-empty replies; keep the previous aggregate if none came."""
-        useful = [r for _, r in sorted(replies.items()) if len(r.payload)]
+        useful = []
+        for _, reply in sorted(replies.items()):
+            if not len(reply.payload):
+                continue
+            try:
+                arrays = {k: a.numpy() for k, a in reply.payload.items()}
+            except Exception as err:  # noqa: BLE001 - the sender's bytes, not the hub's bug
+                log(
+                    WARNING,
+                    "round %d: hub left out partition %d, whose payload does not decode: %s",
+                    server_round,
+                    reply.partition_id,
+                    err,
+                )
+                continue
+            useful.append(Contribution(reply.partition_id, arrays, reply.metrics))
         if not useful:
             return
         try:
-            self.aggregate = self.reduce(useful, self.aggregate)
+            reduced = self.reduce(useful, self.reduced)
+            weight = sum(c.examples for c in useful)
         except ReductionError as err:
             log(WARNING, "round %d: hub kept the previous aggregate: %s", server_round, err)
             return
-        self.weight = sum(r.examples for r in useful)
+        self.reduced, self.weight = reduced, weight
+        self.aggregate = ArrayRecord({k: Array(v) for k, v in self.reduced.items()})

@@ -1,25 +1,26 @@
-"""The hub's reductions, by the name a centralized method's spec gives (``reducer``).
+"""What a hub reduction sees and the one it offers every centralized method: the mean
+weighted by training examples (FedAvg).
 
-Each takes the round's replies (``Reply``: the node's payload and its metrics) and the
-hub's previous aggregate, and returns the new aggregate that every node receives. None
-looks at what the tensors mean; each checks what it needs (same keys, float arrays)
-and raises :class:`ReductionError` naming the offending key, so a bad reply fails the
-round's reduction loudly instead of producing a silently wrong average.
+A reducer takes the round's contributions (each node's payload as numpy arrays and its
+metrics) and the previous aggregate, and returns the new aggregate every node receives.
+A method whose server does more than average (FedNova's step normalization, FedFed's
+pooled feature sets) keeps its own reducer in its own file beside its learner, as
+Flower's baselines keep a method's server and client halves together, and names it on
+its ``MethodSpec``. Numpy only, so a method file can import this without Flower.
+Every reducer checks what it needs (same keys, float arrays) and raises
+:class:`ReductionError` naming the offending key, so a bad reply fails the round's
+reduction loudly instead of producing a silently wrong average.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+Arrays = dict[str, np.ndarray]
 EXAMPLES = "num-examples"  # reply metric: training examples (the weight |D_m|)
-FEDNOVA_NORM = "fednova_a"  # reply metric: ||a_i||_1 of FedNova
-POOL_PREFIX = "share."  # FedFed: keys whose rows are pooled (concatenated), not averaged
 
 
 class ReductionError(ValueError):
@@ -27,10 +28,12 @@ class ReductionError(ValueError):
 
 
 @dataclass(frozen=True)
-class Reply:
+class Contribution:
+    """One node's reply as the hub's reducer sees it."""
+
     partition_id: int
-    payload: ArrayRecord
-    metrics: dict[str, float]
+    arrays: Arrays
+    metrics: Mapping[str, float]
 
     @property
     def examples(self) -> float:
@@ -39,196 +42,68 @@ class Reply:
         return float(self.metrics[EXAMPLES])
 
 
-Reducer = Callable[[Sequence[Reply], ArrayRecord | None], ArrayRecord]
+Reducer = Callable[[Sequence[Contribution], Arrays | None], Arrays]
 
 
-def _check_float_keys(replies: Sequence[Reply], keys: set[str], prefix: str = "") -> None:
-    """Every reply holds exactly ``keys`` among its keys starting with ``prefix`` (all
-    non-pooled keys when empty), as floating-point arrays."""
-    for reply in replies:
-        own = {
-            k
-            for k in reply.payload
-            if k.startswith(prefix) and not (not prefix and k.startswith(POOL_PREFIX))
-        }
+def check_float_keys(
+    contributions: Sequence[Contribution],
+    keys: set[str],
+    select: Callable[[str], bool] = lambda key: True,
+) -> None:
+    """Every contribution holds exactly ``keys`` among its ``select``-ed keys (all by
+    default), as floating-point arrays."""
+    for c in contributions:
+        own = {k for k in c.arrays if select(k)}
         if own != keys:
             raise ReductionError(
-                f"partition {reply.partition_id} sent keys {sorted(own ^ keys)[:5]} that "
+                f"partition {c.partition_id} sent keys {sorted(own ^ keys)[:5]} that "
                 "differ from the others'"
             )
         for key in keys:
-            dtype = np.dtype(reply.payload[key].dtype)
+            dtype = c.arrays[key].dtype
             if not np.issubdtype(dtype, np.floating):
                 raise ReductionError(
-                    f"'{key}' from partition {reply.partition_id} has dtype {dtype}: only "
+                    f"'{key}' from partition {c.partition_id} has dtype {dtype}: only "
                     "floating-point arrays are averaged (never bit-packed masks or counters)"
                 )
 
 
-def weighted_mean(replies: Sequence[Reply], previous: ArrayRecord | None = None) -> ArrayRecord:
-    """FedAvg: the mean of every array weighted by the senders' training examples, with
-    Flower's own ``aggregate_arrayrecords``."""
-    if not replies:
-        raise ReductionError("no replies to reduce")
-    keys = {k for k in replies[0].payload if not k.startswith(POOL_PREFIX)}
-    _check_float_keys(replies, keys)
-    records = [
-        RecordDict(
-            {
-                "payload": ArrayRecord({k: r.payload[k] for k in sorted(keys)}),
-                "metrics": MetricRecord({EXAMPLES: r.examples}),
-            }
-        )
-        for r in replies
-    ]
-    if sum(r.examples for r in replies) <= 0:
-        raise ReductionError("the replies' examples sum to 0: nothing to weight by")
-    averaged = aggregate_arrayrecords(records, EXAMPLES)
-    return ArrayRecord(
-        {
-            k: Array(v.numpy().astype(replies[0].payload[k].numpy().dtype))
-            for k, v in averaged.items()
-        }
-    )
-
-
-def _float_array(reply: Reply, key: str) -> np.ndarray:
-    """``key`` of one reply as a floating-point array, or a :class:`ReductionError`."""
-    if key not in reply.payload:
-        raise ReductionError(f"partition {reply.partition_id} sent no '{key}'")
-    value = reply.payload[key].numpy()
+def float_array(contribution: Contribution, key: str) -> np.ndarray:
+    """``key`` of one contribution as a floating-point array, or a :class:`ReductionError`."""
+    if key not in contribution.arrays:
+        raise ReductionError(f"partition {contribution.partition_id} sent no '{key}'")
+    value = contribution.arrays[key]
     if not np.issubdtype(value.dtype, np.floating):
         raise ReductionError(
-            f"'{key}' from partition {reply.partition_id} has dtype {value.dtype}: only "
-            "floating-point arrays are reduced"
+            f"'{key}' from partition {contribution.partition_id} has dtype {value.dtype}: "
+            "only floating-point arrays are reduced"
         )
     return value
 
 
-def fednova(replies: Sequence[Reply], previous: ArrayRecord | None) -> ArrayRecord:
-    """FedNova (Wang et al. 2020; JYWa/FedNova): x <- x - tau_eff * sum_i p_i d_i with
-    d_i = (x - x_i) / ||a_i||_1, p_i = n_i / n, tau_eff = sum_i p_i ||a_i||_1.
-
-    Replies carry ``update.<k>`` = d_i (already normalized by the node, which knows its
-    own steps and momentum) and the metric ``fednova_a``; the global model ``model.<k>``
-    is the previous aggregate, or, in the first round, the common start point the nodes
-    send as ``start.<k>`` (every sender's must be the same: the normalized update is
-    only meaningful from one shared x). Entries that SGD does not optimize (BatchNorm's
-    running statistics) come as ``mean.<k>`` and are averaged by examples as in FedAvg:
-    step normalization applies to gradient steps only (JYWa/FedNova normalizes the
-    optimizer's parameters), and rescaling a running variance by tau_eff / a_i can
-    drive it negative.
-    """
-    if not replies:
+def total_examples(contributions: Sequence[Contribution]) -> float:
+    """The examples behind the contributions; a :class:`ReductionError` when none."""
+    if not contributions:
         raise ReductionError("no replies to reduce")
-    total = sum(r.examples for r in replies)
+    total = sum(c.examples for c in contributions)
     if total <= 0:
         raise ReductionError("the replies' examples sum to 0: nothing to weight by")
-    norms = []
-    for r in replies:
-        a = r.metrics.get(FEDNOVA_NORM)
-        if a is None or not (a > 0 and math.isfinite(a)):
-            raise ReductionError(
-                f"partition {r.partition_id} sent no finite positive '{FEDNOVA_NORM}'"
-            )
-        norms.append(float(a))
-    weights = [r.examples / total for r in replies]
-    tau_eff = sum(p * a for p, a in zip(weights, norms, strict=True))
-    updates = {k.removeprefix("update."): k for k in replies[0].payload if k.startswith("update.")}
-    means = {k.removeprefix("mean."): k for k in replies[0].payload if k.startswith("mean.")}
-    _check_float_keys(replies, set(updates.values()), prefix="update.")
-    _check_float_keys(replies, set(means.values()), prefix="mean.")
-    if not updates:
-        raise ReductionError("FedNova replies carry no 'update.*' entries")
-    if set(updates) & set(means):
-        raise ReductionError(
-            f"entries both stepped and averaged: {sorted(set(updates) & set(means))[:5]}"
-        )
-    if previous is not None and len(previous):
-        base = {
-            k.removeprefix("model."): previous[k].numpy()
-            for k in previous
-            if k.startswith("model.")
-        }
-        if set(base) != set(updates) | set(means):
-            raise ReductionError(
-                "update keys differ from the model's: "
-                f"{sorted(set(base) ^ (set(updates) | set(means)))[:5]}"
-            )
-    else:
-        starts = [r for r in replies if any(k.startswith("start.") for k in r.payload)]
-        if not starts:
-            raise ReductionError("first FedNova round: no node sent its start point")
-        base = {}
-        for name in updates:
-            first = _float_array(starts[0], f"start.{name}")
-            for r in starts[1:]:
-                if not np.array_equal(first, _float_array(r, f"start.{name}")):
-                    raise ReductionError(
-                        f"partitions {starts[0].partition_id} and {r.partition_id} started "
-                        f"from different models ('start.{name}' differs): FedNova's "
-                        "normalized updates need one common start point"
-                    )
-            base[name] = first
-    out = {}
-    for name, key in updates.items():
-        for r in replies:
-            if r.payload[key].numpy().shape != base[name].shape:
-                raise ReductionError(
-                    f"'{key}' from partition {r.partition_id} has shape "
-                    f"{r.payload[key].numpy().shape}, the model's is {base[name].shape}"
-                )
-        step = sum(p * r.payload[key].numpy() for p, r in zip(weights, replies, strict=True))
-        out[f"model.{name}"] = Array((base[name] - tau_eff * step).astype(base[name].dtype))
-    if means:
-        subset = [
-            Reply(r.partition_id, ArrayRecord({k: r.payload[k] for k in means.values()}), r.metrics)
-            for r in replies
-        ]
-        averaged = weighted_mean(subset)
-        for name, key in means.items():
-            out[f"model.{name}"] = averaged[key]
-    return ArrayRecord(out)
+    return total
 
 
-def fedfed(replies: Sequence[Reply], previous: ArrayRecord | None) -> ArrayRecord:
-    """FedFed's server: FedAvg for the model, pooling (row concatenation, in partition
-    order) for the shared ``share.*`` feature sets, which every node then receives.
-
-    Every reply must hold the same ``share.*`` keys, as floating-point arrays with one
-    row per sample: all of one reply's pooled arrays have the same number of rows (a
-    feature row and its label stay paired), and each key's rows have the same shape
-    across replies."""
-    if not replies:
-        raise ReductionError("no replies to reduce")
-    pooled = sorted(k for k in replies[0].payload if k.startswith(POOL_PREFIX))
-    averaged_keys = {k for k in replies[0].payload if not k.startswith(POOL_PREFIX)}
-    _check_float_keys(replies, set(pooled), prefix=POOL_PREFIX)
-    _check_float_keys(replies, averaged_keys)
-    out = dict(weighted_mean(replies).items()) if averaged_keys else {}
-    ordered = sorted(replies, key=lambda r: r.partition_id)
-    for r in ordered:
-        shapes = {k: r.payload[k].numpy().shape for k in pooled}
-        if any(len(s) == 0 for s in shapes.values()):
-            raise ReductionError(f"partition {r.partition_id} sent a pooled scalar: {shapes}")
-        if len({s[0] for s in shapes.values()}) > 1:
-            raise ReductionError(
-                f"partition {r.partition_id} sent pooled arrays with different row counts "
-                f"{shapes}: rows would lose their pairing"
-            )
-    for key in pooled:
-        parts = [r.payload[key].numpy() for r in ordered]
-        if len({p.shape[1:] for p in parts}) > 1:
-            raise ReductionError(
-                f"'{key}' rows differ in shape across partitions: "
-                f"{sorted({p.shape[1:] for p in parts})}"
-            )
-        out[key] = Array(np.concatenate(parts, axis=0))
-    return ArrayRecord(out)
-
-
-REDUCERS: dict[str, Reducer] = {
-    "weighted-mean": weighted_mean,
-    "fednova": fednova,
-    "fedfed": fedfed,
-}
+def weighted_mean(contributions: Sequence[Contribution], previous: Arrays | None = None) -> Arrays:
+    """FedAvg: the mean of every array weighted by the senders' training examples,
+    accumulated in the order and with the arithmetic of Flower's
+    ``aggregate_arrayrecords`` (``sum_i a_i * (n_i / n)``), in each array's own dtype."""
+    keys = set(contributions[0].arrays) if contributions else set()
+    total = total_examples(contributions)
+    check_float_keys(contributions, keys)
+    out: Arrays = {}
+    for c in contributions:
+        factor = c.examples / total
+        for key in sorted(keys):
+            if key not in out:
+                out[key] = c.arrays[key] * factor
+            else:
+                out[key] += c.arrays[key] * factor
+    return {k: np.asarray(v).astype(contributions[0].arrays[k].dtype) for k, v in out.items()}

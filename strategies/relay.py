@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from flwr.app import ArrayRecord, RecordDict
 
-from drdfl_flwr.payload import add_incoming
-from strategies.reducers import Reply
-from strategies.rounds import Member, Router
+from strategies.reducers import EXAMPLES
+from strategies.rounds import Member, Reply, Router
 from strategies.topology import Topology
+from strategies.wire import add_incoming
 
 
 class Relay(Router):
@@ -45,6 +45,6 @@ class Relay(Router):
         for position, reply in replies.items():
             if len(reply.payload):  # a node that shares nothing sends nothing on
                 self.payloads[position] = reply.payload
-                self.weights[position] = float(reply.metrics.get("num-examples", 1.0))
+                self.weights[position] = float(reply.metrics.get(EXAMPLES, 1.0))
             else:
                 self.payloads.pop(position, None)

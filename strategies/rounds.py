@@ -23,6 +23,7 @@ joins the ring when it appears (the node side of joining late: DRDFL Algorithm 2
 
 from __future__ import annotations
 
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
@@ -38,17 +39,38 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.result import Result
 
-from drdfl_flwr.payload import (
+from strategies.wire import (
     ARTIFACTS,
     CONFIG,
     EVALUATE_KEY,
     METRICS,
     OUT_PAYLOAD,
     REJECTIONS,
+    SERVER_ROUND,
     content_bytes,
 )
-from drdfl_flwr.results import mean_std
-from strategies.reducers import Reply
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One node's answer to a train message: its payload (as it came, for the relay to
+    forward untouched) and its metrics."""
+
+    partition_id: int
+    payload: ArrayRecord
+    metrics: dict[str, float]
+
+
+def mean_std(per_node: dict[Any, dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
+    """Unweighted mean and std over nodes of every numeric metric any node reported."""
+    keys = sorted({k for metrics in per_node.values() for k in metrics})
+    mean, std = {}, {}
+    for key in keys:
+        values = [m[key] for m in per_node.values() if key in m and not math.isnan(float(m[key]))]
+        if values:
+            mean[key] = float(np.mean(values))
+            std[key] = float(np.std(values))
+    return mean, std
 
 
 @dataclass(frozen=True)
@@ -371,8 +393,7 @@ class RoundLoop(Strategy):
     ) -> Message:
         content, senders = self.router.content_for(position, server_round, self.members, self.alive)
         round_config = ConfigRecord(dict(config))
-        round_config["server-round"] = server_round
-        round_config["senders"] = senders
+        round_config[SERVER_ROUND] = server_round
         if evaluate:
             round_config[EVALUATE_KEY] = True
         if server_round == self.num_rounds and self.on_artifacts is not None:
@@ -478,7 +499,7 @@ class RoundLoop(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         round_config = ConfigRecord(dict(config))
-        round_config["server-round"] = server_round
+        round_config[SERVER_ROUND] = server_round
         messages = []
         for position in self.active():
             member = self.members[position]

@@ -7,8 +7,8 @@ neighbour connects to the next one), so a dead node never silences the rest.
 
 The DRDFL paper's Tables 8-9 compare a directed ring (the default), a fully connected
 graph, a dynamic random graph and the star of centralized FL; DisPFL and DFedPGP call
-"ring" the bidirectional one (left and right neighbours). The star has no
-in-neighbours: its hub reduces every reply (:mod:`strategies.hub`). ``fixed-random``
+"ring" the bidirectional one (left and right neighbours). The star is not a graph the
+relay routes on: its hub reduces every reply (:mod:`strategies.hub`). ``fixed-random``
 stands for the fixed undirected graph DSLTH's release trains on (MCE-PL's
 ``20_adj_matrix.txt``: 20 nodes, 2 to 14 neighbours, mean 10.4).
 """
@@ -147,16 +147,7 @@ class FixedRandom(Topology):
         return sorted(p for p in self.adjacency(num_nodes)[position] if p in alive)
 
 
-class Star(Topology):
-    """The centralized baselines' star: nodes hear only from the hub."""
-
-    name = "star"
-
-    def in_neighbours(self, position, num_nodes, alive, server_round):
-        return []
-
-
-TOPOLOGY_NAMES = ("ring", "bi-ring", "full", "random-k", "fixed-random", "star")
+TOPOLOGY_NAMES = ("ring", "bi-ring", "full", "random-k", "fixed-random")  # the relay's
 
 
 def build_topology(name: str, k: int = 2, seed: int = 0) -> Topology:
@@ -172,6 +163,4 @@ def build_topology(name: str, k: int = 2, seed: int = 0) -> Topology:
         return RandomK(k, seed)
     if name == "fixed-random":
         return FixedRandom(k, seed)
-    if name == "star":
-        return Star()
     raise ValueError(f"unknown topology {name!r}; choose one of {', '.join(TOPOLOGY_NAMES)}")

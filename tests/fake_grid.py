@@ -16,7 +16,7 @@ from flwr.app import (
 )
 from flwr.serverapp import Grid
 
-from drdfl_flwr.payload import (
+from strategies.wire import (
     CONFIG,
     EVALUATE_KEY,
     IN_PAYLOAD_PREFIX,

@@ -12,7 +12,7 @@ from drdfl_flwr import data as data_module
 from drdfl_flwr.checkpoint import RUN_KEY
 from drdfl_flwr.client_app import train
 from drdfl_flwr.config import RunConfig
-from drdfl_flwr.payload import CONFIG, METRICS
+from strategies.wire import CONFIG, METRICS
 from tests.test_client_app import RUN, train_message
 
 

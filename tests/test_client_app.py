@@ -11,8 +11,9 @@ from flwr.common.serde import message_to_proto
 from drdfl_flwr.client_app import STATE_KEY, evaluate, train
 from drdfl_flwr.config import RunConfig
 from drdfl_flwr.data import load_client_data
-from drdfl_flwr.learner import build_learner
-from drdfl_flwr.payload import (
+from drdfl_flwr.records import decode_received, to_array_record
+from drdfl_flwr.registry import build_learner
+from strategies.wire import (
     CONFIG,
     EVALUATE_KEY,
     HUB,
@@ -21,8 +22,6 @@ from drdfl_flwr.payload import (
     METRICS,
     OUT_PAYLOAD,
     add_incoming,
-    decode_received,
-    to_array_record,
 )
 
 RUN = RunConfig(method="drdfl", local_epochs=1).to_run_config()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from drdfl_flwr import registry
-from drdfl_flwr.learner import build_learner
+from drdfl_flwr.registry import build_learner
 from tests.conftest import make_config
 
 SHAPE, CLASSES = (1, 8, 8), 10

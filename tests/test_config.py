@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -10,16 +12,41 @@ from flwr.common.config import flatten_dict
 
 from drdfl_flwr.config import ConfigError, RunConfig
 from drdfl_flwr.data import load_client_data
+from drdfl_flwr.experiments.grid import GridOptions
+from drdfl_flwr.registry import check_run_config, recorded_run_config, resolved_topology
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+def checked(values: dict) -> RunConfig:
+    """A run config as the ServerApp takes it at start-up: built, then checked whole."""
+    cfg = RunConfig.from_run_config(values)
+    check_run_config(cfg)
+    return cfg
+
+
+def test_building_a_run_config_imports_no_method():
+    """A node builds a RunConfig for every message: that must not import every method's
+    module (nor validate every section); the start-up check does that once."""
+    code = (
+        "import sys; from drdfl_flwr.config import RunConfig; "
+        "cfg = RunConfig.from_run_config({'method': 'fedavg', 'drdfl.noise-variance': 0.3}); "
+        "loaded = [m for m in sys.modules if m.startswith(('baselines', 'drdfl_flwr.methods', "
+        "'drdfl_flwr.registry', 'flwr'))]; "
+        "assert not loaded, loaded"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=PYPROJECT.parent)
 
 
 def test_pyproject_defaults_are_the_typed_defaults():
     """`flwr run .` (pyproject) and run_simulation (dataclass) must run the same job."""
     nested = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
     toml = flatten_dict(nested)  # as Flower flattens it: "drdfl.noise-variance"
-    assert RunConfig.from_run_config(toml) == RunConfig()
-    assert toml == RunConfig().to_run_config()
+    grid = {k: v for k, v in toml.items() if k.startswith("grid.")}
+    assert grid == GridOptions().to_section()  # the runner's own section
+    app = {k: v for k, v in toml.items() if k not in grid}
+    assert app == recorded_run_config(RunConfig())  # every key, every method's section
+    assert recorded_run_config(RunConfig.from_run_config(toml)) == app
 
 
 @pytest.mark.parametrize(
@@ -50,7 +77,7 @@ def test_pyproject_defaults_are_the_typed_defaults():
 )
 def test_bad_value_names_key_and_value(key, value):
     with pytest.raises(ConfigError) as err:
-        RunConfig.from_run_config({key: value})
+        checked({key: value})
     assert err.value.key == key
     assert key in str(err.value) and repr(value) in str(err.value)
 
@@ -63,8 +90,8 @@ def test_conf_files_are_valid_run_configs():
 def test_paper_payload_budget_is_the_papers_058_m():
     """conf/drdfl-paper.toml: Learngene + class statistics within 5 % of 0.58 M parameters
     in the ResNet-18 / CIFAR-10 setting."""
-    from drdfl_flwr.learner import build_learner
     from drdfl_flwr.payload import num_parameters
+    from drdfl_flwr.registry import build_learner
 
     cfg = RunConfig.from_toml(PYPROJECT.parent / "conf" / "drdfl-paper.toml")
     assert cfg.classifier == "resnet18"
@@ -113,15 +140,15 @@ def test_method_and_generic_keys_must_fit(changes, key, reason):
     """A centralized method runs on the star only, a decentralized one never does (a DSLTH
     mask is never averaged), and a method names the classifiers it can train."""
     with pytest.raises(ConfigError, match=reason) as err:
-        RunConfig.from_run_config(changes)
+        checked(changes)
     assert err.value.key == key
 
 
 def test_unknown_section_is_named():
     with pytest.raises(ConfigError, match="unknown section 'scaffold'"):
-        RunConfig.from_run_config({"scaffold.lr": 0.1})
+        checked({"scaffold.lr": 0.1})
 
 
 def test_auto_topology_follows_the_method():
-    assert RunConfig(method="drdfl").resolved_topology == "ring"
-    assert RunConfig(method="fedavg").resolved_topology == "star"
+    assert resolved_topology(RunConfig(method="drdfl")) == "ring"
+    assert resolved_topology(RunConfig(method="fedavg")) == "star"

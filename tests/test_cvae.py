@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from baselines.cvae import PREFIX, CVAELearner
+from baselines.cvae import PREFIX, CVAELearner, CVAEOptions
 from drdfl_flwr.config import ConfigError, RunConfig
 from drdfl_flwr.data import ClientData, load_client_data
 from drdfl_flwr.payload import PayloadError, from_hub, peers
@@ -60,7 +60,7 @@ def trained_pair(**kw) -> tuple[CVAELearner, CVAELearner]:
 
 
 def test_config_section():
-    assert make_cfg().options("cvae").merge == "average"
+    assert make_cfg().options(CVAEOptions).merge == "average"
     for bad in ({"cvae_merge": "ema"}, {"cvae_latent_dim": 0}, {"cvae_generated_weight": -1.0}):
         with pytest.raises(ConfigError, match="cvae"):
             make_cfg(**bad)
@@ -189,7 +189,7 @@ def test_malformed_payloads_change_nothing():
             a.absorb(peers(good, bad))  # the good one first: still nothing may change
         assert all(same(before[n], snapshot(a)[n]) for n in before)
     with pytest.raises(PayloadError, match="decentralized"):
-        a.absorb(from_hub(good))
+        a.receive(from_hub(good), 1)
     assert all(same(before[n], snapshot(a)[n]) for n in before)
     a.absorb([])  # nothing received: nothing changes
     assert all(same(before[n], snapshot(a)[n]) for n in before)

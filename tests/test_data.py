@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -44,9 +46,44 @@ def test_digits_partitions_cover_train_and_match_local_t():
     assert max(np.abs(hists[0] - h).sum() for h in hists[1:]) > 0.5
 
 
-def test_partition_is_decoded_once_per_process():
-    cfg = RunConfig()
-    assert load_client_data(cfg, 1, 3) is load_client_data(cfg.replace(learning_rate=0.5), 1, 3)
+def fresh_caches(monkeypatch) -> None:
+    """Empty caches for drdfl_flwr.data's cached steps, for this test only (the module's
+    own stay as they are): what follows is decoded again, not served."""
+    from drdfl_flwr import data
+
+    for name, cached in list(vars(data).items()):
+        if callable(cached) and hasattr(cached, "cache_parameters"):
+            size = cached.cache_parameters()["maxsize"]
+            monkeypatch.setattr(data, name, functools.lru_cache(maxsize=size)(cached.__wrapped__))
+
+
+def test_a_partition_is_decoded_once_and_another_partition_or_seed_anew(monkeypatch):
+    """A second call (a learning rate is no part of the data) decodes nothing and gets the
+    same tensors; another partition decodes its own training images, another seed its
+    own split, and each gets other data."""
+    from drdfl_flwr import data
+
+    fresh_caches(monkeypatch)
+    decoded: list[int] = []
+    decode = data.decode_images
+
+    def counting(images):
+        decoded.append(len(images))
+        return decode(images)
+
+    monkeypatch.setattr(data, "decode_images", counting)
+    cfg = RunConfig(partitioner="iid", seed=1)
+    first = load_client_data(cfg, 0, 3)
+    assert len(decoded) == 2  # its training images and the test split
+    again = load_client_data(cfg.replace(learning_rate=0.5), 0, 3)
+    assert len(decoded) == 2 and again is first
+    other_partition = load_client_data(cfg, 1, 3)
+    assert decoded[2:] == [len(other_partition.y_train)]  # the test split is reused
+    assert not torch.equal(other_partition.x_train[:100], first.x_train[:100])
+    assert torch.equal(other_partition.y_global_test, first.y_global_test)
+    other_seed = load_client_data(cfg.replace(seed=2), 0, 3)
+    assert len(decoded) == 5
+    assert other_seed.y_train.tolist() != first.y_train.tolist()
 
 
 def test_shard_partitioner_gives_s_classes_per_client():
@@ -55,10 +92,16 @@ def test_shard_partitioner_gives_s_classes_per_client():
         assert len(load_client_data(cfg, p, 5).y_train.unique()) == 3
 
 
-def test_iid_partitions_are_seeded():
-    a = load_client_data(RunConfig(partitioner="iid", seed=1), 0, 3).y_train
-    b = load_client_data(RunConfig(partitioner="iid", seed=1), 0, 3).y_train
-    assert torch.equal(a, b)
+def test_iid_partitions_are_seeded(monkeypatch):
+    """Decoded twice from scratch, the same seed gives the same partition."""
+    cfg = RunConfig(partitioner="iid", seed=1)
+    fresh_caches(monkeypatch)
+    first = load_client_data(cfg, 0, 3)
+    fresh_caches(monkeypatch)
+    second = load_client_data(cfg, 0, 3)
+    assert second is not first
+    assert torch.equal(second.x_train, first.x_train) and torch.equal(second.y_train, first.y_train)
+    assert torch.equal(second.x_local_test, first.x_local_test)
 
 
 def test_svhn_hub_path_on_data_the_test_makes(monkeypatch):
@@ -95,7 +138,7 @@ def test_unknown_dataset_name():
 
 
 @pytest.mark.parametrize("partitioner", ["iid", "dirichlet", "shard"])
-def test_the_seed_decides_the_partition_and_the_same_seed_repeats_it(partitioner):
+def test_the_seed_decides_the_partition_and_the_same_seed_repeats_it(partitioner, monkeypatch):
     """The seed reaches the shuffle before partitioning (the IID partitioner takes no
     seed of its own), so two seeds give two partitions and one seed always the same."""
     from drdfl_flwr.data import label_counts
@@ -104,8 +147,10 @@ def test_the_seed_decides_the_partition_and_the_same_seed_repeats_it(partitioner
         cfg = RunConfig(partitioner=partitioner, classes_per_client=4, seed=seed)
         return load_client_data(cfg, 0, 5).y_train.tolist()
 
-    assert client_labels(1) == client_labels(1)
-    assert client_labels(1) != client_labels(2)
+    first = client_labels(1)
+    fresh_caches(monkeypatch)  # decoded again, not served from the cache
+    assert client_labels(1) == first
+    assert client_labels(2) != first
     counts = [label_counts(RunConfig(partitioner=partitioner, seed=s), 5) for s in (1, 2)]
     assert counts[0].shape == counts[1].shape == (5, 10)
     assert not np.array_equal(counts[0], counts[1])

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from baselines.common import head_names
-from baselines.dfedpgp import DFedPGPLearner
+from baselines.dfedpgp import DFedPGPLearner, DFedPGPOptions
 from drdfl_flwr import registry
 from drdfl_flwr.config import ConfigError
 from drdfl_flwr.payload import PayloadError, from_hub, peers
+from drdfl_flwr.registry import resolved_topology
 from tests.conftest import make_config, random_client_data
 
 SHAPE = (1, 8, 8)
@@ -42,8 +43,11 @@ def test_registered_decentralized_with_release_defaults():
     spec = registry.method_spec("dfedpgp")
     assert spec.reducer is None and not spec.centralized
     cfg = make_config(method="dfedpgp")
-    assert cfg.resolved_topology == "ring"
-    assert (cfg.options("dfedpgp").head_epochs, cfg.options("dfedpgp").body_epochs) == (1, 5)
+    assert resolved_topology(cfg) == "ring"
+    assert (cfg.options(DFedPGPOptions).head_epochs, cfg.options(DFedPGPOptions).body_epochs) == (
+        1,
+        5,
+    )
     for topology in ("bi-ring", "full", "random-k"):
         make_config(method="dfedpgp", topology=topology)
     with pytest.raises(ConfigError, match="topology"):
@@ -134,7 +138,7 @@ def test_malformed_payload_is_refused_and_changes_nothing(corrupt):
     before = state(node)
     incoming = from_hub(good) if corrupt == "hub" else peers(good, bad)
     with pytest.raises(PayloadError):
-        node.absorb(incoming)
+        node.receive(incoming, 1)
     assert same(before, state(node))
 
 

@@ -314,7 +314,7 @@ def test_shares_own_model_by_default_and_received_on_request():
 
 
 def test_resnet18_payload_over_the_wire_on_cifar_shapes():
-    from drdfl_flwr.payload import from_array_record, to_array_record
+    from drdfl_flwr.records import from_array_record, to_array_record
 
     cfg = make_cfg(dfml_architectures="resnet8,resnet18")
     torch.manual_seed(0)

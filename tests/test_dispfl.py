@@ -11,6 +11,7 @@ from baselines.dispfl import (
     MASK_PREFIX,
     VALUES_PREFIX,
     DisPFLLearner,
+    DisPFLOptions,
     decode_payload,
     encode_payload,
     erk_densities,
@@ -20,13 +21,8 @@ from baselines.dispfl import (
 from drdfl_flwr import registry
 from drdfl_flwr.bitpack import packed_length
 from drdfl_flwr.config import ConfigError
-from drdfl_flwr.payload import (
-    PayloadError,
-    from_array_record,
-    from_hub,
-    peers,
-    to_array_record,
-)
+from drdfl_flwr.payload import PayloadError, from_hub, peers
+from drdfl_flwr.records import from_array_record, to_array_record
 from tests.conftest import make_config, random_client_data
 
 SHAPE = (1, 8, 8)
@@ -82,7 +78,7 @@ def check_density(node: DisPFLLearner) -> None:
 def test_registered_decentralized_with_release_defaults():
     spec = registry.method_spec("dispfl")
     assert spec.reducer is None
-    opts = make_config(method="dispfl").options("dispfl")
+    opts = make_config(method="dispfl").options(DisPFLOptions)
     assert (opts.density, opts.anneal, opts.erk_power, opts.regrow, opts.different_initial) == (
         0.5,
         0.5,
@@ -315,7 +311,7 @@ def test_malformed_payload_is_refused_and_changes_nothing(corrupt):
     before = snapshot(node)
     incoming = from_hub(good) if corrupt == "hub" else peers(good, bad)
     with pytest.raises(PayloadError):
-        node.absorb(incoming)
+        node.receive(incoming, 1)
     assert same(before, snapshot(node))
 
 

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from drdfl_flwr.config import RunConfig
-from drdfl_flwr.learner import build_learner
 from drdfl_flwr.methods import drdfl
 from drdfl_flwr.methods.drdfl import (
     ClassStatistics,
@@ -18,6 +17,7 @@ from drdfl_flwr.methods.drdfl import (
     uniform_adversarial_loss,
 )
 from drdfl_flwr.payload import PayloadError, peers
+from drdfl_flwr.registry import build_learner
 from tests.conftest import make_config
 
 SHAPE, K = (1, 8, 8), 10

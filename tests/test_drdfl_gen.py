@@ -12,9 +12,9 @@ import torch
 
 from drdfl_flwr.config import ConfigError
 from drdfl_flwr.data import ClientData
-from drdfl_flwr.learner import build_learner
 from drdfl_flwr.methods.drdfl_gen import class_mix_probabilities, image_grid
 from drdfl_flwr.payload import PayloadError, peers
+from drdfl_flwr.registry import build_learner
 from drdfl_flwr.results import ResultsWriter
 from tests.conftest import make_config, random_client_data
 

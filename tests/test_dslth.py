@@ -12,17 +12,13 @@ from flwr.app import RecordDict
 from drdfl_flwr.bitpack import pack_bits, packed_length, unpack_bits
 from drdfl_flwr.config import ConfigError, RunConfig
 from drdfl_flwr.data import ClientData
-from drdfl_flwr.learner import build_learner
-from drdfl_flwr.methods.dslth import DSLTHLearner, keep_ratios_for
+from drdfl_flwr.methods.dslth import DSLTHLearner, DSLTHOptions, keep_ratios_for
 from drdfl_flwr.models.masked import MaskedAlexNet, MaskedConv2d, kept_entries
-from drdfl_flwr.payload import (
-    PayloadError,
-    content_bytes,
-    from_array_record,
-    peers,
-    to_array_record,
-)
+from drdfl_flwr.payload import PayloadError, peers
+from drdfl_flwr.records import from_array_record, to_array_record
+from drdfl_flwr.registry import build_learner, resolved_topology
 from strategies.topology import build_topology
+from strategies.wire import content_bytes
 from tests.conftest import make_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,12 +233,14 @@ def test_released_round_is_one_sgd_step_then_masked_finetuning():
     g = layer.last_grad.clone()
     assert g.abs().sum() > 0
     # exactly one SGD step: z1 = z0 - lr (g + wd z0)
-    expected = z0 - cfg.options("dslth").score_lr * (g + cfg.options("dslth").weight_decay * z0)
+    expected = z0 - cfg.options(DSLTHOptions).score_lr * (
+        g + cfg.options(DSLTHOptions).weight_decay * z0
+    )
     assert torch.allclose(layer.scores.detach(), expected, atol=1e-6)
     z1 = layer.scores.detach().clone()
     node.absorb(peers(*received_masks()))
     # fine-tuning with the new masks: z <- z - 10 g m_bar_new
-    expected = z1 - cfg.options("dslth").finetune_scale * g * layer.neighbour_mean
+    expected = z1 - cfg.options(DSLTHOptions).finetune_scale * g * layer.neighbour_mean
     assert torch.allclose(layer.scores.detach(), expected, atol=1e-6)
 
 
@@ -297,7 +295,7 @@ def test_scores_stay_bounded_and_masks_keep_moving_on_a_ring():
     cfg = make_cfg(dslth_procedure="epochs", local_epochs=1)
     nodes = [DSLTHLearner(cfg, SHAPE, K, partition_id=p) for p in (0, 1)]
     data = [make_data(seed=p) for p in (0, 1)]
-    start = nodes[0].health()["health_score_abs_mean"]
+    start = nodes[0].mask_health()["health_score_abs_mean"]
     flips = []
     for round_index in range(15):
         sent = [n.shared_payload() for n in nodes]
@@ -345,13 +343,21 @@ def test_state_roundtrip_and_seed_check():
 
 
 def test_keep_ratio_parsing():
-    assert make_cfg().options("dslth").node_keep_ratio_list() == []
-    assert make_cfg(dslth_keep_ratios="0.2/0.5, 0.4").options("dslth").node_keep_ratio_list() == [
+    assert make_cfg().options(DSLTHOptions).node_keep_ratio_list() == []
+    assert make_cfg(dslth_keep_ratios="0.2/0.5, 0.4").options(
+        DSLTHOptions
+    ).node_keep_ratio_list() == [
         (0.2, 0.5),
         (0.4, 0.9),
     ]
-    assert keep_ratios_for(make_cfg(dslth_keep_ratios="0.2,0.5").options("dslth"), 3) == (0.5, 0.9)
-    assert keep_ratios_for(make_cfg(dslth_keep_ratio_conv=0.4).options("dslth"), 3) == (0.4, 0.9)
+    assert keep_ratios_for(make_cfg(dslth_keep_ratios="0.2,0.5").options(DSLTHOptions), 3) == (
+        0.5,
+        0.9,
+    )
+    assert keep_ratios_for(make_cfg(dslth_keep_ratio_conv=0.4).options(DSLTHOptions), 3) == (
+        0.4,
+        0.9,
+    )
     for bad in ("0", "1.5", "a,0.3", "0.3/x", "0.3/0"):
         with pytest.raises(ConfigError) as err:
             make_cfg(dslth_keep_ratios=bad)
@@ -384,9 +390,9 @@ def test_released_config_runs_on_the_fixed_random_graph():
     degree 10.4) stood in for by fixed-random with mean degree 10, and 401 rounds (round
     t + 1 scores the release's round t)."""
     cfg = RunConfig.from_toml(ROOT / "conf" / "dslth-released.toml")
-    assert cfg.method == "dslth" and cfg.resolved_topology == "fixed-random"
+    assert cfg.method == "dslth" and resolved_topology(cfg) == "fixed-random"
     assert cfg.topology_k == 10 and cfg.num_server_rounds == 401
-    topology = build_topology(cfg.resolved_topology, k=cfg.topology_k, seed=cfg.seed)
+    topology = build_topology(resolved_topology(cfg), k=cfg.topology_k, seed=cfg.seed)
     graph = [topology.in_neighbours(p, 20, set(range(20)) - {p}, 1) for p in range(20)]
     assert sum(map(len, graph)) / 20 == 10
     # so m_bar is a fraction: the mean of ~10 received masks, not a ring's 0 or 1

@@ -15,6 +15,8 @@ from drdfl_flwr.experiments.grid import load_grid
 from drdfl_flwr.experiments.outcomes import DONE
 from drdfl_flwr.experiments.runner import run_grid
 
+pytestmark = pytest.mark.ray  # tests/test_every_method_inprocess.py: the same without Ray
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "conf" / "cpu-smoke.toml"
 NODES = 3

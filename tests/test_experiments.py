@@ -15,6 +15,7 @@ from drdfl_flwr.experiments.__main__ import main
 from drdfl_flwr.experiments.grid import load_grid
 from drdfl_flwr.experiments.outcomes import DONE, FAILED, PENDING, read_outcome
 from drdfl_flwr.experiments.runner import run_grid
+from drdfl_flwr.methods.drdfl import DRDFLOptions
 from drdfl_flwr.results import ResultsWriter
 from drdfl_flwr.server_app import run_dir_for
 
@@ -68,9 +69,9 @@ def test_a_conf_expands_into_every_combination_with_its_values(tmp_path):
     assert len(grid.runs) == 4 * 3 * 2
     run = next(r for r in grid.runs if r.variant.startswith("drdfl@full"))
     assert run.cfg.topology == "full" and run.cfg.topology_k == 1
-    assert run.cfg.options("drdfl").noise_variance == 0.3
+    assert run.cfg.options(DRDFLOptions).noise_variance == 0.3
     plain = next(r for r in grid.runs if r.variant == "drdfl")
-    assert plain.cfg.options("drdfl").noise_variance == 0.2  # the file's section
+    assert plain.cfg.options(DRDFLOptions).noise_variance == 0.2  # the file's section
     isolated = next(r for r in grid.runs if r.variant == "drdfl+isolated")
     assert isolated.cfg.isolated and not plain.cfg.isolated
     shard = next(r for r in grid.runs if r.partition.kind == "shard")

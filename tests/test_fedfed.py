@@ -20,6 +20,7 @@ from baselines.fedfed import (
     SHARE_Y,
     FedFedLearner,
     balanced_indices,
+    fedfed_reduce,
     psnr_db,
     relative_error,
     share_alarms,
@@ -27,10 +28,10 @@ from baselines.fedfed import (
 from drdfl_flwr import privacy
 from drdfl_flwr.config import ConfigError
 from drdfl_flwr.health import ALARMS
-from drdfl_flwr.learner import build_learner
-from drdfl_flwr.payload import PayloadError, from_array_record, from_hub, peers, to_array_record
-from strategies.reducers import ReductionError, Reply, fedfed
-from tests.conftest import make_config, random_client_data
+from drdfl_flwr.payload import PayloadError, from_hub, peers
+from drdfl_flwr.registry import build_learner
+from strategies.reducers import Contribution, ReductionError
+from tests.conftest import as_tensors, contribution, make_config, random_client_data
 
 SHAPE, K, BATCH = (1, 8, 8), 10, 16
 
@@ -67,12 +68,12 @@ def share_round(learner: FedFedLearner, data) -> dict[str, torch.Tensor]:
     return learner.shared_payload()
 
 
-def hub_pool(nodes, datas) -> tuple[dict[str, torch.Tensor], list[Reply]]:
+def hub_pool(nodes, datas) -> tuple[dict[str, torch.Tensor], list[Contribution]]:
     replies = []
     for p, (n, d) in enumerate(zip(nodes, datas, strict=True)):
         payload = share_round(n, d)
-        replies.append(Reply(p, to_array_record(payload), {"num-examples": float(len(d.y_train))}))
-    return from_array_record(fedfed(replies, None)), replies
+        replies.append(contribution(p, payload, {"num-examples": float(len(d.y_train))}))
+    return as_tensors(fedfed_reduce(replies, None)), replies
 
 
 # -- what is shared ---------------------------------------------------------------------------
@@ -122,7 +123,7 @@ def test_the_hub_pools_rows_in_partition_order_and_averages_the_classifier():
     datas = [random_client_data(24, seed=4), random_client_data(40, seed=5)]
     nodes = [node(p) for p in range(2)]
     pool, replies = hub_pool(nodes, datas)
-    sent = [from_array_record(r.payload) for r in replies]
+    sent = [as_tensors(r.arrays) for r in replies]
     torch.testing.assert_close(pool[SHARE_X], torch.cat([s[SHARE_X] for s in sent]))
     torch.testing.assert_close(pool[SHARE_Y], torch.cat([s[SHARE_Y] for s in sent]))
     assert pool[SHARE_X].dtype == torch.float16
@@ -134,10 +135,10 @@ def test_the_hub_pools_rows_in_partition_order_and_averages_the_classifier():
     broken = dict(sent[1])
     broken[SHARE_Y] = broken[SHARE_Y][:-1]
     with pytest.raises(ReductionError, match="row counts"):
-        fedfed([replies[0], Reply(1, to_array_record(broken), replies[1].metrics)], None)
+        fedfed_reduce([replies[0], contribution(1, broken, replies[1].metrics)], None)
     with pytest.raises(ReductionError, match="dtype"):
         ints = {**sent[1], SHARE_Y: sent[1][SHARE_Y].long()}
-        fedfed([replies[0], Reply(1, to_array_record(ints), replies[1].metrics)], None)
+        fedfed_reduce([replies[0], contribution(1, ints, replies[1].metrics)], None)
 
 
 def test_balanced_indices_draw_every_class_equally():
@@ -225,7 +226,7 @@ def test_absorb_expects_what_the_phase_sent():
     with pytest.raises(PayloadError, match="missing"):
         learner.absorb(from_hub(classifier_only))
     with pytest.raises(PayloadError, match="peer"):
-        learner.absorb(peers(learner.shared_payload()))
+        learner.receive(peers(learner.shared_payload()), 1)
 
 
 # -- a bad pool --------------------------------------------------------------------------------
@@ -308,11 +309,10 @@ def test_options_and_schedule_are_validated():
 
 
 def test_reducer_output_is_plain_arrays():
-    """The hub's fedfed aggregate is an ArrayRecord of numpy-backed arrays (sanity of the
-    float16 wire format)."""
+    """The hub's fedfed aggregate is numpy arrays that keep the float16 wire format."""
     record = ArrayRecord({SHARE_X: Array(np.zeros((2, 1, 8, 8), np.float16))})
-    out = fedfed([Reply(0, record, {"num-examples": 2.0})], None)
-    assert out[SHARE_X].numpy().dtype == np.float16
+    out = fedfed_reduce([contribution(0, record, {"num-examples": 2.0})], None)
+    assert isinstance(out[SHARE_X], np.ndarray) and out[SHARE_X].dtype == np.float16
 
 
 # -- health: is the generator splitting anything off? ------------------------------------------

@@ -10,12 +10,13 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 
-from baselines.fednova import FedNovaLearner, normalizing_norm
+from baselines.fednova import FedNovaLearner, fednova_reduce, normalizing_norm
 from drdfl_flwr.config import ConfigError
-from drdfl_flwr.learner import build_learner
-from drdfl_flwr.payload import PayloadError, from_array_record, from_hub, peers, to_array_record
-from strategies.reducers import ReductionError, Reply, fednova, weighted_mean
-from tests.conftest import make_config, random_client_data
+from drdfl_flwr.payload import PayloadError, from_hub, peers
+from drdfl_flwr.records import from_array_record, to_array_record
+from drdfl_flwr.registry import build_learner
+from strategies.reducers import Contribution, ReductionError, weighted_mean
+from tests.conftest import as_tensors, contribution, make_config, random_client_data
 
 SHAPE, K = (1, 8, 8), 10
 
@@ -25,8 +26,8 @@ def node(partition_id: int = 0, **extra) -> FedNovaLearner:
     return build_learner(make_config(**{**base, **extra}), SHAPE, K, partition_id=partition_id)
 
 
-def reply(partition_id: int, learner: FedNovaLearner, metrics: dict, examples: int) -> Reply:
-    return Reply(
+def reply(partition_id: int, learner: FedNovaLearner, metrics: dict, examples: int) -> Contribution:
+    return contribution(
         partition_id,
         to_array_record(learner.shared_payload()),
         {**metrics, "num-examples": float(examples)},
@@ -99,17 +100,19 @@ def test_reducer_normalizes_by_steps_and_is_not_fedavg():
     a = [m["fednova_a"] for m in metrics]
     assert a[1] > a[0]
     replies = [reply(p, n, m, 48) for p, (n, m) in enumerate(zip((one, two), metrics, strict=True))]
-    out = from_array_record(fednova(replies, None))
+    out = as_tensors(fednova_reduce(replies, None))
     trained = [state(one.classifier), state(two.classifier)]
     p = [0.5, 0.5]
     tau_eff = p[0] * a[0] + p[1] * a[1]
     models = [
         {k: v.numpy() for k, v in from_array_record(to_array_record(t)).items()} for t in trained
     ]
-    fedavg = from_array_record(
+    fedavg = as_tensors(
         weighted_mean(
             [
-                Reply(i, ArrayRecord({k: Array(v) for k, v in m.items()}), {"num-examples": 48.0})
+                contribution(
+                    i, ArrayRecord({k: Array(v) for k, v in m.items()}), {"num-examples": 48.0}
+                )
                 for i, m in enumerate(models)
             ]
         )
@@ -128,14 +131,14 @@ def test_reducer_normalizes_by_steps_and_is_not_fedavg():
 def test_reducer_weights_by_examples_and_uses_the_previous_aggregate():
     """From round two the base is the hub's own x; p_i = n_i / n."""
     x = {"model.w": np.array([1.0, 2.0], np.float32)}
-    previous = ArrayRecord({k: Array(v) for k, v in x.items()})
+    previous = dict(x)
     r = [
-        Reply(0, ArrayRecord({"update.w": Array(np.array([1.0, 0.0], np.float32))}),
+        contribution(0, ArrayRecord({"update.w": Array(np.array([1.0, 0.0], np.float32))}),
               {"num-examples": 10.0, "fednova_a": 2.0}),
-        Reply(1, ArrayRecord({"update.w": Array(np.array([0.0, 1.0], np.float32))}),
+        contribution(1, ArrayRecord({"update.w": Array(np.array([0.0, 1.0], np.float32))}),
               {"num-examples": 30.0, "fednova_a": 6.0}),
     ]  # fmt: skip
-    out = fednova(r, previous)["model.w"].numpy()
+    out = fednova_reduce(r, previous)["model.w"]
     tau_eff = 0.25 * 2.0 + 0.75 * 6.0
     np.testing.assert_allclose(out, x["model.w"] - tau_eff * np.array([0.25, 0.75]), rtol=1e-6)
 
@@ -148,24 +151,28 @@ def test_reducer_refuses_what_it_cannot_normalize():
         return ArrayRecord({k.replace("__", "."): Array(v) for k, v in arrays.items()})
 
     with pytest.raises(ReductionError, match="fednova_a"):
-        fednova([Reply(0, rec(update__w=upd, start__w=upd), {"num-examples": 1.0})], None)
+        fednova_reduce(
+            [contribution(0, rec(update__w=upd, start__w=upd), {"num-examples": 1.0})], None
+        )
     with pytest.raises(ReductionError, match="fednova_a"):
-        fednova([Reply(0, rec(update__w=upd, start__w=upd), {**ok, "fednova_a": math.inf})], None)
+        fednova_reduce(
+            [contribution(0, rec(update__w=upd, start__w=upd), {**ok, "fednova_a": math.inf})], None
+        )
     with pytest.raises(ReductionError, match="start point"):
-        fednova([Reply(0, rec(update__w=upd), ok)], None)
+        fednova_reduce([contribution(0, rec(update__w=upd), ok)], None)
     with pytest.raises(ReductionError, match="different models"):
-        fednova(
+        fednova_reduce(
             [
-                Reply(0, rec(update__w=upd, start__w=upd), ok),
-                Reply(1, rec(update__w=upd, start__w=upd + 1), ok),
+                contribution(0, rec(update__w=upd, start__w=upd), ok),
+                contribution(1, rec(update__w=upd, start__w=upd + 1), ok),
             ],
             None,
         )
     with pytest.raises(ReductionError, match="start.v"):  # a start entry missing
-        fednova([Reply(0, rec(update__w=upd, update__v=upd, start__w=upd), ok)], None)
+        fednova_reduce([contribution(0, rec(update__w=upd, update__v=upd, start__w=upd), ok)], None)
     with pytest.raises(ReductionError, match="shape"):
-        previous = rec(model__w=np.zeros(3, np.float32))
-        fednova([Reply(0, rec(update__w=upd), ok)], previous)
+        previous = {"model.w": np.zeros(3, np.float32)}
+        fednova_reduce([contribution(0, rec(update__w=upd), ok)], previous)
 
 
 def test_running_statistics_are_averaged_not_stepped():
@@ -183,7 +190,7 @@ def test_running_statistics_are_averaged_not_stepped():
     assert {k.removeprefix("update.") for k in payload if k.startswith("update.")} == params
     stats = {k.removeprefix("mean.") for k in payload if k.startswith("mean.")}
     assert stats and all(k.endswith(("running_mean", "running_var")) for k in stats)
-    out = from_array_record(fednova(replies, None))
+    out = as_tensors(fednova_reduce(replies, None))
     for k in stats:
         want = (
             32 * nodes[0].classifier.state_dict()[k] + 96 * nodes[1].classifier.state_dict()[k]
@@ -212,8 +219,8 @@ def test_round_trip_keeps_every_node_on_one_global_model():
             has_start = any(k.startswith("start.") for k in n.shared_payload())
             assert has_start == (rnd == 0)
         assert not same(state(nodes[0].classifier), state(nodes[1].classifier))
-        previous = fednova(replies, previous)
-        aggregate = from_array_record(previous)
+        previous = fednova_reduce(replies, previous)
+        aggregate = as_tensors(previous)
         for n in nodes:  # what the hub's message of the next round brings
             n.absorb(from_hub(aggregate, weight=112.0))
         for n in nodes:
@@ -241,7 +248,7 @@ def test_absorb_refuses_peers_and_bad_aggregates_changing_nothing():
         with pytest.raises(PayloadError):
             learner.absorb(from_hub(aggregate))
     with pytest.raises(PayloadError, match="peer"):
-        learner.absorb(peers(good))
+        learner.receive(peers(good), 1)
     assert same(before[0], state(learner.global_model))
     assert same(before[1], state(learner.classifier))
     assert int(learner.nova.aggregates) == 0 and "start." + key[6:] in learner.shared_payload()

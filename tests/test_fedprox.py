@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from drdfl_flwr.learner import build_learner
+from drdfl_flwr.registry import build_learner
 from tests.conftest import make_config, random_client_data
 
 

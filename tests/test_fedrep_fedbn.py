@@ -8,19 +8,15 @@ from flwr.app import RecordDict
 from flwr.common.serde import recorddict_to_proto
 
 from baselines.common import head_names, norm_names
+from baselines.fedrep import FedRepOptions
 from drdfl_flwr import registry
 from drdfl_flwr.config import CLASSIFIERS, DENSE_CLASSIFIERS, NORMS, ConfigError, RunConfig
-from drdfl_flwr.learner import build_learner
 from drdfl_flwr.models import build_classifier
-from drdfl_flwr.payload import (
-    PayloadError,
-    from_array_record,
-    from_hub,
-    peers,
-    to_array_record,
-)
-from strategies.reducers import Reply, weighted_mean
-from tests.conftest import make_config, random_client_data
+from drdfl_flwr.payload import PayloadError, from_hub, peers
+from drdfl_flwr.records import to_array_record
+from drdfl_flwr.registry import build_learner, resolved_topology
+from strategies.reducers import weighted_mean
+from tests.conftest import as_tensors, contribution, make_config, random_client_data
 
 SHAPE = (1, 8, 8)
 K = 10
@@ -65,11 +61,11 @@ def shifted(payload, by: float = 0.25):
 def test_both_run_on_the_hub_and_fedrep_reads_its_section():
     for name in ("fedrep", "fedbn"):
         spec = registry.method_spec(name)
-        assert spec.centralized and spec.reducer == "weighted-mean"
-        assert make_cfg(name).resolved_topology == "star"
-    opts = make_cfg("fedrep").options("fedrep")
+        assert spec.centralized and spec.reducer is weighted_mean
+        assert resolved_topology(make_cfg(name)) == "star"
+    opts = make_cfg("fedrep").options(FedRepOptions)
     assert (opts.head_epochs, opts.body_epochs) == (1, 4)  # DRDFL paper B.1.3
-    opts = make_cfg("fedrep", fedrep_head_epochs=2, fedrep_body_epochs=3).options("fedrep")
+    opts = make_cfg("fedrep", fedrep_head_epochs=2, fedrep_body_epochs=3).options(FedRepOptions)
     assert (opts.head_epochs, opts.body_epochs) == (2, 3)
     for key in ("head_epochs", "body_epochs"):
         with pytest.raises(ConfigError) as err:
@@ -296,7 +292,7 @@ def test_peer_payloads_and_malformed_aggregates_are_refused_unchanged(method):
     before = state(learner)
     good = shifted(learner.shared_payload())
     with pytest.raises(PayloadError, match="peer"):
-        learner.absorb(peers(good))
+        learner.receive(peers(good), 1)
     assert same(state(learner), before)
     for what, bad in _malformed(good).items():
         with pytest.raises(PayloadError):
@@ -304,7 +300,7 @@ def test_peer_payloads_and_malformed_aggregates_are_refused_unchanged(method):
         assert same(state(learner), before), what
     # a good aggregate after a peer's payload in the same batch is refused too
     with pytest.raises(PayloadError):
-        learner.absorb(peers(good) + from_hub(good))
+        learner.receive(peers(good) + from_hub(good), 1)
     assert same(state(learner), before)
 
 
@@ -318,14 +314,14 @@ def test_hub_round_without_ray(method):
     for i, (learner, n) in enumerate(zip(learners, sizes, strict=True)):
         learner.fit(random_client_data(n, SHAPE, K, seed=10 + i))
         payloads.append(learner.shared_payload())
-        replies.append(Reply(i, to_array_record(payloads[-1]), {"num-examples": float(n)}))
+        replies.append(contribution(i, payloads[-1], {"num-examples": float(n)}))
     aggregate = weighted_mean(replies)
     private = [learner.private_names() for learner in learners]
     assert private[0] and private[0] == private[1]
     assert not private[0] & set(aggregate.keys())
     before = [state(learner) for learner in learners]
     for learner in learners:
-        learner.absorb(from_hub(from_array_record(aggregate), weight=float(sum(sizes))))
+        learner.absorb(from_hub(as_tensors(aggregate), weight=float(sum(sizes))))
     total = float(sum(sizes))
     for learner, old in zip(learners, before, strict=True):
         new = state(learner)

@@ -8,29 +8,30 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 
-from drdfl_flwr.learner import build_learner
 from drdfl_flwr.methods.dslth import DSLTHLearner
-from drdfl_flwr.payload import CONFIG, from_array_record, from_hub, peers, to_array_record
+from drdfl_flwr.payload import from_hub, peers
+from drdfl_flwr.records import to_array_record
+from drdfl_flwr.registry import build_learner
 from strategies.hub import Hub
-from strategies.reducers import ReductionError, Reply, weighted_mean
+from strategies.reducers import Contribution, ReductionError, weighted_mean
 from strategies.relay import Relay
 from strategies.rounds import RoundLoop
 from strategies.topology import Ring
-from tests.conftest import make_config
+from tests.conftest import as_tensors, contribution, make_config
 from tests.fake_grid import EVAL_METRICS, FakeGrid
 
 SHAPE, K = (1, 8, 8), 10
 
 
-def reply(partition: int, examples: float, **arrays: np.ndarray) -> Reply:
+def reply(partition: int, examples: float, **arrays: np.ndarray) -> Contribution:
     record = ArrayRecord({k: Array(v) for k, v in arrays.items()})
-    return Reply(partition, record, {"num-examples": examples})
+    return contribution(partition, record, {"num-examples": examples})
 
 
 def test_weighted_mean_weights_by_examples():
     a = reply(0, 10.0, w=np.zeros(3, np.float32))
     b = reply(1, 30.0, w=np.full(3, 4.0, np.float32))
-    np.testing.assert_allclose(weighted_mean([a, b])["w"].numpy(), np.full(3, 3.0))
+    np.testing.assert_allclose(weighted_mean([a, b])["w"], np.full(3, 3.0))
 
 
 def test_a_dslth_payload_is_never_averaged():
@@ -41,7 +42,7 @@ def test_a_dslth_payload_is_never_averaged():
         for p in range(2)
     ]
     with pytest.raises(ReductionError, match="never bit-packed masks"):
-        weighted_mean([Reply(p, m, {"num-examples": 5.0}) for p, m in enumerate(masks)])
+        weighted_mean([contribution(p, m, {"num-examples": 5.0}) for p, m in enumerate(masks)])
 
 
 def test_the_hub_refuses_a_method_without_reducer():
@@ -60,10 +61,10 @@ def test_drdfl_cfl_hub_averages_learngene_and_stats_by_dataset_size():
                 param.add_(float(p + 1))
     sizes = (100.0, 300.0)
     replies = [
-        Reply(p, to_array_record(n.shared_payload()), {"num-examples": s})
+        contribution(p, n.shared_payload(), {"num-examples": s})
         for p, (n, s) in enumerate(zip(nodes, sizes, strict=True))
     ]
-    aggregate = from_array_record(weighted_mean(replies))
+    aggregate = as_tensors(weighted_mean(replies))
     payloads = [n.shared_payload() for n in nodes]
     for key, value in aggregate.items():
         want = (sizes[0] * payloads[0][key] + sizes[1] * payloads[1][key]) / sum(sizes)
@@ -83,7 +84,7 @@ def test_hub_round_loop_sends_every_node_the_same_aggregate():
 
     grid = FakeGrid(3, payload_fn=payload)
     records: list[dict] = []
-    RoundLoop(Hub("weighted-mean"), node_wait_timeout=5, on_round=records.append).start(
+    RoundLoop(Hub(weighted_mean), node_wait_timeout=5, on_round=records.append).start(
         grid, num_rounds=2
     )
     examples = [10.0, 20.0, 30.0]  # FakeGrid: 10 * (partition + 1)
@@ -95,7 +96,7 @@ def test_hub_round_loop_sends_every_node_the_same_aggregate():
         np.testing.assert_allclose(content[name]["w"].numpy(), np.full(4, want))
         meta = content.config_records["in-meta.hub"]
         assert meta["origin"] == "hub" and meta["weight"] == sum(examples)
-        assert list(content[CONFIG]["senders"]) == [-1]
+        assert records[1]["received_from"][str(p)] == [-1]  # the round report says so
         assert grid.contents[(p, 1)].array_records == {}  # nothing to send before round 1
         # the evaluation of round 1 already carries round 1's aggregate
         evaluated = grid.eval_contents[(p, 1)]["in-payload.hub"]["w"].numpy()
@@ -111,7 +112,7 @@ def test_hub_methods_are_scored_after_local_training_and_the_aggregate_apart():
     scores come from the evaluation message, under their own ``aggregate_`` names."""
     grid = FakeGrid(3)
     records: list[dict] = []
-    RoundLoop(Hub("weighted-mean"), node_wait_timeout=5, on_round=records.append).start(
+    RoundLoop(Hub(weighted_mean), node_wait_timeout=5, on_round=records.append).start(
         grid, num_rounds=2
     )
     assert sorted(grid.evaluated_in_training) == [(p, r) for p in range(3) for r in (1, 2)]

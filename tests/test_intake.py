@@ -18,18 +18,18 @@ from hypothesis import strategies as st
 from drdfl_flwr.client_app import train
 from drdfl_flwr.config import RunConfig
 from drdfl_flwr.intake import take_in
-from drdfl_flwr.learner import build_learner
-from drdfl_flwr.payload import (
-    IN_META_PREFIX,
-    IN_PAYLOAD_PREFIX,
-    METRICS,
-    REJECTIONS,
-    add_incoming,
-    to_array_record,
-)
+from drdfl_flwr.records import decode_received, to_array_record
+from drdfl_flwr.registry import build_learner
+from strategies.wire import IN_META_PREFIX, IN_PAYLOAD_PREFIX, METRICS, REJECTIONS, add_incoming
 from tests.test_client_app import context, train_message
 
 CFG = RunConfig(method="drdfl", local_epochs=1)
+
+
+def take_in_content(learner, content, server_round):
+    """What the ClientApp does with a train message: decode, then take in."""
+    incoming, undecodable = decode_received(content)
+    return take_in(learner, incoming, server_round, undecodable)
 
 
 def node(partition_id: int = 0):
@@ -110,7 +110,7 @@ ROUNDS = {"absorb": 1, "join": 2}
 def test_bad_payload_is_refused_naming_sender_and_key_and_changes_nothing(kind, path):
     learner = node()
     before = snapshot(learner)
-    intake = take_in(learner, content_with({4: BAD[kind]}), ROUNDS[path])
+    intake = take_in_content(learner, content_with({4: BAD[kind]}), ROUNDS[path])
     assert intake.accepted == [] and list(intake.rejections) == ["4"]
     reason = intake.rejections["4"]
     key = "stats.var" if kind == "non-positive variance" else KEY
@@ -123,7 +123,7 @@ def test_a_good_payload_beside_a_bad_one_is_still_taken(path):
     learner = node()
     before = snapshot(learner)
     content = content_with({3: BAD["NaN"], 4: to_array_record(good_payload())})
-    intake = take_in(learner, content, ROUNDS[path])
+    intake = take_in_content(learner, content, ROUNDS[path])
     assert [i.sender for i in intake.accepted] == [4] and list(intake.rejections) == ["3"]
     assert not unchanged(before, learner)  # the good one was absorbed
 
@@ -214,7 +214,7 @@ def check_intake_survives(content: RecordDict, server_round: int) -> None:
     leaves the node finite. Round 1 fuzzes absorb, round 2 join (the node is fresh)."""
     learner = FUZZ_LEARNER
     before = snapshot(learner)
-    intake = take_in(learner, content, server_round)
+    intake = take_in_content(learner, content, server_round)
     senders = {k.removeprefix(IN_PAYLOAD_PREFIX) for k in content.array_records}
     assert set(intake.rejections) | {str(i.sender) for i in intake.accepted} == senders
     if not intake.accepted:
@@ -232,17 +232,20 @@ def check_intake_survives(content: RecordDict, server_round: int) -> None:
                 )
 
 
-def fuzz(examples: int) -> settings:
+def fuzz(examples: int | None = None) -> settings:
+    """Derandomized, no deadline; ``examples`` or, when None, the loaded profile's
+    ``max_examples`` (50 in the fast tier, 400 otherwise: tests/conftest.py)."""
+    size = {} if examples is None else {"max_examples": examples}
     return settings(
-        max_examples=examples,
         deadline=None,
         suppress_health_check=list(HealthCheck),
         derandomize=True,
         database=None,
+        **size,
     )
 
 
-@fuzz(400)
+@fuzz()
 @given(hostile_content(), st.sampled_from(list(ROUNDS.values())))
 def test_fuzzed_payloads_never_crash_or_change_a_node(content, server_round):
     check_intake_survives(content, server_round)

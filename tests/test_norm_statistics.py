@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from drdfl_flwr.learner import build_learner
 from drdfl_flwr.models.norm import running_stats_frozen
+from drdfl_flwr.registry import build_learner
 from tests.conftest import make_config, random_client_data
 
 SHAPE, K = (1, 8, 8), 10

@@ -21,6 +21,8 @@ def _executor():
 
 EXECUTOR = _executor()
 NOTEBOOKS = EXECUTOR.notebooks()
+# notebooks whose kernel also starts Ray's simulation engine (drdfl_flwr.simulation)
+WITH_RAY = {"01_quickstart"}
 
 
 def test_the_four_notebooks_are_there():
@@ -40,7 +42,14 @@ def test_committed_notebook_has_no_outputs(notebook):
             assert cell.outputs == [] and cell.execution_count is None, notebook.name
 
 
-@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+@pytest.mark.kernel
+@pytest.mark.parametrize(
+    "notebook",
+    [
+        pytest.param(p, id=p.stem, marks=[pytest.mark.ray] if p.stem in WITH_RAY else [])
+        for p in NOTEBOOKS
+    ],
+)
 def test_notebook_runs_in_a_kernel_and_saves_its_figure(notebook, tmp_path):
     EXECUTOR.execute(notebook, tmp_path, quick=True, timeout=900)
     figures = sorted(p.name for p in tmp_path.glob("*.png"))

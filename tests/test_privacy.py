@@ -14,7 +14,7 @@ import torch
 from drdfl_flwr import privacy
 from drdfl_flwr.config import RunConfig
 from drdfl_flwr.data import load_client_data
-from drdfl_flwr.learner import build_learner
+from drdfl_flwr.registry import build_learner
 
 STEPS = 30
 

@@ -12,10 +12,10 @@ from flwr.app import (
 )
 from flwr.common.serde import recorddict_to_proto
 
-from drdfl_flwr.payload import OUT_PAYLOAD
 from strategies.relay import Relay
 from strategies.rounds import RoundLoop
 from strategies.topology import Ring, build_topology
+from strategies.wire import OUT_PAYLOAD
 from tests.fake_grid import FakeGrid
 
 

@@ -10,10 +10,13 @@ from drdfl_flwr.config import RunConfig
 from drdfl_flwr.simulation import simulate
 from tests.conftest import CIFAR10_DIR
 
-pytestmark = pytest.mark.skipif(
-    not (CIFAR10_DIR / "train.parquet").is_file(),
-    reason=f"real CIFAR-10 parquet files not found at {CIFAR10_DIR} (../shared/datasets)",
-)
+pytestmark = [
+    pytest.mark.ray,
+    pytest.mark.skipif(
+        not (CIFAR10_DIR / "train.parquet").is_file(),
+        reason=f"real CIFAR-10 parquet files not found at {CIFAR10_DIR} (../shared/datasets)",
+    ),
+]
 
 
 # A health metric each method must report per node once a neighbour's payload is in.

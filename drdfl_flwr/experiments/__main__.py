@@ -10,9 +10,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from flwr.common.config import flatten_dict
-
-from drdfl_flwr.config import ConfigError
+from drdfl_flwr.config import ConfigError, flatten_tables
 from drdfl_flwr.experiments.grid import load_grid
 from drdfl_flwr.experiments.outcomes import DONE, FAILED, read_outcome
 from drdfl_flwr.experiments.runner import run_grid, write_all
@@ -50,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     try:
-        overrides = flatten_dict(tomllib.loads("\n".join(args.set)))
+        overrides = flatten_tables(tomllib.loads("\n".join(args.set)))
         grid = load_grid(args.conf, overrides)
     except (ConfigError, tomllib.TOMLDecodeError) as err:
         print(f"error: {err}", file=sys.stderr)

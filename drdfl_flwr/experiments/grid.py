@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from drdfl_flwr.config import DATASETS, ConfigError, MethodOptions, RunConfig
+from drdfl_flwr.config import DATASETS, RUNNER_SECTION, ConfigError, MethodOptions, RunConfig
+from drdfl_flwr.registry import check_run_config
 
 VARIANT = re.compile(
     r"^(?P<method>[a-z0-9-]+)(?P<isolated>\+isolated)?(?:@(?P<topology>[a-z-]+))?"
@@ -42,9 +43,10 @@ PARTITION = re.compile(
 
 @dataclass(frozen=True)
 class GridOptions(MethodOptions):
-    """The ``[grid]`` section; a single run (``flwr run``) ignores it."""
+    """The ``[grid]`` section, the runner's own: validated here; a single run
+    (``flwr run``) passes it by."""
 
-    SECTION = "grid"
+    SECTION = RUNNER_SECTION
 
     variants: str = ""
     datasets: str = ""
@@ -156,7 +158,7 @@ def load_grid(path: str | Path, overrides: dict[str, Any] | None = None) -> Grid
     base = RunConfig.from_toml(path)
     if overrides:
         base = base.with_values(overrides)
-    options: GridOptions = base.options("grid")
+    options = base.options(GridOptions)
     variants = _items(options.variants) or [base.method]
     datasets = _items(options.datasets) or [base.dataset]
     seeds = [int(s) for s in _items(options.seeds)] or [base.seed]
@@ -178,6 +180,7 @@ def load_grid(path: str | Path, overrides: dict[str, Any] | None = None) -> Grid
                     }
                     try:
                         cfg = RunConfig.from_run_config(values)
+                        check_run_config(cfg)
                     except ConfigError as err:
                         raise ConfigError(
                             err.key,

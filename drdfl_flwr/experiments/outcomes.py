@@ -24,7 +24,7 @@ from typing import Any
 from drdfl_flwr.config import RunConfig
 from drdfl_flwr.data import data_identity
 from drdfl_flwr.experiments.grid import GridRun
-from drdfl_flwr.registry import method_spec
+from drdfl_flwr.registry import method_spec, recorded_run_config
 
 DONE, FAILED, PENDING = "done", "failed", "pending"
 # where results go and whether a run continues: they do not change the results
@@ -67,7 +67,7 @@ def _same_config(run: GridRun, run_dir: Path) -> bool:
     path = run_dir / "run_config.json"
     if not path.is_file():
         return False
-    wanted = json.loads(json.dumps(run.cfg.to_run_config()))
+    wanted = json.loads(json.dumps(recorded_run_config(run.cfg)))
     defaults = _defaults()
     ran = {k: defaults[k] for k in wanted if k in defaults}
     ran.update(json.loads(path.read_text()))
@@ -77,7 +77,7 @@ def _same_config(run: GridRun, run_dir: Path) -> bool:
 @functools.cache
 def _defaults() -> dict[str, Any]:
     """Every key's default value, as a run config on disk holds it."""
-    return json.loads(json.dumps(RunConfig().to_run_config()))
+    return json.loads(json.dumps(recorded_run_config(RunConfig())))
 
 
 def write_data_identity(run_dir: Path, identity: dict[str, Any]) -> None:

@@ -26,7 +26,7 @@ import numpy as np
 from drdfl_flwr.experiments.grid import Partition
 from drdfl_flwr.experiments.outcomes import DONE, FAILED, RunOutcome
 from drdfl_flwr.health import HEALTH_PREFIX
-from drdfl_flwr.registry import method_spec
+from drdfl_flwr.registry import method_spec, resolved_topology
 
 LAYOUTS = {
     "dirichlet": "Dirichlet-based non-IID (the paper's Table 2 layout)",
@@ -506,7 +506,7 @@ def communication_rows(
         group = [o for o in outcomes if (o.run.variant, o.run.dataset) == (variant, dataset)]
         cfg = group[0].run.cfg
         spec = method_spec(cfg.method)
-        runs_on = f"{'hub' if spec.centralized else 'relay'} ({cfg.resolved_topology})"
+        runs_on = f"{'hub' if spec.centralized else 'relay'} ({resolved_topology(cfg)})"
         described = [variant, dataset, cfg.method, runs_on, spec.personalized]
         done = next((o for o in group if o.status == DONE and o.summary), None)
         numbers: list[float | None] = []

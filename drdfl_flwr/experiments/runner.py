@@ -26,6 +26,7 @@ from drdfl_flwr.experiments.outcomes import (
     read_outcome,
     write_data_identity,
 )
+from drdfl_flwr.registry import recorded_run_config
 
 Echo = Callable[[str], None]
 
@@ -133,7 +134,7 @@ def run_grid(
             write_data_identity(run_dir, identity)
         except Exception as err:  # noqa: BLE001 - recorded in the table, the grid goes on
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "run_config.json").write_text(json.dumps(cfg.to_run_config(), indent=2))
+            (run_dir / "run_config.json").write_text(json.dumps(recorded_run_config(cfg), indent=2))
             (run_dir / "error.txt").write_text(
                 "".join(traceback.format_exception(err)) + f"\n{type(err).__name__}: {err}\n"
             )

@@ -67,10 +67,10 @@ from torch import nn
 
 from drdfl_flwr.config import DENSE_CLASSIFIERS, MethodOptions, RunConfig
 from drdfl_flwr.data import ClientData
-from drdfl_flwr.learner import Learner
+from drdfl_flwr.learner import Learner, LossMeans
 from drdfl_flwr.models import build_classifier
 from drdfl_flwr.payload import Incoming, PayloadError, Tensors, check_payload
-from drdfl_flwr.registry import MethodSpec
+from drdfl_flwr.spec import MethodSpec
 
 SHARES = ("own", "received")
 PREDICTS = ("peak", "current")
@@ -168,7 +168,7 @@ def kl_to_peers(logits: torch.Tensor, peer_log_probs: Sequence[torch.Tensor]) ->
 
 def node_architecture(cfg: RunConfig, partition_id: int) -> str:
     """The node's architecture: ``architectures`` cycled over partition ids, or ``classifier``."""
-    names = cfg.options("dfml").architecture_list() or [cfg.classifier]
+    names = cfg.options(DFMLOptions).architecture_list() or [cfg.classifier]
     return names[partition_id % len(names)]
 
 
@@ -188,6 +188,8 @@ def payload_template(arch: str, input_shape: tuple[int, int, int], num_classes: 
 
 
 class DFMLLearner(Learner):
+    OPTIONS = DFMLOptions
+
     def setup(self) -> None:
         cfg, input_shape, num_classes = self.cfg, self.input_shape, self.num_classes
         partition_id = self.partition_id
@@ -300,7 +302,7 @@ class DFMLLearner(Learner):
             out.append({"l_wsm": l_wsm, "l_kl": l_kl, "total": (1 - alpha) * l_wsm + alpha * l_kl})
         return out
 
-    def fit(self, data: ClientData) -> dict[str, float]:
+    def train_round(self, data: ClientData) -> dict[str, float]:
         round_index = self.rounds_trained
         alpha = self.alpha(round_index)
         proportions = class_proportions(data.y_train, self.num_classes).to(self.device)
@@ -313,8 +315,7 @@ class DFMLLearner(Learner):
             if len(students) > 1
             else None
         )
-        sums = {"l_wsm": 0.0, "l_kl": 0.0}
-        steps = 0
+        losses = LossMeans()
         for x, y in self.batches(data, self.round_generator()):
             parts = self.mutual_losses(x, y, alpha, proportions)
             total = torch.stack([p["total"] for p in parts]).sum()
@@ -325,17 +326,13 @@ class DFMLLearner(Learner):
             self.optimizer.step()
             if peer_opt is not None:
                 peer_opt.step()
-            sums["l_wsm"] += parts[0]["l_wsm"].item()
-            sums["l_kl"] += parts[0]["l_kl"].item()
-            steps += 1
+            losses.add({"l_wsm": parts[0]["l_wsm"].item(), "l_kl": parts[0]["l_kl"].item()})
         if is_peak_round(round_index, self.period):
             self.peak.load_state_dict(self.model.state_dict())
             self.peak_round = round_index
-        self.rounds_trained += 1
-        metrics = {k: v / max(steps, 1) for k, v in sums.items()}
+        metrics = losses.means()
         metrics["alpha"] = alpha
         metrics["num_peers"] = float(len(self.peers))
-        metrics.update(self.health(data))
         return metrics
 
     @torch.no_grad()
@@ -399,5 +396,4 @@ SPEC = MethodSpec(
     name="dfml",
     personalized="full model (own architecture)",
     learner=DFMLLearner,
-    options=DFMLOptions,
 )

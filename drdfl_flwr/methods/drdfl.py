@@ -64,16 +64,16 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from flwr.common import log
 from torch import nn
 
 from drdfl_flwr.config import MethodOptions
 from drdfl_flwr.data import ClientData
-from drdfl_flwr.learner import Learner
+from drdfl_flwr.learner import Learner, LossMeans
+from drdfl_flwr.logs import log
 from drdfl_flwr.models.norm import running_stats_frozen
 from drdfl_flwr.models.vae import AdversarialHead, Decoder, Learngene, PersonaNet
 from drdfl_flwr.payload import Incoming, PayloadError, Tensors, check_payload
-from drdfl_flwr.registry import MethodSpec
+from drdfl_flwr.spec import MethodSpec
 
 LEARNGENE_MERGES = ("replace", "average", "ema")
 LATE_JOINS = ("algorithm-2", "absorb")
@@ -195,6 +195,8 @@ def sample_latent(mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
 
 
 class DRDFLLearner(Learner):
+    OPTIONS = DRDFLOptions
+
     def setup(self) -> None:
         cfg, opts, input_shape, num_classes = (
             self.cfg,
@@ -372,21 +374,15 @@ class DRDFLLearner(Learner):
             if isinstance(module, nn.Module):
                 module.train(training)
 
-    def fit(self, data: ClientData) -> dict[str, float]:
+    def train_round(self, data: ClientData) -> dict[str, float]:
         self.set_training(True)
-        sums: dict[str, float] = {}
-        steps = 0
+        losses = LossMeans()
         for x, y in self.batches(data, self.round_generator()):
-            sums["l_adv"] = sums.get("l_adv", 0.0) + self.adversary_step(x, y)
-            for k, v in self.main_step(x, y).items():
-                sums[k] = sums.get(k, 0.0) + v
-            steps += 1
-        self.rounds_trained += 1
-        metrics = {k: v / max(steps, 1) for k, v in sums.items()}
+            losses.add({"l_adv": self.adversary_step(x, y), **self.main_step(x, y)})
+        metrics = losses.means()
         metrics["priors_frozen"] = float(self.stats.frozen)
         if self.stats.frozen:
             self.stats.frozen_rounds -= 1
-        metrics.update(self.health(data))
         return metrics
 
     # -- health ------------------------------------------------------------------------
@@ -438,15 +434,9 @@ class DRDFLLearner(Learner):
             "alarm_zl_unused": float(unused),
         }
 
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        self.classifier.eval()
-        return self.classifier(x)
-
 
 SPEC = MethodSpec(
     name="drdfl",
     personalized="PersonaNet + decoder + classifier",
     learner=DRDFLLearner,
-    options=DRDFLOptions,
 )

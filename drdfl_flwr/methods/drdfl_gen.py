@@ -65,7 +65,7 @@ from drdfl_flwr.methods.drdfl import (
 )
 from drdfl_flwr.models.norm import running_stats_frozen
 from drdfl_flwr.models.vae import Decoder
-from drdfl_flwr.registry import MethodSpec
+from drdfl_flwr.spec import MethodSpec
 
 CLASS_MIXES = ("uniform", "absent", "local")
 DECODER_INPUTS = ("anchored", "persona")
@@ -116,11 +116,13 @@ def class_mix_probabilities(mix: str, label_counts: torch.Tensor) -> torch.Tenso
 
 
 class DRDFLGenLearner(DRDFLLearner):
+    OPTIONS = DRDFLGenOptions
+
     def setup(self) -> None:
         # Learner.__init__ put this method's own section ([drdfl-gen]) in self.opts; the
         # DRDFL machinery underneath reads [drdfl] there.
         self.extension: DRDFLGenOptions = self.opts
-        self.opts = self.cfg.options(DRDFLOptions.SECTION)
+        self.opts = self.cfg.options(DRDFLOptions)
         super().setup()
         with self.common_init("decoder"):
             # Shared now, so it starts identical on every node like the Learngene: merges
@@ -183,10 +185,10 @@ class DRDFLGenLearner(DRDFLLearner):
         )
 
     # -- training ------------------------------------------------------------------------
-    def fit(self, data: ClientData) -> dict[str, float]:
+    def train_round(self, data: ClientData) -> dict[str, float]:
         self.label_counts = torch.bincount(data.y_train, minlength=self.num_classes)
         try:
-            return super().fit(data)
+            return super().train_round(data)
         finally:
             self.received_stats = None  # this round's neighbour statistics are used up
 
@@ -262,6 +264,5 @@ SPEC = MethodSpec(
     name="drdfl-gen",
     personalized="PersonaNet + classifier (decoder shared: our extension)",
     learner=DRDFLGenLearner,
-    options=DRDFLGenOptions,
     reads=(DRDFLOptions.SECTION,),
 )

@@ -71,10 +71,10 @@ import torch.nn.functional as F
 from drdfl_flwr.bitpack import pack_bits, unpack_bits
 from drdfl_flwr.config import ConfigError, MethodOptions
 from drdfl_flwr.data import ClientData
-from drdfl_flwr.learner import Learner
+from drdfl_flwr.learner import Learner, LossMeans
 from drdfl_flwr.models.masked import WEIGHT_INITS, build_masked_classifier
 from drdfl_flwr.payload import Incoming, PayloadError, Tensors
-from drdfl_flwr.registry import MethodSpec
+from drdfl_flwr.spec import MethodSpec
 
 MASK_PREFIX = "mask."
 PROCEDURES = ("released", "epochs")
@@ -141,6 +141,8 @@ def initial_mask_seed(seed: int) -> int:
 
 
 class DSLTHLearner(Learner):
+    OPTIONS = DSLTHOptions
+
     # the mask a node sends is the top of its own scores; the fixed weights and the
     # initial neighbour mask are common (tests/test_dslth.py)
     NODE_SPECIFIC = (MASK_PREFIX,)
@@ -190,10 +192,6 @@ class DSLTHLearner(Learner):
         return int(
             sum(layer.binary_mask().sum().item() for layer in self.net.masked_layers().values())
         )
-
-    def mask_entries(self) -> int:
-        """Entries of the whole mask (bits on the wire before byte padding and headers)."""
-        return sum(layer.num_entries for layer in self.net.masked_layers().values())
 
     def decode_payload(self, payload: Tensors) -> dict[str, torch.Tensor]:
         """The bool masks in ``payload``, by layer name; :class:`PayloadError` if malformed."""
@@ -252,27 +250,23 @@ class DSLTHLearner(Learner):
         self.net.has_grad.fill_(True)
         return parts
 
-    def fit(self, data: ClientData) -> dict[str, float]:
+    def train_round(self, data: ClientData) -> dict[str, float]:
         # What absorb's fine-tuning left, with the masks just received: scored this round.
         self.scored_scores = {
             name: layer.scores.detach().clone() for name, layer in self.net.masked_layers().items()
         }
         self.net.train()
-        sums: dict[str, float] = {}
-        steps = 0
+        losses = LossMeans()
         batches = self.batches(data, self.round_generator())
         if self.opts.procedure == "released":
             batches = iter([next(batches)]) if len(data.y_train) else iter([])
         for x, y in batches:
-            for k, v in self.step(x, y).items():
-                sums[k] = sums.get(k, 0.0) + v
-            steps += 1
-        self.rounds_trained += 1
-        metrics = {k: v / max(steps, 1) for k, v in sums.items()}
+            losses.add(self.step(x, y))
+        metrics = losses.means()
         # The paper's communication count (ones x 1 bit), beside the relay's wire bytes.
         metrics["paper_payload_bytes"] = self.paper_payload_bits() / 8
         metrics["keep_ratio_conv"], metrics["keep_ratio_fc"] = self.keep_ratios
-        metrics.update(self.health())
+        metrics.update(self.mask_health())
         with torch.no_grad():  # what is sent this round, to count flipped bits next round
             for layer in self.net.masked_layers().values():
                 layer.last_sent.copy_(layer.binary_mask())
@@ -280,7 +274,7 @@ class DSLTHLearner(Learner):
         return metrics
 
     @torch.no_grad()
-    def health(self) -> dict[str, float]:
+    def mask_health(self) -> dict[str, float]:
         """Scores bounded, masks moving, masks sharing entries with the neighbours'."""
         metrics: dict[str, float] = {}
         kept = overlap = flipped = entries = 0.0
@@ -344,7 +338,6 @@ SPEC = MethodSpec(
     name="dslth",
     personalized="binary mask (scores)",
     learner=DSLTHLearner,
-    options=DSLTHOptions,
     classifiers=("small-cnn", "alexnet-dslth"),
     # no reducer: a bit-packed mask is never averaged by anyone but its receiver
 )

@@ -1,0 +1,1 @@
+"""The papers' three methods (DRDFL, DFML, DSLTH) and DRDFL's generative extension."""

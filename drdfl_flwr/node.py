@@ -1,0 +1,84 @@
+"""One round of one node, written once: the ClientApp, the in-process ring and the
+benchmarks all train a round through :func:`node_round`, so they cannot drift apart.
+
+The round: take in what arrived (validated, a bad payload costs only itself), train with
+the round's seed, score the trained model when asked, and hand back the payload and the
+metrics. With ``isolated = true`` the node neither takes in nor sends anything and changes
+nothing else (same data, seeds, model, schedule): the "does sharing help?" control.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from drdfl_flwr.data import ClientData
+from drdfl_flwr.intake import Intake, take_in
+from drdfl_flwr.learner import Learner, measured_fit
+from drdfl_flwr.payload import Incoming, Tensors
+from strategies.reducers import EXAMPLES
+
+
+class Stopwatch:
+    """Seconds spent in each step of a message (``time_*`` metrics), so a slow round can
+    be told apart: restoring state, absorbing, training, saving, evaluating."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self._last
+        self._last = now
+
+
+@dataclass
+class NodeRound:
+    payload: Tensors  # what the node sends its out-neighbours (empty: nothing)
+    metrics: dict[str, float]
+    intake: Intake  # what was taken in and what was refused, by sender
+
+
+def evaluation_metrics(learner: Learner, data: ClientData) -> dict[str, float]:
+    """Local-T and Global-T and the Local-T size, whichever message asked for them."""
+    metrics = learner.evaluate(data)
+    metrics["num-examples-local-t"] = float(len(data.y_local_test))
+    return metrics
+
+
+def node_round(
+    learner: Learner,
+    incoming: Sequence[Incoming],
+    data: ClientData,
+    server_round: int,
+    evaluate: bool = True,
+    undecodable: Mapping[str, str] | None = None,
+    clock: Stopwatch | None = None,
+) -> NodeRound:
+    """Take in ``incoming`` (sent in round ``server_round``), train one round, score the
+    trained model if ``evaluate``, and return the payload to send with the metrics.
+    ``undecodable``: senders whose payload did not decode (counted as refused)."""
+    clock = clock or Stopwatch()
+    isolated = learner.cfg.isolated
+    intake = Intake() if isolated else take_in(learner, incoming, server_round, undecodable)
+    clock.lap("time_absorb")
+    torch.manual_seed(learner.round_seed)  # the same draws wherever the round runs
+    metrics = measured_fit(learner, data)
+    clock.lap("time_fit")
+    if evaluate:
+        metrics.update(evaluation_metrics(learner, data))
+        clock.lap("time_evaluate")
+    payload = {} if isolated else learner.shared_payload()
+    metrics.update(
+        {
+            EXAMPLES: float(len(data.y_train)),
+            "payloads_received": float(len(intake.accepted) + len(intake.rejections)),
+            "payloads_rejected": float(len(intake.rejections)),
+            "rounds_trained": float(learner.rounds_trained),
+        }
+    )
+    return NodeRound(payload, metrics, intake)

@@ -1,0 +1,50 @@
+"""What the rest of the app needs to know about a method, declared at the end of the
+method's own file (``SPEC = MethodSpec(...)``) and found by name in
+:mod:`drdfl_flwr.registry`.
+
+A centralized method names its hub reduction here as a callable (:data:`reducer`), written
+beside its learner when it is its own (FedNova, FedFed), so a method's server and client
+halves live in one file, as in Flower's baselines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from drdfl_flwr.config import DENSE_CLASSIFIERS, MethodOptions, RunConfig
+from strategies.reducers import Reducer
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """``learner`` is the method's :class:`~drdfl_flwr.learner.Learner` class (its
+    ``OPTIONS`` is the method's config section). ``reducer`` is the hub's reduction for a
+    centralized method; ``None`` means decentralized: peers' payloads are routed by the
+    relay and never averaged by anyone but the receiving node. ``personalized`` says in
+    words which part stays on the node (the paper's Table 1 column), for the experiment
+    runner's communication table. ``reads`` names other methods' sections the method also
+    reads (an extension configured on top of its base)."""
+
+    name: str
+    learner: type
+    personalized: str  # what stays on the node, for the communication table (Table 1)
+    reducer: Reducer | None = None
+    classifiers: tuple[str, ...] = DENSE_CLASSIFIERS
+    check: Callable[[RunConfig], None] | None = None  # cross-key checks beyond the section
+    reads: tuple[str, ...] = ()  # other methods' sections this one also reads (drdfl-gen)
+
+    @property
+    def options(self) -> type[MethodOptions] | None:
+        """The method's own config section (its learner's ``OPTIONS``)."""
+        return self.learner.OPTIONS
+
+    @property
+    def sections(self) -> tuple[str, ...]:
+        """Every config section the method's results depend on."""
+        own = (self.options.SECTION,) if self.options is not None else ()
+        return own + self.reads
+
+    @property
+    def centralized(self) -> bool:
+        return self.reducer is not None

@@ -1,0 +1,46 @@
+"""The wire protocol between the ServerApp's routers and the ClientApp: record names and
+how a router puts one sender's payload into a node's train message.
+
+Both sides import these names from here, so a renamed record cannot leave one side
+talking past the other. Flower only: the routers never decode a payload.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.common.serde import recorddict_to_proto
+
+OUT_PAYLOAD = "payload"  # node -> router: what the node shares this round
+IN_PAYLOAD_PREFIX = "in-payload."  # router -> node: one record per sender
+IN_META_PREFIX = "in-meta."  # beside each: the sender's weight and whether it is the hub
+HUB = "hub"  # sender name of the hub's aggregate
+CONFIG = "config"
+SERVER_ROUND = "server-round"  # in a train message's config
+EVALUATE_KEY = "evaluate"  # in a train message's config: evaluate after training
+ARTIFACTS = "artifacts"  # train config flag (last round) and the reply record it asks for:
+# images a learner makes for the results folder; they go to the router, never to a peer
+METRICS = "metrics"
+REJECTIONS = "rejections"  # node -> router: sender name -> why its payload was refused
+
+
+def in_payload_name(sender: int | str) -> str:
+    """Record name of what a node receives from ``sender`` (a ring position or ``HUB``)."""
+    return f"{IN_PAYLOAD_PREFIX}{sender}"
+
+
+def in_meta_name(sender: int | str) -> str:
+    """Record name of the description beside a sender's payload."""
+    return f"{IN_META_PREFIX}{sender}"
+
+
+def add_incoming(content: RecordDict, sender: int | str, payload: ArrayRecord, weight: float):
+    """Put one sender's payload and its description into a train message's content."""
+    content[in_payload_name(sender)] = payload
+    origin = "hub" if sender == HUB else "peer"
+    content[in_meta_name(sender)] = ConfigRecord({"weight": float(weight), "origin": origin})
+
+
+def content_bytes(content: RecordDict) -> int:
+    """Bytes of the serialized message content (Flower's protobuf encoding): what Flower
+    actually puts on the wire for it, not a back-of-the-envelope ``numel * 4``."""
+    return recorddict_to_proto(content).ByteSize()

@@ -1,0 +1,49 @@
+"""The layering is checked by import-linter's contracts in pyproject.toml: an import that
+points up (a learner importing the registry, a router importing the node side, a method
+importing Flower) fails here, not in a review."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LINT = Path(sys.executable).parent / "lint-imports"
+PACKAGES = ("drdfl_flwr", "strategies", "baselines")
+
+
+def lint(root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(LINT), "--no-cache"], cwd=root, capture_output=True, text=True, check=False
+    )
+
+
+def test_every_import_points_down():
+    result = lint(ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 broken" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("module", "upward", "contract"),
+    [
+        ("drdfl_flwr/learner.py", "from drdfl_flwr import registry", "points down"),
+        ("strategies/rounds.py", "from drdfl_flwr.payload import Incoming", "points down"),
+        ("baselines/fedavg.py", "from flwr.app import ArrayRecord", "plain PyTorch"),
+    ],
+)
+def test_an_upward_import_breaks_a_contract(tmp_path, module, upward, contract):
+    """The check can fail: the same tree with one import added upward is refused."""
+    for package in PACKAGES:
+        shutil.copytree(ROOT / package, tmp_path / package)
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    target = tmp_path / module
+    target.write_text(target.read_text() + f"\n{upward}  # noqa\n")
+    result = lint(tmp_path)
+    assert result.returncode != 0
+    broken = [line for line in result.stdout.splitlines() if line.endswith("BROKEN")]
+    assert any(contract in line for line in broken), result.stdout
