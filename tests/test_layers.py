@@ -47,3 +47,19 @@ def test_an_upward_import_breaks_a_contract(tmp_path, module, upward, contract):
     assert result.returncode != 0
     broken = [line for line in result.stdout.splitlines() if line.endswith("BROKEN")]
     assert any(contract in line for line in broken), result.stdout
+
+
+def test_the_app_fab_holds_the_code_and_fits_flowers_limit():
+    """`flwr run` packs the project into a FAB of at most 10 MiB: the committed grids'
+    run folders must stay out of it (pyproject's fab-include), the code must be in."""
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.common.constant import FAB_MAX_SIZE
+
+    fab = build_fab_from_disk(ROOT)
+    assert len(fab) < FAB_MAX_SIZE
+    tops = {name.split("/")[0] for name in zipfile.ZipFile(io.BytesIO(fab)).namelist()}
+    assert {"drdfl_flwr", "strategies", "baselines"} <= tops
+    assert not tops & {"benchmarks", "tests", "notebooks"}
