@@ -14,12 +14,12 @@ from drdfl_flwr import registry
 from drdfl_flwr.experiments.grid import load_grid
 from drdfl_flwr.experiments.outcomes import DONE
 from drdfl_flwr.experiments.runner import run_grid
+from tests.smoke_checks import NODES, TOPOLOGY_CASES, check_routing
 
 pytestmark = pytest.mark.ray  # tests/test_every_method_inprocess.py: the same without Ray
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "conf" / "cpu-smoke.toml"
-NODES = 3
 
 
 @pytest.fixture(scope="module")
@@ -83,26 +83,12 @@ def test_drdfl_gen_shares_its_decoder_and_leaves_its_sample_grids(smoke):
     assert not (paper.run_dir / "artifacts").exists()
 
 
-@pytest.mark.parametrize(
-    ("variant", "expected"),
-    [
-        ("drdfl@bi-ring", lambda p: sorted({(p - 1) % NODES, (p + 1) % NODES})),
-        ("drdfl@full", lambda p: sorted(set(range(NODES)) - {p})),
-        ("drdfl@random-k{topology-k=1}", None),
-    ],
-)
+@pytest.mark.parametrize(("variant", "expected"), TOPOLOGY_CASES)
 def test_drdfl_runs_on_every_decentralized_topology(variant, expected, smoke):
     _, by_variant, _ = smoke
     last = rounds_of(by_variant[variant])[-1]
     assert last["topology"] == variant.split("@")[1].split("{")[0] and last["failed"] == []
-    for partition, node in last["nodes"].items():
-        senders = last["received_from"][partition]
-        p = int(partition)
-        if expected is None:  # random-k, k = 1: one other node
-            assert len(senders) == 1 and senders[0] != p
-        else:
-            assert senders == expected(p)
-        assert node["payloads_received"] == len(senders) and node["payloads_rejected"] == 0.0
+    check_routing(last, expected)
 
 
 def test_the_report_has_every_variant_with_its_own_numbers(smoke):

@@ -18,13 +18,12 @@ from flwr.app import Context, MessageType, RecordDict
 
 from drdfl_flwr import registry
 from drdfl_flwr.config import RunConfig
-from drdfl_flwr.experiments.grid import GridRun, load_grid
+from drdfl_flwr.experiments.grid import GridRun
 from drdfl_flwr.server_app import app as SERVER_APP
 from tests.inprocess_grid import ClientAppGrid
+from tests.smoke_checks import NODES, SMOKE, TOPOLOGY_CASES, check_routing
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE = load_grid(ROOT / "conf" / "cpu-smoke.toml")
-NODES = SMOKE.options.clients
 RUNS = {run.variant: run for run in SMOKE.runs}
 # a fifth of the digits: every path runs, in a fraction of the time
 SMALLER = {"subset_train": 300, "subset_test": 150}
@@ -132,26 +131,13 @@ def test_an_isolated_run_sends_and_receives_nothing(finished):
             assert node["payloads_received"] == 0.0
 
 
-@pytest.mark.parametrize(
-    ("variant", "expected"),
-    [
-        ("drdfl@bi-ring", lambda p: sorted({(p - 1) % NODES, (p + 1) % NODES})),
-        ("drdfl@full", lambda p: sorted(set(range(NODES)) - {p})),
-        ("drdfl@random-k{topology-k=1}", None),
-    ],
-)
+@pytest.mark.parametrize(("variant", "expected"), TOPOLOGY_CASES)
 def test_drdfl_runs_on_every_decentralized_topology(variant, expected, finished):
     run = finished(variant)
     check_completed(run)
     last = run.rounds[-1]
     assert last["topology"] == variant.split("@")[1].split("{")[0]
-    for partition, node in last["nodes"].items():
-        senders, p = last["received_from"][partition], int(partition)
-        if expected is None:  # random-k, k = 1: one other node
-            assert len(senders) == 1 and senders[0] != p
-        else:
-            assert senders == expected(p)
-        assert node["payloads_received"] == len(senders) and node["payloads_rejected"] == 0.0
+    check_routing(last, expected)
 
 
 def test_drdfl_gen_shares_its_decoder_and_leaves_its_sample_grids(finished):
