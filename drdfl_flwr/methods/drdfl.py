@@ -25,7 +25,7 @@ cross-entropy of the head's output against the uniform distribution, while the h
 not stepped. Deviation from the paper's text, on purpose: the paper lists
 L_GL = L_kl + L_adv + L_adv^u for the Learngene. Minimizing L_adv through the Learngene
 would help the head read labels, the opposite of the stated aim, so L_adv trains only
-the head. See README "Deviations".
+the head. See docs/deviations.md.
 
 The class statistics start from a prior drawn from the run seed, identical on every
 node, so that the EMA toward received statistics averages like with like (line 6-7).
