@@ -26,6 +26,7 @@ DATASETS = ("digits", "cifar10", "cifar100", "svhn")
 MODES = ("synchronous", "sequential")
 TOPOLOGIES = ("auto", "ring", "bi-ring", "full", "random-k", "fixed-random", "star")
 PARTITIONERS = ("dirichlet", "shard", "iid")
+SHARD_ASSIGNMENTS = ("balanced", "random")
 CLASSIFIERS = ("small-cnn", "resnet8", "resnet18", "alexnet-dslth")
 DENSE_CLASSIFIERS = ("small-cnn", "resnet8", "resnet18")  # alexnet-dslth is DSLTH-only
 NORMS = ("auto", "none", "batch", "group")
@@ -110,6 +111,7 @@ class RunConfig:
     partitioner: str = "dirichlet"
     dirichlet_beta: float = 0.4
     classes_per_client: int = 4
+    shard_assignment: str = "balanced"
     subset_train: int = 0
     subset_test: int = 0
     seed: int = 42
@@ -134,6 +136,7 @@ class RunConfig:
         _choice("mode", self.mode, MODES)
         _choice("topology", self.topology, TOPOLOGIES)
         _choice("partitioner", self.partitioner, PARTITIONERS)
+        _choice("shard-assignment", self.shard_assignment, SHARD_ASSIGNMENTS)
         _choice("classifier", self.classifier, CLASSIFIERS)
         _choice("classifier-norm", self.classifier_norm, NORMS)
         _choice("device", self.device, DEVICES)

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from logging import WARNING
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -122,6 +122,7 @@ def _data_key(cfg: RunConfig) -> RunConfig:
         partitioner=cfg.partitioner,
         dirichlet_beta=cfg.dirichlet_beta,
         classes_per_client=cfg.classes_per_client,
+        shard_assignment=cfg.shard_assignment,
         subset_train=cfg.subset_train,
         subset_test=cfg.subset_test,
         seed=cfg.seed,
@@ -185,6 +186,7 @@ def _partition_plan(cfg: RunConfig, num_partitions: int) -> _PartitionPlan:
             for p in range(num_partitions)
         ]
     )
+    _warn_unheld_classes(cfg, counts, np.asarray(train[spec.label_column]))
     local = split_test_like_train(
         np.asarray(test[spec.label_column]), counts, np.random.default_rng(cfg.seed)
     )
@@ -196,6 +198,27 @@ def label_counts(cfg: RunConfig, num_partitions: int) -> np.ndarray:
     classes): the partition a run trains on, for label-distribution plots and tables.
     Read from the cached plan, so it is exactly what the clients load."""
     return _partition_plan(_data_key(cfg), num_partitions).label_counts.copy()
+
+
+def _warn_unheld_classes(cfg: RunConfig, counts: np.ndarray, train_labels: np.ndarray) -> None:
+    """A class in the data that no client holds is gone from the whole federation (and
+    from every Local-T and Global-T set): say so, naming the classes and the way out."""
+    present = np.flatnonzero(np.bincount(train_labels, minlength=counts.shape[1]))
+    unheld = [int(k) for k in present if counts[:, k].sum() == 0]
+    if unheld:
+        hint = (
+            ' (shard-assignment = "balanced" gives every class to some client)'
+            if cfg.partitioner == "shard" and cfg.shard_assignment == "random"
+            else ""
+        )
+        log(
+            WARNING,
+            "%d of %d classes are held by no client and leave the federation: %s%s",
+            len(unheld),
+            len(present),
+            unheld,
+            hint,
+        )
 
 
 def make_partitioner(cfg: RunConfig, num_partitions: int, spec: DatasetSpec) -> Partitioner:
@@ -224,9 +247,62 @@ def make_partitioner(cfg: RunConfig, num_partitions: int, spec: DatasetSpec) -> 
             cfg.classes_per_client,
             f"{cfg.dataset} has only {spec.num_classes} classes",
         )
-    return PathologicalPartitioner(
+    if cfg.shard_assignment == "random":
+        return PathologicalPartitioner(
+            num_partitions,
+            spec.label_column,
+            num_classes_per_partition=cfg.classes_per_client,
+            class_assignment_mode="random",
+            seed=cfg.seed,
+        )
+    return _balanced_shard_partitioner(num_partitions, spec.label_column, cfg)
+
+
+def balanced_class_assignment(
+    num_partitions: int, labels: list[Any], per_partition: int, rng: np.random.Generator
+) -> dict[int, list[Any]]:
+    """``per_partition`` distinct classes for each partition, every class held by as many
+    partitions as any other (give or take one), ties broken by ``rng``.
+
+    flwr-datasets' ``random`` mode draws each partition's classes independently, so
+    classes nobody drew vanish from the federation (15 of CIFAR-100's 100 at 10 clients
+    x 20 classes) and the test sets dealt like the training data lose them too. Here a
+    class is held by nobody only when there are fewer slots than classes."""
+    held = dict.fromkeys(labels, 0)
+    assignment = {}
+    for partition in range(num_partitions):
+        order = rng.permutation(len(labels))
+        chosen = sorted((labels[i] for i in order), key=lambda label: held[label])
+        assignment[partition] = chosen[:per_partition]
+        for label in assignment[partition]:
+            held[label] += 1
+    return assignment
+
+
+def _balanced_shard_partitioner(
+    num_partitions: int, label_column: str, cfg: RunConfig
+) -> Partitioner:
+    from flwr_datasets.partitioner import PathologicalPartitioner
+
+    class BalancedShardPartitioner(PathologicalPartitioner):
+        """flwr-datasets' pathological partitioner (each class's samples split among the
+        partitions that hold it) with :func:`balanced_class_assignment` choosing who holds
+        what."""
+
+        def _determine_partition_id_to_unique_labels(self) -> None:
+            self._unique_labels = sorted(self.dataset.unique(self._partition_by))
+            assignment = balanced_class_assignment(
+                self._num_partitions,
+                self._unique_labels,
+                self._num_classes_per_partition,
+                self._rng,
+            )
+            for partition, labels in assignment.items():
+                self._partition_id_to_unique_labels[partition] = labels
+
+    return BalancedShardPartitioner(
         num_partitions,
-        spec.label_column,
+        label_column,
         num_classes_per_partition=cfg.classes_per_client,
         class_assignment_mode="random",
         seed=cfg.seed,

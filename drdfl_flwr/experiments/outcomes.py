@@ -32,6 +32,16 @@ BOOKKEEPING_KEYS = ("results-dir", "run-name", "resume")
 # where the data lies: machine-dependent; what it is (DATA_FILE) is compared instead
 LOCATION_KEYS = ("data-dir",)
 DATA_FILE = "data.json"
+# Keys whose default changed what runs do when they were added: a run recorded before the
+# key existed ran with the value here, not with today's default (shard classes were drawn
+# independently per client, flwr-datasets' "random" mode, until "balanced" came).
+BEFORE_KEY_EXISTED = {"shard-assignment": "random"}
+# Keys that only shape one partitioner's split: a Dirichlet run does not depend on them
+PARTITIONER_KEYS = {
+    "dirichlet-beta": "dirichlet",
+    "classes-per-client": "shard",
+    "shard-assignment": "shard",
+}
 
 
 @dataclass(frozen=True)
@@ -63,12 +73,13 @@ def _same_config(run: GridRun, run_dir: Path) -> bool:
     re-runs the runs it changed, and only those). A key the recorded config lacks was
     added to the code after the run: it counts as its default, since a new key's default
     keeps what ran before (``min-nodes = 0``, every node from the start); set to anything
-    else, the run is redone."""
+    else, the run is redone. Where a new key's default does change what runs, the value
+    old runs had is in ``BEFORE_KEY_EXISTED``."""
     path = run_dir / "run_config.json"
     if not path.is_file():
         return False
     wanted = json.loads(json.dumps(recorded_run_config(run.cfg)))
-    defaults = _defaults()
+    defaults = {**_defaults(), **BEFORE_KEY_EXISTED}
     ran = {k: defaults[k] for k in wanted if k in defaults}
     ran.update(json.loads(path.read_text()))
     return _what_counts(ran, run.cfg.method) == _what_counts(wanted, run.cfg.method)
@@ -103,13 +114,16 @@ def _what_counts(values: dict[str, Any], method: str) -> dict[str, Any]:
     """The keys a run's results depend on: the generic ones and its method's own section.
     Where results go does not change them, nor where the data lies (its identity is
     compared instead: :func:`_same_data`), nor another method's section (changing
-    ``drdfl.noise-variance`` re-runs DRDFL's cells, not FedAvg's)."""
+    ``drdfl.noise-variance`` re-runs DRDFL's cells, not FedAvg's), nor another
+    partitioner's keys."""
     own = method_spec(method).sections
+    partitioner = values.get("partitioner")
     return {
         k: v
         for k, v in values.items()
         if k not in BOOKKEEPING_KEYS
         and k not in LOCATION_KEYS
+        and PARTITIONER_KEYS.get(k, partitioner) == partitioner
         and ("." not in k or k.partition(".")[0] in own)
     }
 
