@@ -17,7 +17,8 @@ remote node.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import difflib
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar
@@ -45,6 +46,13 @@ class ConfigError(ValueError):
         super().__init__(f"run config '{key}' = {value!r}: {reason}")
         self.key = key
         self.value = value
+        self.reason = reason  # the message without its "run config 'key' = value" prefix
+
+
+# Where :func:`unknown_key` finds the sections' keys (``drdfl.noise-variance``): filled by
+# the layers that know them (drdfl_flwr.registry every method's, the grid runner its own),
+# as config, below them, knows no method. Each returns full keys.
+KEY_SOURCES: list[Callable[[], Iterable[str]]] = []
 
 
 class MethodOptions:
@@ -60,7 +68,7 @@ class MethodOptions:
         kwargs = {}
         for key, value in values.items():
             if key not in known:
-                raise ConfigError(f"{cls.SECTION}.{key}", value, "unknown run-config key")
+                raise unknown_key(f"{cls.SECTION}.{key}", value)
             kwargs[known[key].name] = _coerce(f"{cls.SECTION}.{key}", value, known[key].type)
         return cls(**kwargs)
 
@@ -197,7 +205,7 @@ class RunConfig:
             elif key in known:
                 kwargs[known[key].name] = _coerce(key, value, known[key].type)
             else:
-                raise ConfigError(key, value, "unknown run-config key")
+                raise unknown_key(key, value)
         return cls(**kwargs, sections=sections)
 
     @classmethod
@@ -231,6 +239,26 @@ class RunConfig:
         """A validated copy with run-config keys changed, section keys included:
         ``cfg.with_values({"drdfl.noise-variance": 0.3, "local-epochs": 1})``."""
         return RunConfig.from_run_config({**self.to_run_config(), **values})
+
+
+def unknown_key(key: str, value: Any, reason: str = "unknown run-config key") -> ConfigError:
+    """The error for a key that no section declares, with the known keys closest to it:
+    every unknown key, generic, in a method's section or in an unknown section, is
+    refused with this one message."""
+    close = difflib.get_close_matches(key, known_keys(), n=3)
+    if close:
+        reason += f"; did you mean {' or '.join(repr(k) for k in close)}?"
+    return ConfigError(key, value, reason)
+
+
+def known_keys() -> list[str]:
+    """Every run-config key: the generic ones and the sections' (:data:`KEY_SOURCES`;
+    every method's where the registry is loaded, which imports every method: for error
+    messages, never on a run's way)."""
+    keys = {_key(f.name) for f in fields(RunConfig) if f.name != "sections"}
+    for source in KEY_SOURCES:
+        keys.update(source())
+    return sorted(keys)
 
 
 def flatten_tables(tables: Mapping[str, Any], parent: str = "") -> dict[str, Any]:
@@ -291,5 +319,8 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
     if expected is float and isinstance(value, int):
         return float(value)
     if not isinstance(value, expected):
-        raise ConfigError(key, value, f"expected {expected.__name__}, got {type(value).__name__}")
+        quote = f' (a string is quoted: {key} = "{value}")' if expected is str else ""
+        raise ConfigError(
+            key, value, f"expected {expected.__name__}, got {type(value).__name__}{quote}"
+        )
     return value

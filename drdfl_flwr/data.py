@@ -335,6 +335,11 @@ def split_test_like_train(
 
 @functools.lru_cache(maxsize=4)
 def _splits(cfg: RunConfig) -> tuple[Dataset, Dataset]:
+    import datasets
+
+    # no progress bars from datasets (generating splits, shuffling, selecting): every node
+    # would print its own between the rounds' lines
+    datasets.disable_progress_bars()
     spec = dataset_spec(cfg)
     if cfg.data_dir:
         train, test = _parquet_splits(Path(cfg.data_dir).expanduser(), cfg.seed)

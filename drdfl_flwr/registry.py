@@ -16,7 +16,14 @@ from typing import Any
 
 import torch
 
-from drdfl_flwr.config import RUNNER_SECTION, ConfigError, MethodOptions, RunConfig
+from drdfl_flwr.config import (
+    KEY_SOURCES,
+    RUNNER_SECTION,
+    ConfigError,
+    MethodOptions,
+    RunConfig,
+    unknown_key,
+)
 from drdfl_flwr.learner import Learner, derived_seed
 from drdfl_flwr.spec import MethodSpec
 
@@ -63,6 +70,14 @@ def option_classes() -> dict[str, type[MethodOptions]]:
     return classes
 
 
+def section_keys() -> list[str]:
+    """Every method section's keys, as run-config keys (``drdfl.noise-variance``)."""
+    return [key for options in option_classes().values() for key in options().to_section()]
+
+
+KEY_SOURCES.append(section_keys)  # for the did-you-mean of an unknown key
+
+
 def resolved_topology(cfg: RunConfig) -> str:
     """``auto``: the star for centralized methods, the directed ring otherwise."""
     if cfg.topology != "auto":
@@ -78,10 +93,10 @@ def check_run_config(cfg: RunConfig) -> None:
     classes = option_classes()
     for section, values in cfg.sections.items():
         if section not in classes and section != RUNNER_SECTION:
-            first = next(iter(values), "")
-            raise ConfigError(
-                f"{section}.{first}",
-                values,
+            name, value = next(iter(values.items()))
+            raise unknown_key(
+                f"{section}.{name}",
+                value,
                 f"unknown section {section!r}; sections are "
                 f"{', '.join(sorted([*classes, RUNNER_SECTION]))}",
             )

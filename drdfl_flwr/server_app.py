@@ -54,12 +54,17 @@ def progress_line(record: dict, num_rounds: int) -> str:
     shown = [f"{k} {v:.3g}" for k, v in health.items() if "." not in k and "alarm" not in k]
     if shown:
         parts.append("health: " + ", ".join(shown))
-    if record["failed"]:
-        parts.append(f"skipped partitions {record['failed']}")
+    return " | ".join(parts + round_events(record))
+
+
+def round_events(record: dict) -> list[str]:
+    """What happened to the nodes in a round, for its progress line: the partitions
+    skipped (a node failed or timed out) and those that joined, rejoined or went absent."""
+    events = [f"skipped partitions {record['failed']}"] if record.get("failed") else []
     for change in ("joined", "rejoined", "absent"):
         if record.get(change):
-            parts.append(f"{change} {record[change]}")
-    return " | ".join(parts)
+            events.append(f"{change} {record[change]}")
+    return events
 
 
 def build_router(cfg: RunConfig) -> Router:
@@ -76,10 +81,13 @@ def run_job(
     cfg: RunConfig,
     on_round: Callable[[dict[str, Any]], None] | None = None,
     run_key: str | None = None,
+    log_rounds: bool = True,
 ) -> dict:
     """Run the configured job on ``grid``; returns the summary that was written.
     ``on_round`` also gets every round's record (the grid runner's progress). ``run_key``
     files the nodes' checkpoints (Flower's run id; a resumed run keeps the first one's).
+    ``log_rounds`` off leaves the per-round progress line to the caller (the grid
+    runner prints its own); alarms are logged either way.
     The whole config is checked here, once, before anything is written."""
     check_run_config(cfg)
     writer = ResultsWriter(
@@ -99,7 +107,8 @@ def run_job(
 
     def record_round(record: dict) -> None:
         writer.log_round(record)
-        log(INFO, progress_line(record, cfg.num_server_rounds))
+        if log_rounds:
+            log(INFO, progress_line(record, cfg.num_server_rounds))
         last = record["round"] == cfg.num_server_rounds
         for is_warning, message in alarms.update(record["round"], record["nodes"], last):
             log(WARNING if is_warning else INFO, message)

@@ -29,12 +29,14 @@ def simulate(
     gpus_per_client: float = 0.0,
     verbose: bool = False,
     on_round: Callable[[dict[str, Any]], None] | None = None,
+    log_rounds: bool = True,
 ) -> dict[str, Any]:
     """Run ``cfg`` on ``num_clients`` simulated SuperNodes; returns the written summary.
 
     ``cpus_per_client`` / ``gpus_per_client`` are Ray resources per ClientApp actor:
     with 8 CPUs and 2 per client, 4 clients train at a time. ``on_round`` gets every
-    round's record as it is written (progress bars, benchmarks).
+    round's record as it is written (progress bars, benchmarks); ``log_rounds`` off
+    leaves the per-round progress line to it (see :func:`run_job`).
     """
     if num_clients < 2:
         raise ValueError(f"num_clients={num_clients}: a ring needs at least 2 nodes")
@@ -48,7 +50,7 @@ def simulate(
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
         try:
-            summary.update(run_job(grid, cfg, on_round=on_round))
+            summary.update(run_job(grid, cfg, on_round=on_round, log_rounds=log_rounds))
         except Exception as err:
             failures.append(err)  # run_simulation only logs it; the caller gets it
             raise

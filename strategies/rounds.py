@@ -280,6 +280,7 @@ class RoundLoop(Strategy):
         deadline = time.monotonic() + self.node_wait_timeout
         known: dict[int, int] = {}  # partition id -> node id
         expected: int | None = None
+        shown = None  # the last waiting state logged: a line when it changes, not per second
         while True:
             self._ask(grid, [n for n in grid.get_node_ids() if n not in known.values()])
             for node_id, partition_id, num_partitions in self._answers(grid, strict=True):
@@ -313,7 +314,9 @@ class RoundLoop(Strategy):
                     f"node-wait-timeout={self.node_wait_timeout}s"
                     + (f" (min-nodes={self.min_nodes})" if self.min_nodes else "")
                 )
-            log(INFO, "Waiting for nodes: %d of %s answered", len(known), expected or "?")
+            if shown != (len(known), expected):
+                shown = (len(known), expected)
+                log(INFO, "Waiting for nodes: %d of %s answered", len(known), expected or "?")
             time.sleep(1.0)
         assert expected is not None
         self.members = [Member(known.get(p, ABSENT), p) for p in range(expected)]

@@ -144,6 +144,21 @@ def test_method_and_generic_keys_must_fit(changes, key, reason):
     assert err.value.key == key
 
 
+@pytest.mark.parametrize(
+    ("key", "meant"),
+    [
+        ("num-server-round", "num-server-rounds"),
+        ("noise-variance", "drdfl.noise-variance"),  # a method's key without its section
+        ("drdfl.noise-varience", "drdfl.noise-variance"),
+        ("drdlf.noise-variance", "drdfl.noise-variance"),  # an unknown section
+    ],
+)
+def test_an_unknown_key_is_refused_with_the_closest_known_keys(key, meant):
+    with pytest.raises(ConfigError) as err:
+        checked({key: 0.3})
+    assert err.value.key == key and f"did you mean {meant!r}" in str(err.value)
+
+
 def test_unknown_section_is_named():
     with pytest.raises(ConfigError, match="unknown section 'scaffold'"):
         checked({"scaffold.lr": 0.1})

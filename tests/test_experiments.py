@@ -178,8 +178,9 @@ def test_the_command_lists_runs_and_rebuilds_the_report(tmp_path, capsys):
         'grid.seeds="1"',
     ]
     assert main([*args, "--list"]) == 0
-    listed = capsys.readouterr().out.splitlines()
+    *listed, total = capsys.readouterr().out.splitlines()
     assert len(listed) == 3 and all(line.startswith("done") for line in listed)
+    assert total == "3 runs: 3 done, 0 failed, 0 pending"
     (out / "tables.md").unlink()
     assert main([*args, "--report-only"]) == 0
     assert "local" in (out / "tables.md").read_text()

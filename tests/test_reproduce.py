@@ -118,9 +118,10 @@ def test_a_committed_grid_copied_elsewhere_is_all_done_and_its_report_rebuilds_b
     conf.write_text(text.replace('"../shared/datasets"', json.dumps(str(data_root))))
 
     assert main([str(conf), "--out", str(copy), "--list"]) == 0
-    listed = capsys.readouterr().out.splitlines()
+    *listed, total = capsys.readouterr().out.splitlines()
     assert listed and all(line.startswith("done") for line in listed), "\n".join(listed)
     assert len(listed) == len(list((committed / "runs").iterdir()))
+    assert total == f"{len(listed)} runs: {len(listed)} done, 0 failed, 0 pending"
     # listing changes nothing on disk: the recorded configs are the committed ones,
     # whichever folder the committing machine had the datasets in
     for ran in (copy / "runs").glob("*/run_config.json"):

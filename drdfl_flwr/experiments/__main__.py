@@ -6,14 +6,20 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import sys
 import tomllib
 from pathlib import Path
+from typing import Any
 
 from drdfl_flwr.config import ConfigError, flatten_tables
 from drdfl_flwr.experiments.grid import load_grid
-from drdfl_flwr.experiments.outcomes import DONE, FAILED, read_outcome
+from drdfl_flwr.experiments.outcomes import DONE, FAILED, PENDING, read_outcome
 from drdfl_flwr.experiments.runner import run_grid, write_all
+
+# One key=value pair of ``flwr run --run-config "k1=v1 k2=v2"``: the value quoted ('...' or
+# "...", spaces allowed) or up to the next space (flwr.common.config.parse_config_args).
+PAIR = re.compile(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,8 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="run-config override for every run, TOML value syntax, e.g. "
-        "num-server-rounds=2 or grid.seeds='\"1,2\"' (repeatable)",
+        help="run-config override for every run, as flwr run --run-config takes them: "
+        "space-separated key=value pairs, values in TOML syntax, a bare word a string, "
+        "e.g. --set 'num-server-rounds=2 method=fedavg grid.variants=\"local, drdfl\"' "
+        "(repeatable)",
     )
     parser.add_argument("--list", action="store_true", help="list the runs and their state")
     parser.add_argument(
@@ -48,15 +56,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     try:
-        overrides = flatten_tables(tomllib.loads("\n".join(args.set)))
-        grid = load_grid(args.conf, overrides)
-    except (ConfigError, tomllib.TOMLDecodeError) as err:
+        grid = load_grid(args.conf, parse_overrides(args.set))
+    except (ConfigError, SetError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out = Path(args.out or Path("results") / grid.name)
     if args.list:
-        for run in grid.runs:
-            print(f"{read_outcome(run, out / 'runs').status:8} {run.run_id}")
+        statuses = [read_outcome(run, out / "runs").status for run in grid.runs]
+        for run, status in zip(grid.runs, statuses, strict=True):
+            print(f"{status:8} {run.run_id}")
+        counts = ", ".join(f"{statuses.count(s)} {s}" for s in (DONE, FAILED, PENDING))
+        print(f"{len(statuses)} runs: {counts}")
         return 0
     if args.report_only:
         outcomes = [read_outcome(run, out / "runs") for run in grid.runs]
@@ -75,6 +85,62 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if any(o.status == FAILED for o in outcomes) else 0
 
 
+class SetError(ValueError):
+    """A ``--set`` argument that is not ``key=value`` pairs."""
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``--set`` arguments as ``flwr run --run-config`` parses them (each argument holds
+    space-separated ``key=value`` pairs, a value in TOML syntax), but a bare word is a
+    string (``method=drdfl``), and text that is no pair or no value is refused, naming
+    it, rather than dropped."""
+    values: dict[str, Any] = {}
+    for item in items:
+        pairs = list(PAIR.finditer(item))
+        ends = [m.start() for m in pairs[1:]] + [len(item)]
+        if not pairs:
+            raise SetError(
+                f"--set {shlex.quote(item)}: not key=value (no spaces around =; pairs are "
+                "separated by spaces)"
+            )
+        if lead := item[: pairs[0].start()].strip():
+            raise SetError(f"--set {shlex.quote(item)}: {lead!r} is not a key=value pair")
+        for match, until in zip(pairs, ends, strict=True):
+            key, raw = match.groups()
+            stray = item[match.end() : until].strip()
+            if stray:  # "grid.seeds=1, 2": the value went on after a space
+                quoted = f'{key}="{item[match.start(2) : until].strip()}"'
+                raise SetError(
+                    f"--set {shlex.quote(item)}: {stray!r} is not a key=value pair; a value "
+                    f"with spaces is quoted: --set {shlex.quote(quoted)}"
+                )
+            values.update(_pair(key, raw))
+    return values
+
+
+def _pair(key: str, raw: str) -> dict[str, Any]:
+    """One ``key=value``: TOML, else a bare word as a string."""
+    pair = shlex.quote(f"{key}={raw}")
+    try:
+        return flatten_tables(tomllib.loads(f"{key} = {raw}"))
+    except tomllib.TOMLDecodeError as err:
+        try:
+            tomllib.loads(f'{key} = ""')
+        except tomllib.TOMLDecodeError:
+            raise SetError(f"--set {pair}: {key!r} is not a run-config key name") from None
+        if not raw.startswith(("'", '"', "[", "{")):  # a bare word
+            return {key: raw}
+        reason = re.sub(r" \(at [^()]*\)$", "", str(err))
+        quoted = f'{key}="{raw.strip(QUOTES)}"'
+        raise SetError(
+            f"--set {pair}: {raw} is not a TOML value ({reason}); a string is quoted as in "
+            f"TOML, and the whole pair in single quotes for the shell: --set {shlex.quote(quoted)}"
+        ) from None
+
+
+QUOTES = "\"'"
+
+
 def reported_done(out: Path) -> int | None:
     """The finished runs an existing ``tables.md`` reports (its "N runs: D done, ..."
     line), or None where there is none."""
@@ -85,5 +151,17 @@ def reported_done(out: Path) -> int | None:
     return int(match[1]) if match else None
 
 
+def cli() -> int:
+    """``main`` as a command: output into a closed pipe (``--list | head``) ends it
+    quietly, as it ends any Unix tool (Python's documented handling of SIGPIPE)."""
+    try:
+        code = main()
+        sys.stdout.flush()  # inside the try: a closed pipe fails here, not at exit
+        return code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -29,7 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from drdfl_flwr.config import DATASETS, RUNNER_SECTION, ConfigError, MethodOptions, RunConfig
+from drdfl_flwr.config import (
+    DATASETS,
+    KEY_SOURCES,
+    RUNNER_SECTION,
+    ConfigError,
+    MethodOptions,
+    RunConfig,
+)
 from drdfl_flwr.registry import check_run_config
 
 VARIANT = re.compile(
@@ -81,6 +88,9 @@ class GridOptions(MethodOptions):
         for item in _items(self.seeds):
             if not re.fullmatch(r"-?\d+", item):
                 self.fail("seeds", f"{item!r} is not an integer")
+
+
+KEY_SOURCES.append(lambda: GridOptions().to_section())  # for the did-you-mean of a typo
 
 
 @dataclass(frozen=True)
@@ -185,7 +195,8 @@ def load_grid(path: str | Path, overrides: dict[str, Any] | None = None) -> Grid
                         raise ConfigError(
                             err.key,
                             err.value,
-                            f"{err} (grid run {variant}, {dataset}, {partition.key}, seed {seed})",
+                            f"{err.reason} (grid run {variant}, {dataset}, {partition.key}, "
+                            f"seed {seed})",
                         ) from None
                     runs.append(GridRun(variant, dataset, partition, seed, cfg))
     ids = [run.run_id for run in runs]

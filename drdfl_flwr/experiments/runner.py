@@ -27,6 +27,7 @@ from drdfl_flwr.experiments.outcomes import (
     write_data_identity,
 )
 from drdfl_flwr.registry import recorded_run_config
+from drdfl_flwr.server_app import round_events
 
 Echo = Callable[[str], None]
 
@@ -52,15 +53,26 @@ class Progress:
         )
 
     def round_done(self, record: dict[str, Any]) -> None:
+        """The round's one line (the simulation's own per-round log is off): mean
+        accuracies where the round evaluated, seconds, time left, and what happened to
+        the nodes (skipped, joined, absent)."""
         self.rounds_done += 1
         run = self.runs[self.index]
-        accuracy = record["mean"].get("local_t_acc")
-        shown = f"Local-T {100 * accuracy:.2f}%" if accuracy is not None else "training"
-        self.echo(
+        mean = record["mean"]
+        shown = [
+            f"{label} {100 * mean[key]:.2f}%"
+            for key, label in (("local_t_acc", "Local-T"), ("global_t_acc", "Global-T"))
+            if key in mean
+        ] or ["training"]
+        parts = [
             f"  [run {self.index + 1}/{len(self.runs)} | round {record['round']}/"
-            f"{run.cfg.num_server_rounds}] {shown} | {record['seconds']:.1f}s | "
-            f"elapsed {_clock(self.elapsed)}, about {_clock(self.left)} left"
-        )
+            f"{run.cfg.num_server_rounds}] {shown[0]}",
+            *shown[1:],
+            f"{record['seconds']:.1f}s",
+            f"elapsed {_clock(self.elapsed)}, about {_clock(self.left)} left",
+            *round_events(record),
+        ]
+        self.echo(" | ".join(parts))
 
     def skip_run(self, index: int) -> None:
         """A run that ended early (failure): its remaining rounds are no longer ahead."""
@@ -125,6 +137,7 @@ def run_grid(
                 cpus_per_client=grid.options.cpus_per_client,
                 gpus_per_client=grid.options.gpus_per_client,
                 on_round=progress.round_done,
+                log_rounds=False,  # progress.round_done prints the round's line
             )
             if not summary.get("last"):  # a run whose every node failed is no result
                 raise RuntimeError(
