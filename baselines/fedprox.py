@@ -1,6 +1,6 @@
 """FedProx (Li et al. 2020): FedAvg whose local objective adds the proximal term
 (mu / 2) * ||w - w_global||^2, keeping each node's update near the model the hub sent.
-FedFed (SPEC-ADDENDUM section 8) plugs into it; it is also the README's worked example
+FedFed (SPEC-ADDENDUM section 8) plugs into it; it is also docs/architecture.md's worked example
 of adding a method: this file, one line in ``drdfl_flwr/registry.py`` and its defaults
 in ``pyproject.toml``.
 """

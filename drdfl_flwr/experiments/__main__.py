@@ -1,5 +1,5 @@
 """``python -m drdfl_flwr.experiments conf/<name>.toml``: run a grid, resumably, and write
-its tables and plots (see README, "Reproduce the paper's tables")."""
+its tables and plots (see docs/reproducing.md)."""
 
 from __future__ import annotations
 
