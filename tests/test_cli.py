@@ -91,7 +91,7 @@ def test_list_ends_with_the_totals(tmp_path, capsys):
     one = {"grid.seeds": "1", "grid.partitions": "iid"}
     ran = load_grid(conf, {**one, "grid.variants": "local, drdfl"})
     failing = FakeSimulation(fail_methods=("local",))
-    run_grid(ran, out, simulate_fn=failing, echo=lambda line: None)
+    run_grid(ran, out, simulate_fn=failing, echo=lambda line: None, plots=False)
     args = ["--set", 'grid.variants="local, drdfl, fedavg" grid.seeds="1" grid.partitions=iid']
     assert main([str(conf), "--out", str(out), *args, "--list"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -133,7 +133,7 @@ def test_a_grid_run_prints_one_line_per_round_with_both_accuracies(tmp_path):
         return fake(cfg, num_clients, **kwargs)
 
     lines: list[str] = []
-    run_grid(grid, tmp_path / "out", simulate_fn=simulate, echo=lines.append)
+    run_grid(grid, tmp_path / "out", simulate_fn=simulate, echo=lines.append, plots=False)
     assert asked == [False] * len(grid.runs)  # the app logs no second line per round
     rounds = [line for line in lines if "| round " in line]
     assert len(rounds) == sum(run.cfg.num_server_rounds for run in grid.runs)
@@ -179,3 +179,14 @@ def test_loading_data_shows_no_progress_bars(tmp_path, capfd):
     assert label_counts(cfg, 2).sum() == 40
     err = capfd.readouterr().err
     assert "examples" not in err and "%|" not in err, err
+
+
+def test_no_plots_writes_the_tables_without_the_figures(tmp_path):
+    conf, out = write_conf(tmp_path), tmp_path / "out"
+    grid = load_grid(conf, {"grid.variants": "local", "grid.seeds": "1", "grid.partitions": "iid"})
+    run_grid(grid, out, simulate_fn=FakeSimulation(), echo=lambda line: None, plots=False)
+    assert (out / "tables.md").is_file()
+    assert not list(out.glob("*.png"))
+    args = ["--set", 'grid.variants="local" grid.seeds="1" grid.partitions=iid']
+    assert main([str(conf), "--out", str(out), *args, "--report-only"]) == 0
+    assert "convergence_digits.png" in {p.name for p in out.glob("*.png")}

@@ -120,7 +120,7 @@ def test_a_failed_run_is_recorded_the_grid_goes_on_and_a_rerun_retries_only_it(t
     grid = load_grid(write_conf(tmp_path), {"grid.variants": "local, drdfl"})
     out = tmp_path / "out"
     fake = FakeSimulation(fail_methods=("local",))
-    outcomes = run_grid(grid, out, simulate_fn=fake, echo=lambda line: None)
+    outcomes = run_grid(grid, out, simulate_fn=fake, echo=lambda line: None, plots=False)
     assert len(fake.calls) == len(grid.runs)
     failed = [o for o in outcomes if o.status == FAILED]
     assert {o.run.variant for o in failed} == {"local"} and "local exploded" in failed[0].error
@@ -129,7 +129,7 @@ def test_a_failed_run_is_recorded_the_grid_goes_on_and_a_rerun_retries_only_it(t
     assert "failed" in tables and failed[0].run.run_id in tables
 
     again = FakeSimulation()
-    outcomes = run_grid(grid, out, simulate_fn=again, echo=lambda line: None)
+    outcomes = run_grid(grid, out, simulate_fn=again, echo=lambda line: None, plots=False)
     assert {c.method for c in again.calls} == {"local"} and len(again.calls) == len(failed)
     assert all(o.status == DONE for o in outcomes)
 
@@ -138,7 +138,7 @@ def test_an_interrupted_run_is_pending_and_a_changed_config_reruns_only_what_cha
     conf = write_conf(tmp_path)
     grid = load_grid(conf, {"grid.variants": "local, drdfl", "grid.seeds": "1"})
     out = tmp_path / "out"
-    run_grid(grid, out, simulate_fn=FakeSimulation(), echo=lambda line: None)
+    run_grid(grid, out, simulate_fn=FakeSimulation(), echo=lambda line: None, plots=False)
     cut = grid.runs[0]
     (out / "runs" / cut.run_id / "summary.json").unlink()  # as if killed mid-run
     assert read_outcome(cut, out / "runs").status == PENDING
@@ -148,7 +148,7 @@ def test_an_interrupted_run_is_pending_and_a_changed_config_reruns_only_what_cha
         {"grid.variants": "local, drdfl", "grid.seeds": "1", "drdfl.noise-variance": 0.4},
     )
     fake = FakeSimulation()
-    run_grid(changed, out, simulate_fn=fake, echo=lambda line: None)
+    run_grid(changed, out, simulate_fn=fake, echo=lambda line: None, plots=False)
     reran = {(c.method, c.partitioner) for c in fake.calls}
     expected = {("drdfl", r.cfg.partitioner) for r in changed.runs if r.cfg.method == "drdfl"}
     assert reran == expected | {(cut.cfg.method, cut.cfg.partitioner)}
@@ -157,7 +157,7 @@ def test_an_interrupted_run_is_pending_and_a_changed_config_reruns_only_what_cha
 def test_progress_says_which_run_which_round_and_time_left(tmp_path):
     grid = load_grid(write_conf(tmp_path), {"grid.variants": "local", "grid.seeds": "1"})
     lines: list[str] = []
-    run_grid(grid, tmp_path / "out", simulate_fn=FakeSimulation(), echo=lines.append)
+    run_grid(grid, tmp_path / "out", simulate_fn=FakeSimulation(), echo=lines.append, plots=False)
     assert lines[0].startswith("grid: 3 runs, 0 already done, 3 to run")
     assert any(line.startswith("[run 2/3] local | digits | s = 2 | seed 1") for line in lines)
     assert any("[run 3/3 | round 2/2]" in line and "left" in line for line in lines)
@@ -206,6 +206,8 @@ def test_a_run_in_which_every_node_failed_is_recorded_failed_not_done(tmp_path):
         writer.log_round({"round": 1, "seconds": 0.1, "failed": [0, 1], "mean": {}, "std": {}})
         return writer.finish()
 
-    outcomes = run_grid(grid, tmp_path / "out", simulate_fn=all_nodes_fail, echo=lambda _: None)
+    outcomes = run_grid(
+        grid, tmp_path / "out", simulate_fn=all_nodes_fail, echo=lambda _: None, plots=False
+    )
     assert {o.status for o in outcomes} == {FAILED}
     assert "every node failed" in outcomes[0].error

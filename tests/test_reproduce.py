@@ -54,7 +54,7 @@ def test_a_run_counts_done_on_the_same_data_wherever_it_lies_and_pending_on_othe
     conf = write_conf(tmp_path, CONF.replace('dataset = "digits"', 'dataset = "cifar10"'))
     out = tmp_path / "out"
     grid = local_grid(conf, tmp_path / "here")
-    run_grid(grid, out, simulate_fn=FakeSimulation(), echo=lambda line: None)
+    run_grid(grid, out, simulate_fn=FakeSimulation(), echo=lambda line: None, plots=False)
     recorded = json.loads((out / "runs" / grid.runs[0].run_id / DATA_FILE).read_text())
     assert recorded["dataset"] == "cifar10" and recorded["splits"]["train"]["rows"] == 40
     assert recorded == data_identity(grid.runs[0].cfg)
@@ -80,18 +80,18 @@ def test_report_only_refuses_to_replace_a_report_with_more_finished_runs(tmp_pat
     conf = write_conf(tmp_path)
     out = tmp_path / "out"
     grid = load_grid(conf, {"grid.variants": "local, drdfl", "grid.seeds": "1"})
-    run_grid(grid, out, simulate_fn=FakeSimulation(), echo=lambda line: None)
+    run_grid(grid, out, simulate_fn=FakeSimulation(), echo=lambda line: None, plots=False)
     before = (out / "tables.md").read_text()
     assert "6 runs: 6 done" in before
     # DRDFL's 3 runs no longer match: the report would drop them
     args = [str(conf), "--out", str(out), "--set", 'grid.variants="local, drdfl"']
     args += ["--set", 'grid.seeds="1"', "--set", "drdfl.noise-variance=0.4"]
     capsys.readouterr()
-    assert main([*args, "--report-only"]) == 1
+    assert main([*args, "--report-only", "--no-plots"]) == 1
     err = capsys.readouterr().err
     assert str(out) in err and "reports 6 finished runs" in err and "only 3 of the 6" in err
     assert (out / "tables.md").read_text() == before
-    assert main([*args, "--report-only", "--force"]) == 0
+    assert main([*args, "--report-only", "--force", "--no-plots"]) == 0
     assert "6 runs: 3 done, 0 failed, 3 pending." in (out / "tables.md").read_text()
 
 
@@ -128,7 +128,7 @@ def test_a_committed_grid_copied_elsewhere_is_all_done_and_its_report_rebuilds_b
         committed_config = committed / "runs" / ran.parent.name / "run_config.json"
         assert ran.read_bytes() == committed_config.read_bytes(), ran.parent.name
 
-    assert main([str(conf), "--out", str(copy), "--report-only"]) == 0
+    assert main([str(conf), "--out", str(copy), "--report-only", "--no-plots"]) == 0
     for file in REPORT_TEXTS:
         assert (copy / file).read_bytes() == (committed / file).read_bytes(), file
     for csv in committed.glob("*.csv"):

@@ -75,7 +75,7 @@ def test_a_run_recorded_before_the_key_existed_counts_as_random_shards_only(tmp_
     }
     grid = load_grid(conf, overrides)
     out = tmp_path / "out"
-    run_grid(grid, out, simulate_fn=FakeSimulation(), echo=lambda line: None)
+    run_grid(grid, out, simulate_fn=FakeSimulation(), echo=lambda line: None, plots=False)
     for run in grid.runs:  # as written by the code before shard-assignment existed
         path = out / "runs" / run.run_id / "run_config.json"
         recorded = json.loads(path.read_text())

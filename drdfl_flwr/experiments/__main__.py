@@ -48,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
         "reports more finished runs than the folder now holds for this conf file)",
     )
     parser.add_argument(
+        "--no-plots",
+        action="store_true",
+        help="write the tables and CSVs only, not the figures (a report in seconds: drawing "
+        "the label distributions reads the dataset)",
+    )
+    parser.add_argument(
         "--force", action="store_true", help="with --report-only: overwrite regardless"
     )
     parser.add_argument(
@@ -79,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 1
-        write_all(grid, outcomes, out)
+        write_all(grid, outcomes, out, plots=not args.no_plots)
         return 0
-    outcomes = run_grid(grid, out, retry_failed=not args.keep_failed)
+    outcomes = run_grid(grid, out, retry_failed=not args.keep_failed, plots=not args.no_plots)
     return 1 if any(o.status == FAILED for o in outcomes) else 0
 
 

@@ -711,14 +711,16 @@ def timing_markdown(outcomes: Sequence[RunOutcome], title: str) -> str:
 # -- entry point --------------------------------------------------------------------
 
 
-def write_report(outcomes: Sequence[RunOutcome], out_dir: Path, title: str) -> list[Path]:
+def write_report(
+    outcomes: Sequence[RunOutcome], out_dir: Path, title: str, plots: bool = True
+) -> list[Path]:
     """Write ``tables.md``, one CSV per (partition kind, last|best), ``communication.csv``,
     ``runs.csv`` and ``timing.md`` into ``out_dir``, and the figures of the same numbers:
     ``headline.png`` (the last-round table as bars, over seeds) and ``tradeoff.png``
     (every client's Local-T against its Global-T; one
     ``tradeoff_<dataset>_<partition>.png`` per column where there are several); returns
-    the paths written. ``outcomes`` come in grid order, which fixes
-    the order of rows and columns."""
+    the paths written (the figures only with ``plots``). ``outcomes`` come in grid order,
+    which fixes the order of rows and columns."""
     from drdfl_flwr.experiments.plots import headline_plot, tradeoff_plots
 
     out_dir = Path(out_dir)
@@ -735,4 +737,6 @@ def write_report(outcomes: Sequence[RunOutcome], out_dir: Path, title: str) -> l
         path = out_dir / name
         path.write_text(text, encoding="utf-8", newline="\n")
         paths.append(path)
+    if not plots:
+        return paths
     return paths + headline_plot(outcomes, out_dir) + tradeoff_plots(outcomes, out_dir)

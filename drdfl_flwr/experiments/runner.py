@@ -108,9 +108,11 @@ def run_grid(
     retry_failed: bool = True,
     echo: Echo = print,
     simulate_fn: Callable[..., dict[str, Any]] | None = None,
+    plots: bool = True,
 ) -> list[RunOutcome]:
-    """Run what is left of ``grid`` into ``out``, then write the report; returns every
-    run's outcome. ``simulate_fn`` replaces the simulation (tests)."""
+    """Run what is left of ``grid`` into ``out``, then write the report (its figures too
+    unless ``plots`` is off); returns every run's outcome. ``simulate_fn`` replaces the
+    simulation (tests)."""
     from drdfl_flwr.simulation import simulate
 
     simulate_fn = simulate_fn or simulate
@@ -154,18 +156,23 @@ def run_grid(
             progress.skip_run(index)
             echo(f"  FAILED: {type(err).__name__}: {err} (see {run_dir / 'error.txt'})")
     outcomes = [read_outcome(run, runs_dir) for run in grid.runs]
-    write_all(grid, outcomes, out, echo)
+    write_all(grid, outcomes, out, echo, plots=plots)
     return outcomes
 
 
-def write_all(grid: Grid, outcomes: list[RunOutcome], out: Path, echo: Echo = print) -> None:
-    """Tables, communication table, convergence plots and label distributions."""
+def write_all(
+    grid: Grid, outcomes: list[RunOutcome], out: Path, echo: Echo = print, plots: bool = True
+) -> None:
+    """Tables, communication table and, with ``plots``, the figures (headline, trade-off,
+    convergence, label distributions: most of the time a report takes, since drawing the
+    label distributions reads the dataset)."""
     from drdfl_flwr.experiments.plots import convergence_plots, label_distribution_plots
     from drdfl_flwr.experiments.report import write_report
 
-    written = write_report(outcomes, out, title=grid.name)
-    written += convergence_plots(outcomes, out)
-    written += label_distribution_plots(list(grid.runs), out, grid.options.clients)
+    written = write_report(outcomes, out, title=grid.name, plots=plots)
+    if plots:
+        written += convergence_plots(outcomes, out)
+        written += label_distribution_plots(list(grid.runs), out, grid.options.clients)
     done = sum(o.status == DONE for o in outcomes)
     failed = [o.run.run_id for o in outcomes if o.status == FAILED]
     echo(
