@@ -1,28 +1,36 @@
-"""A ring of learners in one Python process, for looking inside the models.
+"""A ring of learners in one Python process, for looking inside the models and for
+timing the same work without a framework.
 
 :func:`drdfl_flwr.simulation.simulate` runs the real thing (ServerApp, ClientApps, Ray,
 byte accounting) but the trained modules stay in the simulated nodes. A notebook that
 wants to project a node's codes or draw its reconstructions needs the learner objects;
 :func:`run_ring` trains them here, each round in the same order a ClientApp does (absorb
 the predecessor's last payload, seed with the round seed, fit), passing each payload to
-the ring successor only. It is for inspection: no Flower messages, no timeouts, no bytes
-counted, and only the ring topology.
+the ring successor only; a hub method's payloads are reduced by its reducer and the
+aggregate goes to every node, which also scores it, as on the hub. It is for inspection
+and for the benchmarks' plain-loop floor (``benchmarks/overhead.py``): no Flower
+messages, no timeouts, no bytes counted, and only the ring topology or the star.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from drdfl_flwr.config import RunConfig
 from drdfl_flwr.data import ClientData, load_client_data
+from drdfl_flwr.intake import take_in
 from drdfl_flwr.learner import Learner
-from drdfl_flwr.node import node_round
-from drdfl_flwr.payload import PayloadError, peers
-from drdfl_flwr.registry import build_learner, check_run_config
+from drdfl_flwr.node import evaluation_metrics, node_round
+from drdfl_flwr.payload import Incoming, PayloadError, from_hub, peers
+from drdfl_flwr.registry import build_learner, check_run_config, method_spec
+from strategies.reducers import EXAMPLES, Arrays, Contribution
+from strategies.rounds import AGGREGATE_PREFIX
 from strategies.topology import Ring
 
 RING = Ring()
@@ -67,6 +75,8 @@ def run_ring(
         build_learner(cfg, d.input_shape, d.num_classes, partition_id=k) for k, d in enumerate(data)
     ]
     ring = InProcessRing(learners, data)
+    reducer = method_spec(cfg.method).reducer  # a hub method: reduce, send to everyone
+    reduced: Arrays | None = None
     outbox: list[dict[str, torch.Tensor] | None] = [None] * num_clients
     for round_number in range(1, rounds + 1):
         present = [k for k in range(num_clients) if joins.get(k, 1) <= round_number]
@@ -74,9 +84,12 @@ def run_ring(
         nodes: list[dict[str, float] | None] = [None] * num_clients
         for k in present:
             learner, node_data = learners[k], data[k]
-            senders = RING.in_neighbours(k, num_clients, set(present), round_number)
-            received = outbox[senders[0]] if senders else None
-            incoming = peers(received) if received else []
+            if reducer is not None:
+                incoming = _aggregate(reduced, ring.history)
+            else:
+                senders = RING.in_neighbours(k, num_clients, set(present), round_number)
+                received = outbox[senders[0]] if senders else None
+                incoming = peers(received) if received else []
             result = node_round(learner, incoming, node_data, round_number)
             if result.intake.rejections:  # in process, a refusal is a bug: say it loudly
                 raise PayloadError(
@@ -84,6 +97,18 @@ def run_ring(
                 )
             nodes[k] = result.metrics
             sent[k] = result.payload or None
+        if reducer is not None:
+            contributions = [
+                Contribution(k, {n: t.numpy() for n, t in sent[k].items()}, nodes[k])
+                for k in present
+                if sent[k] is not None and nodes[k] is not None
+            ]
+            if contributions:
+                reduced = reducer(contributions, reduced)
+                aggregate = _aggregate(reduced, [{"nodes": nodes}])
+                for k in present:  # the hub's evaluation message: the fresh aggregate
+                    scores = _score_aggregate(learners[k], aggregate, data[k], round_number)
+                    nodes[k].update(scores)  # type: ignore[union-attr]
         outbox = sent
         there = [n for n in nodes if n is not None]
         keys = sorted(set().union(*there))
@@ -93,3 +118,24 @@ def run_ring(
         if on_round is not None:
             on_round(record)
     return ring
+
+
+def _aggregate(reduced: Arrays | None, history: list[dict[str, Any]]) -> list[Incoming]:
+    """What every node receives from the hub: the aggregate, weighted by the examples of
+    the nodes it was reduced from (as the hub sends it)."""
+    if reduced is None:
+        return []
+    last = [n for n in history[-1]["nodes"] if n is not None] if history else []
+    weight = float(sum(n.get(EXAMPLES, 0.0) for n in last)) or 1.0
+    tensors = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in reduced.items()}
+    return from_hub(tensors, weight)
+
+
+def _score_aggregate(
+    learner: Learner, aggregate: list[Incoming], data: ClientData, round_number: int
+) -> dict[str, float]:
+    """Local-T and Global-T of the fresh aggregate on this node, without keeping it (the
+    hub's evaluation message: the ClientApp restores the node's saved state to do it)."""
+    trial = copy.deepcopy(learner)
+    take_in(trial, aggregate, round_number)
+    return {AGGREGATE_PREFIX + k: v for k, v in evaluation_metrics(trial, data).items()}

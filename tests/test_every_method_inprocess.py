@@ -147,3 +147,25 @@ def test_drdfl_gen_shares_its_decoder_and_leaves_its_sample_grids(finished):
     for partition in range(NODES):
         assert (gen.run_dir / "artifacts" / f"generated_partition{partition}.png").is_file()
     assert not (paper.run_dir / "artifacts").exists()
+
+
+@pytest.mark.parametrize("method", ["drdfl", "fedavg", "fednova", "dslth"])
+def test_the_in_process_loop_scores_what_the_apps_score(method, finished):
+    """drdfl_flwr.inprocess.run_ring (the notebooks' models, the benchmarks' plain-loop
+    floor) does the apps' work: the same per-node scores every round, on the ring and on
+    the hub (there, the fresh aggregate's too)."""
+    from drdfl_flwr.inprocess import run_ring
+
+    run = finished(first_run_of(method).variant)
+    ring = run_ring(run.cfg, NODES, run.cfg.num_server_rounds)
+    keys = ["local_t_acc", "global_t_acc"]
+    if registry.method_spec(method).centralized:
+        keys += ["aggregate_local_t_acc", "aggregate_global_t_acc"]
+    for record, mine in zip(run.rounds, ring.history, strict=True):
+        for partition, node in record["nodes"].items():
+            for key in keys:
+                assert mine["nodes"][int(partition)][key] == pytest.approx(node[key]), (
+                    record["round"],
+                    partition,
+                    key,
+                )
