@@ -1,6 +1,7 @@
-"""What the simulation adds to the training: seconds per round and peak memory, side by side.
+"""What the simulation adds to the training, and how it grows with the clients: seconds per
+round and peak memory, side by side.
 
-For each method, in one process, one after the other:
+For each method and number of clients, in one process, one after the other:
 
 1. the simulation (Flower's Ray engine through ``drdfl_flwr.simulation.simulate``, one
    CPU per client actor): steady-state seconds per round = the mean over rounds 2.. (the
@@ -8,17 +9,23 @@ For each method, in one process, one after the other:
    proportional set size (PSS) summed over every process of the job (this driver, Ray's
    GCS and raylet, every worker), sampled every second (a sample walks /proc: about
    25 ms of one core, so sampling faster would itself slow the job down);
-2. the same work as a plain single-process PyTorch loop: the same learners, data, seeds,
-   ring payloads, training and evaluation, one thread, nodes one after another, state
-   kept in memory. Its steady seconds per round are the serial cost; divided by the cores
-   the simulation used, the parallel floor (perfect scaling, zero overhead).
+2. the same work as a plain single-process PyTorch loop
+   (:func:`drdfl_flwr.inprocess.run_ring`, checked to score what the apps score): the
+   same learners, data, seeds, ring payloads or hub aggregates, training and evaluation,
+   one thread, nodes one after another, state kept in memory. Its steady seconds per
+   round are the serial cost; divided by the cores the simulation used, the parallel
+   floor (perfect scaling, zero overhead).
 
-The ratio simulation / floor is the framework's overhead (1.00 = none). Where the
+The ratio simulation / floor is the framework's overhead (1.00 = none). The total data
+is the same at every size (``--subset-train`` split over the clients), so a larger
+federation does the same training; what grows with the clients is the framework's
+per-node work and the evaluation (each client scores the whole Global-T set). Memory per
+client is the slope of the simulation's peak over the sizes (least squares). Where the
 simulation's time goes is shown from the per-message timings the ClientApp reports
 (``time_*`` metrics: restoring state, absorbing, training, saving, evaluating).
 
     python benchmarks/overhead.py --data-dir ../shared/datasets/cifar10 \\
-        --methods local,drdfl --clients 20 --subset-train 10000 --rounds 3
+        --methods drdfl,fedavg,dslth --clients 10,20,50,100 --subset-train 5000 --rounds 3
 """
 
 from __future__ import annotations
@@ -35,11 +42,12 @@ import numpy as np
 import torch
 
 from drdfl_flwr.config import RunConfig
-from drdfl_flwr.data import load_client_data
-from drdfl_flwr.node import node_round
-from drdfl_flwr.payload import PEER, Incoming
-from drdfl_flwr.registry import build_learner
+from drdfl_flwr.inprocess import run_ring
 from drdfl_flwr.simulation import simulate
+
+# Each method as the comparison runs it: DSLTH trains local-epochs epochs of its steps
+# (its released procedure is one step per round, which would time the framework alone).
+METHOD_KEYS = {"dslth": {"dslth.procedure": "epochs"}}
 
 
 class PeakMemory:
@@ -127,96 +135,98 @@ def simulated_rounds(cfg: RunConfig, clients: int) -> tuple[list[float], dict, f
 
 
 def plain_rounds(cfg: RunConfig, clients: int) -> tuple[list[float], float]:
-    """The same rounds in a plain loop (:func:`node_round`, as the ClientApp runs a round):
-    ring payloads of the previous round, take in, train, evaluate."""
+    """The same rounds in a plain loop, one thread: per-round seconds and the peak PSS."""
     torch.set_num_threads(1)
+    marks: list[float] = []
     with PeakMemory() as memory:
-        data = [load_client_data(cfg, p, clients) for p in range(clients)]
-        learners = [
-            build_learner(cfg, data[p].input_shape, data[p].num_classes, p) for p in range(clients)
-        ]
-        payloads: list[dict] = [{} for _ in range(clients)]
-        seconds = []
-        for server_round in range(1, cfg.num_server_rounds + 1):
-            started = time.perf_counter()
-            sent = []
-            for p, learner in enumerate(learners):
-                q = (p - 1) % clients
-                weight = float(len(data[q].y_train))
-                incoming = [Incoming(payloads[q], q, weight, PEER)] if payloads[q] else []
-                # the node's round exactly as the ClientApp runs it
-                sent.append(node_round(learner, incoming, data[p], server_round).payload)
-            payloads = sent
-            seconds.append(time.perf_counter() - started)
-    return seconds, memory.peak_mib
+        run_ring(
+            cfg,
+            clients,
+            cfg.num_server_rounds,
+            on_round=lambda _: marks.append(time.perf_counter()),
+        )
+    return list(np.diff(marks)), memory.peak_mib
+
+
+def per_client_mib(points: list[tuple[int, float]]) -> float:
+    """Least-squares slope of peak MiB over clients (nan with fewer than two sizes)."""
+    if len({c for c, _ in points}) < 2:
+        return float("nan")
+    clients, peaks = np.array(points, dtype=float).T
+    return float(np.polyfit(clients, peaks, 1)[0])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default="../shared/datasets/cifar10")
-    parser.add_argument("--methods", default="local,drdfl")
-    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--methods", default="drdfl,fedavg,dslth")
+    parser.add_argument("--clients", default="10,20,50,100", help="comma-separated sizes")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--subset-train", type=int, default=10_000)
-    parser.add_argument("--subset-test", type=int, default=2_000)
+    parser.add_argument("--subset-train", type=int, default=5_000)
+    parser.add_argument("--subset-test", type=int, default=1_000)
     parser.add_argument("--out", default="results/overhead")
     args = parser.parse_args(argv)
     if not Path(args.data_dir).is_dir():
         print(f"data folder {args.data_dir} not found; pass --data-dir", file=sys.stderr)
         return 2
-    if args.rounds < 2:
-        print("--rounds must be >= 2 (round 1 is start-up)", file=sys.stderr)
+    if args.rounds < 3:
+        print("--rounds must be >= 3 (round 1 is start-up)", file=sys.stderr)
         return 2
+    sizes = [int(c) for c in args.clients.split(",")]
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     cores = len(os.sched_getaffinity(0))
     rows = []
     for method in args.methods.split(","):
-        cfg = RunConfig(
-            method=method,
-            dataset="cifar10",
-            data_dir=str(Path(args.data_dir).resolve()),
-            partitioner="dirichlet",
-            dirichlet_beta=0.1,
-            subset_train=args.subset_train,
-            subset_test=args.subset_test,
-            num_server_rounds=args.rounds,
-            local_epochs=1,
-            results_dir=args.out,
-            run_name=f"overhead-{method}",
-            device="cpu",
-        )
-        sim_seconds, timings, sim_peak = simulated_rounds(cfg, args.clients)
-        plain_seconds, plain_peak = plain_rounds(cfg, args.clients)
-        sim = float(np.mean(sim_seconds[1:]))
-        serial = float(np.mean(plain_seconds[1:]))
-        floor = serial / min(cores, args.clients)
-        rows.append((method, sim, serial, floor, sim_peak, plain_peak, timings, sim_seconds))
-        print(
-            f"{method}: simulation {sim:.1f} s/round (rounds: "
-            f"{', '.join(f'{s:.1f}' for s in sim_seconds)}), plain serial {serial:.1f}, "
-            f"floor {floor:.1f} on {cores} cores: {sim / floor:.2f}x the floor; "
-            f"peak PSS {sim_peak / 1024:.2f} GiB (plain loop {plain_peak / 1024:.2f} GiB)",
-            flush=True,
-        )
+        for clients in sizes:
+            cfg = RunConfig(
+                method=method,
+                dataset="cifar10",
+                data_dir=str(Path(args.data_dir).resolve()),
+                partitioner="dirichlet",
+                dirichlet_beta=0.1,
+                subset_train=args.subset_train,
+                subset_test=args.subset_test,
+                num_server_rounds=args.rounds,
+                local_epochs=1,
+                results_dir=args.out,
+                run_name=f"overhead-{method}-{clients}",
+                device="cpu",
+            ).with_values(METHOD_KEYS.get(method, {}))
+            sim_seconds, timings, sim_peak = simulated_rounds(cfg, clients)
+            plain_seconds, plain_peak = plain_rounds(cfg, clients)
+            sim = float(np.mean(sim_seconds[1:]))
+            serial = float(np.mean(plain_seconds))  # the gaps between rounds 1..N: rounds 2..N
+            floor = serial / min(cores, clients)
+            rows.append((method, clients, sim, serial, floor, sim_peak, plain_peak, timings))
+            print(
+                f"{method} x {clients}: simulation {sim:.1f} s/round (rounds: "
+                f"{', '.join(f'{s:.1f}' for s in sim_seconds)}), plain serial {serial:.1f}, "
+                f"floor {floor:.1f} on {cores} cores: {sim / floor:.2f}x the floor; "
+                f"peak PSS {sim_peak / 1024:.2f} GiB (plain loop {plain_peak / 1024:.2f} GiB)",
+                flush=True,
+            )
     print(
-        f"\n{args.clients} clients, CIFAR-10 {args.subset_train:,} train / "
-        f"{args.subset_test:,} test, Dirichlet 0.1, small CNN, 1 local epoch, {cores} cores, "
+        f"\nCIFAR-10 {args.subset_train:,} train / {args.subset_test:,} test over the clients, "
+        f"Dirichlet 0.1, small CNN, 1 local epoch, steady rounds 2..{args.rounds}, {cores} cores, "
         f"torch {torch.__version__}"
     )
     print(
-        "| method | simulation s/round | plain serial s/round | floor s/round | "
-        "simulation / floor | peak PSS simulation (GiB) | peak PSS plain loop (GiB) |"
+        "| method | clients | simulation s/round | floor s/round | simulation / floor | "
+        "peak PSS simulation (GiB) | peak PSS plain loop (GiB) | simulation MiB per client |"
     )
-    print("|---|---|---|---|---|---|---|")
-    for method, sim, serial, floor, sim_peak, plain_peak, _, _ in rows:
-        print(
-            f"| {method} | {sim:.1f} | {serial:.1f} | {floor:.1f} | {sim / floor:.2f}x "
-            f"| {sim_peak / 1024:.2f} | {plain_peak / 1024:.2f} |"
-        )
+    print("|---|---|---|---|---|---|---|---|")
+    for method in dict.fromkeys(r[0] for r in rows):
+        mine = [r for r in rows if r[0] == method]
+        slope = per_client_mib([(r[1], r[5]) for r in mine])
+        for _, clients, sim, _, floor, sim_peak, plain_peak, _ in mine:
+            print(
+                f"| {method} | {clients} | {sim:.1f} | {floor:.1f} | {sim / floor:.2f}x "
+                f"| {sim_peak / 1024:.2f} | {plain_peak / 1024:.2f} | {slope:.1f} |"
+            )
     print("\nMean seconds per message inside the ClientApp (rounds 2..):")
-    for method, *_, timings, _ in rows:
+    for method, clients, *_, timings in rows:
         print(
-            f"  {method:8} "
+            f"  {method:7} x {clients:3}: "
             + ", ".join(f"{k.removeprefix('time_')} {v:.3f}" for k, v in timings.items())
         )
     return 0
