@@ -114,6 +114,7 @@ class RunConfig:
     round_timeout: float = 600.0
     node_wait_timeout: float = 300.0
     min_nodes: int = 0
+    participation: float = 1.0
     dataset: str = "digits"
     data_dir: str = ""
     partitioner: str = "dirichlet"
@@ -161,6 +162,12 @@ class RunConfig:
             _positive(key, getattr(self, _attr(key)))
         if self.min_nodes < 0:
             raise ConfigError("min-nodes", self.min_nodes, "must be >= 0 (0 = all num-partitions)")
+        if not 0.0 < self.participation <= 1.0:
+            raise ConfigError(
+                "participation",
+                self.participation,
+                "must lie in (0, 1]: the fraction of nodes that train each round",
+            )
         if self.warm_cache_mib < 0:
             raise ConfigError("warm-cache-mib", self.warm_cache_mib, "must be >= 0 (0 = off)")
         for key in ("subset-train", "subset-test"):

@@ -59,8 +59,15 @@ def progress_line(record: dict, num_rounds: int) -> str:
 
 def round_events(record: dict) -> list[str]:
     """What happened to the nodes in a round, for its progress line: the partitions
-    skipped (a node failed or timed out) and those that joined, rejoined or went absent."""
-    events = [f"skipped partitions {record['failed']}"] if record.get("failed") else []
+    drawn to take part when not all are (``participation``), those skipped (a node
+    failed or timed out) and those that joined, rejoined or went absent."""
+    events = []
+    participants = record.get("participants")
+    ring = len(record.get("node_ids", {})) + len(record.get("absent", []))
+    if participants is not None and len(participants) < ring:
+        events.append(f"{len(participants)}/{ring} taking part {participants}")
+    if record.get("failed"):
+        events.append(f"skipped partitions {record['failed']}")
     for change in ("joined", "rejoined", "absent"):
         if record.get(change):
             events.append(f"{change} {record[change]}")
@@ -121,6 +128,8 @@ def run_job(
         round_timeout=cfg.round_timeout,
         node_wait_timeout=cfg.node_wait_timeout,
         min_nodes=cfg.min_nodes,
+        participation=cfg.participation,
+        seed=cfg.seed,
         eval_every=cfg.eval_every,
         on_round=record_round,
         on_artifacts=writer.save_artifacts,

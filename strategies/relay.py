@@ -5,6 +5,12 @@ network: each round it hands a node the latest payloads of its in-neighbours (as
 topology says; for the directed ring, its nearest living predecessor) and stores what
 the node sends back. It never averages, never looks inside a payload, and knows nothing
 about the method.
+
+With partial participation (``participation`` below 1) the round loop passes only the
+living participants as ``alive``, so a node that sits out the round is bypassed exactly
+like a dead one; what it sent last stays stored until it sends again, and a payload
+older than the previous round (its sender sat out since) goes out marked with the round
+it was made in (``made-in-round`` in its in-meta).
 """
 
 from __future__ import annotations
@@ -23,11 +29,13 @@ class Relay(Router):
         self.topology_name = topology.name
         self.payloads: dict[int, ArrayRecord] = {}  # by ring position: latest non-empty
         self.weights: dict[int, float] = {}  # the sender's training examples
+        self.made_in: dict[int, int] = {}  # the round each stored payload was made in
 
     def content_for(
         self, position: int, server_round: int, members: list[Member], alive: set[int]
     ) -> tuple[RecordDict, list[int]]:
-        """The in-neighbours' latest payloads, nothing else."""
+        """The in-neighbours' latest payloads, nothing else; one made before the previous
+        round (its sender sat out since) marked with the round it was made in."""
         senders = [
             p
             for p in self.topology.in_neighbours(
@@ -37,7 +45,9 @@ class Relay(Router):
         ]
         content = RecordDict()
         for p in senders:
-            add_incoming(content, members[p].partition_id, self.payloads[p], self.weights[p])
+            made_in = self.made_in.get(p, server_round)
+            stale = made_in if made_in < server_round - 1 else None
+            add_incoming(content, members[p].partition_id, self.payloads[p], self.weights[p], stale)
         return content, [members[p].partition_id for p in senders]
 
     def collect(self, server_round: int, replies: dict[int, Reply]) -> None:
@@ -46,5 +56,7 @@ class Relay(Router):
             if len(reply.payload):  # a node that shares nothing sends nothing on
                 self.payloads[position] = reply.payload
                 self.weights[position] = float(reply.metrics.get(EXAMPLES, 1.0))
+                self.made_in[position] = server_round
             else:
                 self.payloads.pop(position, None)
+                self.made_in.pop(position, None)

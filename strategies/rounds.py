@@ -19,6 +19,16 @@ Ring positions are partition ids 0..M-1 (M = the nodes' ``num-partitions``). Wit
 seen holds an absent slot that every topology bypasses like a dead node, and its node
 joins the ring when it appears (the node side of joining late: DRDFL Algorithm 2, see
 ``Learner.receive``).
+
+Partial participation (``participation`` below 1, FedAvg's client sampling): each round
+``max(1, round(participation * M))`` of the M ring positions are drawn without
+replacement from the run seed and the round alone (:func:`sample_participants`), so
+re-runs and resumed runs draw the same, whoever is alive. Only the drawn take part: the
+others are not messaged (their state stays as it is, their ``rounds_trained`` does not
+advance), are neither failed nor suspended, and the router routes around them as around
+a dead node (the relay hands a participant its nearest participating in-neighbours'
+latest payloads; the hub reduces the participants' replies and sends its aggregate to
+participants only). Sequential rounds take the participants in ring order.
 """
 
 from __future__ import annotations
@@ -43,6 +53,8 @@ from strategies.wire import (
     ARTIFACTS,
     CONFIG,
     EVALUATE_KEY,
+    IN_META_PREFIX,
+    MADE_IN_ROUND,
     METRICS,
     OUT_PAYLOAD,
     REJECTIONS,
@@ -100,11 +112,15 @@ class RoundReport:
     rejoined: list[int] = field(default_factory=list)  # partitions re-admitted this round
     joined: list[int] = field(default_factory=list)  # partitions seen for the first time
     absent: list[int] = field(default_factory=list)  # partitions not seen yet
+    participants: list[int] = field(default_factory=list)  # partitions drawn to take part
     node_ids: dict[int, int] = field(default_factory=dict)  # partition -> Flower node id
     nodes: dict[int, dict[str, float]] = field(default_factory=dict)
     received_from: dict[int, list[int]] = field(default_factory=dict)
     # partition -> {sender: reason} for every payload the node refused
     rejections: dict[int, dict[str, str]] = field(default_factory=dict)
+    # partition -> {sender: round its payload was made in} for payloads older than the
+    # previous round (the sender sat out since): what the in-meta's made-in-round says
+    stale: dict[int, dict[str, int]] = field(default_factory=dict)
     # partition -> images a learner made for the results (last round); not in the record
     artifacts: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
 
@@ -122,10 +138,12 @@ class RoundReport:
             "rejoined": self.rejoined,
             "joined": self.joined,
             "absent": self.absent,
+            "participants": self.participants,
             "node_ids": {str(p): n for p, n in sorted(self.node_ids.items())},
             "nodes": {str(p): m for p, m in sorted(self.nodes.items())},
             "received_from": {str(p): s for p, s in sorted(self.received_from.items())},
             "rejections": {str(p): r for p, r in sorted(self.rejections.items())},
+            "stale": {str(p): s for p, s in sorted(self.stale.items())},
             "mean": mean,
             "std": std,
         }
@@ -180,6 +198,21 @@ def exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Messag
     return replies
 
 
+def sample_participants(
+    seed: int, server_round: int, num_nodes: int, participation: float
+) -> list[int]:
+    """The ring positions that take part in ``server_round``, in ring order:
+    ``max(1, round(participation * num_nodes))`` of ``0..num_nodes-1`` drawn without
+    replacement by ``numpy.random.default_rng([seed, server_round])``; everyone at 1."""
+    if not 0.0 < participation <= 1.0:
+        raise ValueError(f"participation must lie in (0, 1], got {participation}")
+    if participation == 1.0 or num_nodes == 0:
+        return list(range(num_nodes))
+    size = max(1, round(participation * num_nodes))
+    rng = np.random.default_rng([seed % 2**64, server_round])
+    return sorted(int(p) for p in rng.choice(num_nodes, size=size, replace=False))
+
+
 RoundCallback = Callable[[dict], None]
 ArtifactsCallback = Callable[[int, dict[str, np.ndarray]], None]
 
@@ -195,6 +228,8 @@ class RoundLoop(Strategy):
         eval_every: int = 1,
         on_round: RoundCallback | None = None,
         on_artifacts: ArtifactsCallback | None = None,
+        participation: float = 1.0,
+        seed: int = 0,
     ) -> None:
         if mode not in ("synchronous", "sequential"):
             raise ValueError(f"mode must be 'synchronous' or 'sequential', got {mode!r}")
@@ -209,6 +244,10 @@ class RoundLoop(Strategy):
         if min_nodes < 0:
             raise ValueError(f"min-nodes must be >= 0 (0 = all), got {min_nodes}")
         self.min_nodes = min_nodes
+        if not 0.0 < participation <= 1.0:
+            raise ValueError(f"participation must lie in (0, 1], got {participation}")
+        self.participation = participation
+        self.seed = seed  # with the round, it draws the participants
         self.eval_every = eval_every
         self.num_rounds = 0  # set by start()
         self.on_round = on_round
@@ -217,6 +256,11 @@ class RoundLoop(Strategy):
         self.alive: set[int] = set()
         self.position_of: dict[int, int] = {}
         self.suspended: set[int] = set()  # positions not messaged until they answer a query
+        # this round's drawn positions (sample_participants); None: every position
+        self.participants: list[int] | None = None
+        # positions admitted by a query's answer and not messaged since (they sat out):
+        # neither failed nor suspended again for not having trained
+        self.admitted: set[int] = set()
         self.asked: dict[str, int] = {}  # pending description queries: message id -> node id
         self.report = RoundReport(0, mode, router.topology_name)
 
@@ -332,9 +376,24 @@ class RoundLoop(Strategy):
         )
         return self.members
 
+    def taking_part(self) -> set[int]:
+        """This round's participants (every position unless ``participation`` < 1)."""
+        if self.participants is None:
+            return set(range(len(self.members)))
+        return set(self.participants)
+
     def active(self) -> list[int]:
-        """Ring positions that get this round's messages: all but the suspended."""
-        return [p for p in range(len(self.members)) if p not in self.suspended]
+        """Ring positions that get this round's messages, in ring order: the participants
+        but the suspended."""
+        taking_part = self.taking_part()
+        return [p for p in range(len(self.members)) if p not in self.suspended and p in taking_part]
+
+    def routable(self) -> set[int]:
+        """The positions a router may route from: the living participants (a node that
+        sits out is bypassed like a dead one)."""
+        if self.participants is None:
+            return self.alive
+        return self.alive & set(self.participants)
 
     def refresh(self, grid: Grid, server_round: int) -> None:
         """Between rounds: admit nodes by partition-id, without waiting for anyone.
@@ -345,7 +404,7 @@ class RoundLoop(Strategy):
         answer naming a ring position admits that position under the answering node id:
         a restarted SuperNode comes back with a new id and resumes its private state
         from its own checkpoint; a node whose partition was absent joins the ring."""
-        self.suspended |= set(range(len(self.members))) - self.alive
+        self.suspended |= set(range(len(self.members))) - self.alive - self.admitted
         listed = set(grid.get_node_ids())
         suspended_ids = {self.members[p].node_id for p in self.suspended}
         strangers = [n for n in listed if n not in self.position_of]
@@ -388,13 +447,16 @@ class RoundLoop(Strategy):
                     )
             if position in self.suspended:
                 self.suspended.discard(position)
+                self.admitted.add(position)
                 (self.report.rejoined if old.present else self.report.joined).append(partition_id)
 
     # -- training ----------------------------------------------------------------------
     def message_for(
         self, position: int, server_round: int, config: ConfigRecord, evaluate: bool = False
     ) -> Message:
-        content, senders = self.router.content_for(position, server_round, self.members, self.alive)
+        content, senders = self.router.content_for(
+            position, server_round, self.members, self.routable()
+        )
         round_config = ConfigRecord(dict(config))
         round_config[SERVER_ROUND] = server_round
         if evaluate:
@@ -404,6 +466,13 @@ class RoundLoop(Strategy):
         content[CONFIG] = round_config
         partition = self.members[position].partition_id
         self.report.received_from[partition] = senders
+        stale = {
+            name.removeprefix(IN_META_PREFIX): int(meta[MADE_IN_ROUND])
+            for name, meta in content.config_records.items()
+            if name.startswith(IN_META_PREFIX) and MADE_IN_ROUND in meta
+        }
+        if stale:
+            self.report.stale[partition] = stale
         self.report.node(partition)["bytes_received"] = content_bytes(content)
         return Message(
             content, dst_node_id=self.members[position].node_id, message_type=MessageType.TRAIN
@@ -473,7 +542,9 @@ class RoundLoop(Strategy):
     def _send(self, grid: Grid, messages: list[Message], server_round: int) -> list[Message]:
         """Send train messages; nodes that fail or time out leave ``alive`` for now."""
         for message in messages:
-            self.alive.discard(self.position_of[message.metadata.dst_node_id])
+            position = self.position_of[message.metadata.dst_node_id]
+            self.alive.discard(position)
+            self.admitted.discard(position)
         replies = exchange(grid, messages, self.round_timeout)
         answered = {r.metadata.src_node_id for r in replies}
         for message in messages:
@@ -552,6 +623,10 @@ class RoundLoop(Strategy):
         for server_round in range(first_round, num_rounds + 1):
             started = time.time()
             self.report = RoundReport(server_round, self.mode, self.router.topology_name)
+            self.participants = sample_participants(
+                self.seed, server_round, len(self.members), self.participation
+            )
+            self.report.participants = [self.members[p].partition_id for p in self.participants]
             if server_round > first_round:
                 self.refresh(grid, server_round)
             self.train_round(grid, server_round, train_config)
@@ -560,7 +635,9 @@ class RoundLoop(Strategy):
             self.report.failed = [
                 m.partition_id
                 for m in self.members
-                if m.present and m.partition_id not in self.alive
+                if m.present
+                and m.partition_id not in self.alive
+                and m.partition_id not in self.admitted
             ]
             if self._evaluation_due(server_round) and self.router.scores_aggregate:
                 messages = list(

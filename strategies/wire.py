@@ -14,6 +14,7 @@ OUT_PAYLOAD = "payload"  # node -> router: what the node shares this round
 IN_PAYLOAD_PREFIX = "in-payload."  # router -> node: one record per sender
 IN_META_PREFIX = "in-meta."  # beside each: the sender's weight and whether it is the hub
 HUB = "hub"  # sender name of the hub's aggregate
+MADE_IN_ROUND = "made-in-round"  # in-meta of a stale payload: the round its sender made it
 CONFIG = "config"
 SERVER_ROUND = "server-round"  # in a train message's config
 EVALUATE_KEY = "evaluate"  # in a train message's config: evaluate after training
@@ -33,11 +34,23 @@ def in_meta_name(sender: int | str) -> str:
     return f"{IN_META_PREFIX}{sender}"
 
 
-def add_incoming(content: RecordDict, sender: int | str, payload: ArrayRecord, weight: float):
-    """Put one sender's payload and its description into a train message's content."""
+def add_incoming(
+    content: RecordDict,
+    sender: int | str,
+    payload: ArrayRecord,
+    weight: float,
+    made_in_round: int | None = None,
+):
+    """Put one sender's payload and its description into a train message's content.
+    ``made_in_round``, when given, marks a stale payload with the round it was made in
+    (its sender sat out since; see ``participation``): a ``made-in-round`` entry in the
+    description, which the node side reads past."""
     content[in_payload_name(sender)] = payload
     origin = "hub" if sender == HUB else "peer"
-    content[in_meta_name(sender)] = ConfigRecord({"weight": float(weight), "origin": origin})
+    meta = ConfigRecord({"weight": float(weight), "origin": origin})
+    if made_in_round is not None:
+        meta[MADE_IN_ROUND] = int(made_in_round)
+    content[in_meta_name(sender)] = meta
 
 
 def content_bytes(content: RecordDict) -> int:
