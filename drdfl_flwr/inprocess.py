@@ -30,7 +30,7 @@ from drdfl_flwr.node import evaluation_metrics, node_round
 from drdfl_flwr.payload import Incoming, PayloadError, from_hub, peers
 from drdfl_flwr.registry import build_learner, check_run_config, method_spec
 from strategies.reducers import EXAMPLES, Arrays, Contribution
-from strategies.rounds import AGGREGATE_PREFIX
+from strategies.rounds import AGGREGATE_PREFIX, sample_participants
 from strategies.topology import Ring
 
 RING = Ring()
@@ -53,12 +53,14 @@ def run_ring(
 ) -> InProcessRing:
     """Train ``cfg`` for ``rounds`` rounds on a ring of ``num_clients`` nodes, in process.
 
-    Node ``k`` receives only the payload its nearest present predecessor sent the
-    previous round; ``cfg.isolated`` cuts every link. ``joins`` maps a node to the round
-    it appears in (absent before, bypassed by the ring; it then joins as a node that
-    appears late on SuperNodes does, through ``Learner.receive``). Every round records
-    the nodes' training metrics and their Local-T / Global-T evaluation (``None`` for a
-    node not there yet)."""
+    Node ``k`` receives only the last payload of its nearest predecessor taking part in
+    the round (a hub method: the aggregate of the previous round's participants); the
+    round's participants are the relay's (``cfg.participation``,
+    :func:`strategies.rounds.sample_participants`); ``cfg.isolated`` cuts every link.
+    ``joins`` maps a node to the round it appears in (absent before, bypassed by the ring;
+    it then joins as a node that appears late on SuperNodes does, through
+    ``Learner.receive``). Every round records the nodes' training metrics and their
+    Local-T / Global-T evaluation (``None`` for a node not there yet or sitting out)."""
     if num_clients < 2:
         raise ValueError(f"num_clients={num_clients}: a ring needs at least 2 nodes")
     if rounds < 1:
@@ -79,7 +81,8 @@ def run_ring(
     reduced: Arrays | None = None
     outbox: list[dict[str, torch.Tensor] | None] = [None] * num_clients
     for round_number in range(1, rounds + 1):
-        present = [k for k in range(num_clients) if joins.get(k, 1) <= round_number]
+        drawn = set(sample_participants(cfg.seed, round_number, num_clients, cfg.participation))
+        present = [k for k in range(num_clients) if joins.get(k, 1) <= round_number and k in drawn]
         sent: list[dict[str, torch.Tensor] | None] = [None] * num_clients
         nodes: list[dict[str, float] | None] = [None] * num_clients
         for k in present:
@@ -109,7 +112,8 @@ def run_ring(
                 for k in present:  # the hub's evaluation message: the fresh aggregate
                     scores = _score_aggregate(learners[k], aggregate, data[k], round_number)
                     nodes[k].update(scores)  # type: ignore[union-attr]
-        outbox = sent
+        for k in present:  # a node that sat out keeps its last payload on offer
+            outbox[k] = sent[k]
         there = [n for n in nodes if n is not None]
         keys = sorted(set().union(*there))
         mean = {k: sum(n.get(k, 0.0) for n in there) / len(there) for k in keys}

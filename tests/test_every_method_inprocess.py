@@ -47,11 +47,14 @@ def finished(tmp_path_factory):
     """variant -> its finished run, each variant run once for the whole module."""
     done: dict[str, Finished] = {}
 
-    def run(variant: str) -> Finished:
-        if variant not in done:
+    def run(variant: str, **changes) -> Finished:
+        key = variant + repr(sorted(changes.items()))
+        if key not in done:
             results = tmp_path_factory.mktemp("results")
-            cfg = RUNS[variant].cfg.replace(results_dir=str(results), run_name="run", **SMALLER)
-            run_id = zlib.crc32(variant.encode())  # its own warm learners (drdfl_flwr.warm)
+            cfg = RUNS[variant].cfg.replace(
+                results_dir=str(results), run_name="run", **SMALLER, **changes
+            )
+            run_id = zlib.crc32(key.encode())  # its own warm learners (drdfl_flwr.warm)
             grid = ClientAppGrid(cfg.to_run_config(), NODES, run_id=run_id)
             server = Context(
                 run_id=run_id,
@@ -64,8 +67,8 @@ def finished(tmp_path_factory):
             run_dir = results / "run"
             lines = (run_dir / "metrics.jsonl").read_text().splitlines()
             summary = json.loads((run_dir / "summary.json").read_text())
-            done[variant] = Finished(cfg, run_dir, [json.loads(x) for x in lines], summary, grid)
-        return done[variant]
+            done[key] = Finished(cfg, run_dir, [json.loads(x) for x in lines], summary, grid)
+        return done[key]
 
     return run
 
@@ -149,19 +152,30 @@ def test_drdfl_gen_shares_its_decoder_and_leaves_its_sample_grids(finished):
     assert not (paper.run_dir / "artifacts").exists()
 
 
-@pytest.mark.parametrize("method", ["drdfl", "fedavg", "fednova", "dslth"])
-def test_the_in_process_loop_scores_what_the_apps_score(method, finished):
+@pytest.mark.parametrize(
+    ("method", "participation"),
+    [
+        ("drdfl", 1.0),
+        ("fedavg", 1.0),
+        ("fednova", 1.0),
+        ("dslth", 1.0),
+        ("drdfl", 0.6),
+        ("fedavg", 0.6),
+    ],
+)
+def test_the_in_process_loop_scores_what_the_apps_score(method, participation, finished):
     """drdfl_flwr.inprocess.run_ring (the notebooks' models, the benchmarks' plain-loop
     floor) does the apps' work: the same per-node scores every round, on the ring and on
-    the hub (there, the fresh aggregate's too)."""
+    the hub (there, the fresh aggregate's too), with every node or a sample taking part."""
     from drdfl_flwr.inprocess import run_ring
 
-    run = finished(first_run_of(method).variant)
+    run = finished(first_run_of(method).variant, participation=participation)
     ring = run_ring(run.cfg, NODES, run.cfg.num_server_rounds)
     keys = ["local_t_acc", "global_t_acc"]
     if registry.method_spec(method).centralized:
         keys += ["aggregate_local_t_acc", "aggregate_global_t_acc"]
     for record, mine in zip(run.rounds, ring.history, strict=True):
+        assert sorted(record["nodes"]) == [str(k) for k, n in enumerate(mine["nodes"]) if n]
         for partition, node in record["nodes"].items():
             for key in keys:
                 assert mine["nodes"][int(partition)][key] == pytest.approx(node[key]), (
