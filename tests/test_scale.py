@@ -86,6 +86,16 @@ def test_no_gpu_asked_looks_for_none(no_gpu):
     assert no_gpu == []
 
 
+def test_the_grid_command_checks_the_gpus_once_before_any_run(no_gpu, tmp_path, capsys):
+    from drdfl_flwr.experiments.__main__ import main
+
+    conf = "method = 'drdfl'\nnum-server-rounds = 1\n[grid]\nclients = 3\ngpus-per-client = 0.5\n"
+    out = tmp_path / "out"
+    assert main([str(write_conf(tmp_path, conf)), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith("error: gpus_per_client=0.5 (grid.gpus-per-client")
+    assert no_gpu == ["local"] and not out.exists()
+
+
 def test_a_grid_with_gpus_per_client_records_the_gpu_error_for_each_run(no_gpu, tmp_path):
     conf = "method = 'drdfl'\nnum-server-rounds = 1\n[grid]\nclients = 3\ngpus-per-client = 0.5\n"
     grid = load_grid(write_conf(tmp_path, conf))

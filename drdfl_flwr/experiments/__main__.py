@@ -87,6 +87,13 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         write_all(grid, outcomes, out, plots=not args.no_plots)
         return 0
+    from drdfl_flwr.simulation import NoGpuError, check_gpus, ray_address_for
+
+    try:  # once for the grid, not once per run: every run would fail the same way
+        check_gpus(grid.options.gpus_per_client, ray_address_for(None))
+    except NoGpuError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     outcomes = run_grid(grid, out, retry_failed=not args.keep_failed, plots=not args.no_plots)
     return 1 if any(o.status == FAILED for o in outcomes) else 0
 
