@@ -7,8 +7,10 @@ For each method and number of clients, in one process, one after the other:
    CPU per client actor): steady-state seconds per round = the mean over rounds 2.. (the
    first round pays Ray start-up, node discovery and data decoding), and the peak
    proportional set size (PSS) summed over every process of the job (this driver, Ray's
-   GCS and raylet, every worker), sampled every second (a sample walks /proc: about
-   25 ms of one core, so sampling faster would itself slow the job down);
+   GCS and raylet, every worker), sampled every 5 seconds (a sample reads every
+   process's ``smaps_rollup``, which makes the kernel walk its page tables: 0.17 s of a
+   core per sample with 100 clients' actors at 2-3 GiB each; sampled every second, that
+   was 8 % of these 2 cores taken from the job it measures);
 2. the same work as a plain single-process PyTorch loop
    (:func:`drdfl_flwr.inprocess.run_ring`, checked to score what the apps score): the
    same learners, data, seeds, ring payloads or hub aggregates, training and evaluation,
@@ -55,7 +57,7 @@ class PeakMemory:
     PSS splits shared pages among the processes sharing them, so the sum is the job's
     real footprint (RSS would count torch's shared libraries once per worker)."""
 
-    def __init__(self, interval: float = 1.0) -> None:
+    def __init__(self, interval: float = 5.0) -> None:
         self.interval = interval
         self.peak_mib = 0.0
         self._stop = threading.Event()
