@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from drdfl_flwr.experiments.grid import Partition
+from drdfl_flwr.experiments.names import base_variant, is_isolated
 from drdfl_flwr.experiments.outcomes import DONE, FAILED, RunOutcome
 from drdfl_flwr.health import HEALTH_PREFIX
 from drdfl_flwr.registry import method_spec, resolved_topology
@@ -39,7 +40,6 @@ AGGREGATE_METRICS = (
     ("aggregate_local_t_acc", "Local-T of the aggregate"),
     ("aggregate_global_t_acc", "Global-T of the aggregate"),
 )
-ISOLATED = "+isolated"
 LOCAL = "local"
 VIEWS = {
     "last": "last round",
@@ -359,11 +359,11 @@ def comparison_pairs(outcomes: Sequence[RunOutcome]) -> list[tuple[str, str, str
     names = variants(outcomes)
     pairs = []
     for variant in names:
-        twin = variant.replace(ISOLATED, "", 1)
-        if ISOLATED in variant and twin in names:
+        twin = base_variant(variant)
+        if is_isolated(variant) and twin in names:
             pairs.append(("sharing", twin, variant))
     for variant in names:
-        if LOCAL in names and variant != LOCAL and ISOLATED not in variant:
+        if LOCAL in names and variant != LOCAL and not is_isolated(variant):
             pairs.append(("local", variant, LOCAL))
     return pairs
 
