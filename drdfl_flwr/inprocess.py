@@ -29,7 +29,7 @@ from drdfl_flwr.learner import Learner
 from drdfl_flwr.node import evaluation_metrics, node_round
 from drdfl_flwr.payload import Incoming, PayloadError, from_hub, peers
 from drdfl_flwr.registry import build_learner, check_run_config, method_spec
-from strategies.reducers import EXAMPLES, Arrays, Contribution
+from strategies.reducers import Arrays, Contribution
 from strategies.rounds import AGGREGATE_PREFIX, sample_participants
 from strategies.topology import Ring
 
@@ -79,6 +79,7 @@ def run_ring(
     ring = InProcessRing(learners, data)
     reducer = method_spec(cfg.method).reducer  # a hub method: reduce, send to everyone
     reduced: Arrays | None = None
+    weight = 0.0  # the training examples the aggregate was reduced from (the hub's weight)
     outbox: list[dict[str, torch.Tensor] | None] = [None] * num_clients
     for round_number in range(1, rounds + 1):
         drawn = set(sample_participants(cfg.seed, round_number, num_clients, cfg.participation))
@@ -88,7 +89,7 @@ def run_ring(
         for k in present:
             learner, node_data = learners[k], data[k]
             if reducer is not None:
-                incoming = _aggregate(reduced, ring.history)
+                incoming = _aggregate(reduced, weight)
             else:
                 senders = RING.in_neighbours(k, num_clients, set(present), round_number)
                 received = outbox[senders[0]] if senders else None
@@ -108,7 +109,8 @@ def run_ring(
             ]
             if contributions:
                 reduced = reducer(contributions, reduced)
-                aggregate = _aggregate(reduced, [{"nodes": nodes}])
+                weight = sum(c.examples for c in contributions)
+                aggregate = _aggregate(reduced, weight)
                 for k in present:  # the hub's evaluation message: the fresh aggregate
                     scores = _score_aggregate(learners[k], aggregate, data[k], round_number)
                     nodes[k].update(scores)  # type: ignore[union-attr]
@@ -124,13 +126,11 @@ def run_ring(
     return ring
 
 
-def _aggregate(reduced: Arrays | None, history: list[dict[str, Any]]) -> list[Incoming]:
-    """What every node receives from the hub: the aggregate, weighted by the examples of
-    the nodes it was reduced from (as the hub sends it)."""
+def _aggregate(reduced: Arrays | None, weight: float) -> list[Incoming]:
+    """What every node receives from the hub: the aggregate, with the weight the hub
+    gives it (the training examples of the replies it was reduced from)."""
     if reduced is None:
         return []
-    last = [n for n in history[-1]["nodes"] if n is not None] if history else []
-    weight = float(sum(n.get(EXAMPLES, 0.0) for n in last)) or 1.0
     tensors = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in reduced.items()}
     return from_hub(tensors, weight)
 
