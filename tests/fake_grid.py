@@ -56,6 +56,8 @@ class FakeGrid(Grid):
         self.pending: dict[str, Message] = {}  # pushed, not yet pulled, by message id
         self.asked: list[int] = []  # node ids, in the order they were asked
         self.mute: set[int] = set()  # partitions whose description answer never comes
+        self.pulls = 0  # looks for replies so far
+        self.unmute_at_pull = 0  # the look on which the muted partitions answer (0: never)
         self.hidden: set[int] = set()  # partitions whose nodes have not registered yet
 
     def get_node_ids(self) -> Iterable[int]:
@@ -134,6 +136,9 @@ class FakeGrid(Grid):
         return ids
 
     def pull_messages(self, message_ids):
+        self.pulls += 1
+        if self.pulls == self.unmute_at_pull:
+            self.mute = set()
         replies = []
         for message_id in message_ids:
             msg = self.pending.get(message_id)

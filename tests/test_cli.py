@@ -153,23 +153,12 @@ def test_the_apps_round_line_can_be_left_to_the_caller(tmp_path, caplog):
 
 def test_waiting_for_nodes_is_logged_when_the_count_changes(monkeypatch, caplog):
     grid = FakeGrid(3)
-    grid.mute = {2}
-    pulls = 0
-    pull = grid.pull_messages
-
-    def slow_pull(ids):  # partition 2 answers on the sixth look
-        nonlocal pulls
-        pulls += 1
-        if pulls == 6:
-            grid.mute = set()
-        return pull(ids)
-
-    grid.pull_messages = slow_pull
+    grid.mute, grid.unmute_at_pull = {2}, 6  # partition 2 answers on the sixth look
     monkeypatch.setattr("strategies.rounds.time.sleep", lambda seconds: None)
     with caplog.at_level(logging.INFO, logger="flwr"):
         RoundLoop(Relay(Ring()), node_wait_timeout=60).discover(grid)
     waiting = [r.getMessage() for r in caplog.records if "Waiting for nodes" in r.getMessage()]
-    assert pulls >= 6 and len(waiting) == len(set(waiting)) <= 2
+    assert grid.pulls >= 6 and len(waiting) == len(set(waiting)) <= 2
 
 
 def test_loading_data_shows_no_progress_bars(tmp_path, capfd):

@@ -27,18 +27,7 @@ def node_of(grid: FakeGrid, partition: int) -> int:
 
 def test_discovery_waits_for_a_slow_node_without_asking_it_again():
     grid = FakeGrid(3)
-    grid.mute = {2}
-    pulls = 0
-    pull = grid.pull_messages
-
-    def slow_pull(ids):  # partition 2 answers on the third look
-        nonlocal pulls
-        pulls += 1
-        if pulls == 3:
-            grid.mute = set()
-        return pull(ids)
-
-    grid.pull_messages = slow_pull
+    grid.mute, grid.unmute_at_pull = {2}, 3  # partition 2 answers on the third look
     loop, _ = run(grid, rounds=1)
     assert [m.partition_id for m in loop.members] == [0, 1, 2]
     assert sorted(grid.asked) == sorted(grid.partition_of)  # each node asked exactly once
