@@ -16,7 +16,9 @@ For each method and number of clients, in one process, one after the other:
    same learners, data, seeds, ring payloads or hub aggregates, training and evaluation,
    one thread, nodes one after another, state kept in memory. Its steady seconds per
    round are the serial cost; divided by the cores the simulation used, the parallel
-   floor (perfect scaling, zero overhead).
+   floor (perfect scaling, zero overhead). Beside it, the floor plus the idle that the
+   round's barriers force on any engine (:func:`barrier_idle`, from the plain loop's
+   per-node seconds): no schedule beats the longest node of a phase.
 
 The ratio simulation / floor is the framework's overhead (1.00 = none). The total data
 is the same at every size (``--subset-train`` split over the clients), so a larger
@@ -46,6 +48,7 @@ import torch
 from drdfl_flwr.config import RunConfig
 from drdfl_flwr.inprocess import run_ring
 from drdfl_flwr.simulation import simulate
+from strategies.rounds import AGGREGATE_PREFIX
 
 # Each method as the comparison runs it: DSLTH trains local-epochs epochs of its steps
 # (its released procedure is one step per round, which would time the framework alone).
@@ -136,18 +139,37 @@ def simulated_rounds(cfg: RunConfig, clients: int) -> tuple[list[float], dict, f
     return [r["seconds"] for r in rounds], timings, memory.peak_mib
 
 
-def plain_rounds(cfg: RunConfig, clients: int) -> tuple[list[float], float]:
-    """The same rounds in a plain loop, one thread: per-round seconds and the peak PSS."""
+def plain_rounds(
+    cfg: RunConfig, clients: int, cores: int
+) -> tuple[list[float], float, list[float]]:
+    """The same rounds in a plain loop, one thread: per-round seconds, the peak PSS, and
+    per round the idle that the round's barriers force on ``cores`` workers whatever
+    the engine (:func:`barrier_idle`)."""
     torch.set_num_threads(1)
     marks: list[float] = []
     with PeakMemory() as memory:
-        run_ring(
+        ring = run_ring(
             cfg,
             clients,
             cfg.num_server_rounds,
             on_round=lambda _: marks.append(time.perf_counter()),
         )
-    return list(np.diff(marks)), memory.peak_mib
+    idle = [barrier_idle(record["nodes"], cores) for record in ring.history[1:]]
+    return list(np.diff(marks)), memory.peak_mib, idle
+
+
+def barrier_idle(nodes: list[dict[str, float] | None], cores: int) -> float:
+    """Seconds a synchronous round must add to (its work / ``cores``) on any engine: in
+    each phase that ends in a barrier (training; on the hub also scoring the aggregate)
+    no schedule finishes before the longest node does, so a node longer than the phase's
+    work per core leaves the others idle: max(0, longest - work / cores) per phase. With
+    Dirichlet 0.1, a few nodes hold most of the data, and at 10 clients this is large."""
+    there = [n for n in nodes if n is not None]
+    phases = [
+        [sum(v for k, v in n.items() if k.startswith("time_")) for n in there],
+        [n.get(AGGREGATE_PREFIX + "time_evaluate", 0.0) for n in there],
+    ]
+    return sum(max(0.0, max(t) - sum(t) / cores) for t in phases if t and max(t) > 0)
 
 
 def per_client_mib(points: list[tuple[int, float]]) -> float:
@@ -199,17 +221,21 @@ def main(argv: list[str] | None = None) -> int:
                 participation=args.participation,
             ).with_values(METHOD_KEYS.get(method, {}))
             sim_seconds, timings, sim_peak = simulated_rounds(cfg, clients)
-            plain_seconds, plain_peak = plain_rounds(cfg, clients)
+            # the cores a round can use: one actor per core, one node per actor at a time
+            workers = min(cores, max(1, round(args.participation * clients)))
+            plain_seconds, plain_peak, idle = plain_rounds(cfg, clients, workers)
             sim = float(np.mean(sim_seconds[1:]))
             serial = float(np.mean(plain_seconds))  # the gaps between rounds 1..N: rounds 2..N
-            # the cores a round can use: one actor per core, one node per actor at a time
-            taking_part = max(1, round(args.participation * clients))
-            floor = serial / min(cores, taking_part)
-            rows.append((method, clients, sim, serial, floor, sim_peak, plain_peak, timings))
+            floor = serial / workers
+            barrier = floor + float(np.mean(idle))
+            rows.append(
+                (method, clients, sim, serial, floor, barrier, sim_peak, plain_peak, timings)
+            )
             print(
                 f"{method} x {clients}: simulation {sim:.1f} s/round (rounds: "
                 f"{', '.join(f'{s:.1f}' for s in sim_seconds)}), plain serial {serial:.1f}, "
-                f"floor {floor:.1f} on {cores} cores: {sim / floor:.2f}x the floor; "
+                f"floor {floor:.1f} on {workers} cores: {sim / floor:.2f}x the floor; "
+                f"with the barriers' idle {barrier:.1f}: {sim / barrier:.2f}x; "
                 f"peak PSS {sim_peak / 1024:.2f} GiB (plain loop {plain_peak / 1024:.2f} GiB)",
                 flush=True,
             )
@@ -221,15 +247,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         "| method | clients | simulation s/round | floor s/round | simulation / floor | "
+        "floor + barrier idle | simulation / that | "
         "peak PSS simulation (GiB) | peak PSS plain loop (GiB) | simulation MiB per client |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for method in dict.fromkeys(r[0] for r in rows):
         mine = [r for r in rows if r[0] == method]
-        slope = per_client_mib([(r[1], r[5]) for r in mine])
-        for _, clients, sim, _, floor, sim_peak, plain_peak, _ in mine:
+        slope = per_client_mib([(r[1], r[6]) for r in mine])
+        for _, clients, sim, _, floor, barrier, sim_peak, plain_peak, _ in mine:
             print(
                 f"| {method} | {clients} | {sim:.1f} | {floor:.1f} | {sim / floor:.2f}x "
+                f"| {barrier:.1f} | {sim / barrier:.2f}x "
                 f"| {sim_peak / 1024:.2f} | {plain_peak / 1024:.2f} | {slope:.1f} |"
             )
     print("\nMean seconds per message inside the ClientApp (rounds 2..):")

@@ -26,7 +26,7 @@ from drdfl_flwr.config import RunConfig
 from drdfl_flwr.data import ClientData, load_client_data
 from drdfl_flwr.intake import take_in
 from drdfl_flwr.learner import Learner
-from drdfl_flwr.node import evaluation_metrics, node_round
+from drdfl_flwr.node import Stopwatch, evaluation_metrics, node_round
 from drdfl_flwr.payload import Incoming, PayloadError, from_hub, peers
 from drdfl_flwr.registry import build_learner, check_run_config, method_spec
 from strategies.reducers import Arrays, Contribution
@@ -59,8 +59,9 @@ def run_ring(
     :func:`strategies.rounds.sample_participants`); ``cfg.isolated`` cuts every link.
     ``joins`` maps a node to the round it appears in (absent before, bypassed by the ring;
     it then joins as a node that appears late on SuperNodes does, through
-    ``Learner.receive``). Every round records the nodes' training metrics and their
-    Local-T / Global-T evaluation (``None`` for a node not there yet or sitting out)."""
+    ``Learner.receive``). Every round records the nodes' training metrics, their
+    Local-T / Global-T evaluation and the seconds of each step (``time_*``, as the
+    ClientApp reports them) (``None`` for a node not there yet or sitting out)."""
     if num_clients < 2:
         raise ValueError(f"num_clients={num_clients}: a ring needs at least 2 nodes")
     if rounds < 1:
@@ -94,12 +95,13 @@ def run_ring(
                 senders = RING.in_neighbours(k, num_clients, set(present), round_number)
                 received = outbox[senders[0]] if senders else None
                 incoming = peers(received) if received else []
-            result = node_round(learner, incoming, node_data, round_number)
+            clock = Stopwatch()
+            result = node_round(learner, incoming, node_data, round_number, clock=clock)
             if result.intake.rejections:  # in process, a refusal is a bug: say it loudly
                 raise PayloadError(
                     f"round {round_number}: node {k} refused {result.intake.rejections}"
                 )
-            nodes[k] = result.metrics
+            nodes[k] = {**result.metrics, **clock.laps}
             sent[k] = result.payload or None
         if reducer is not None:
             contributions = [
@@ -139,7 +141,11 @@ def _score_aggregate(
     learner: Learner, aggregate: list[Incoming], data: ClientData, round_number: int
 ) -> dict[str, float]:
     """Local-T and Global-T of the fresh aggregate on this node, without keeping it (the
-    hub's evaluation message: the ClientApp restores the node's saved state to do it)."""
+    hub's evaluation message: the ClientApp restores the node's saved state to do it),
+    and the seconds it took (``aggregate_time_evaluate``, as the hub records them)."""
+    clock = Stopwatch()
     trial = copy.deepcopy(learner)
     take_in(trial, aggregate, round_number)
-    return {AGGREGATE_PREFIX + k: v for k, v in evaluation_metrics(trial, data).items()}
+    scores = evaluation_metrics(trial, data)
+    clock.lap("time_evaluate")
+    return {AGGREGATE_PREFIX + k: v for k, v in {**scores, **clock.laps}.items()}

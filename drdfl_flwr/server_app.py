@@ -89,12 +89,14 @@ def run_job(
     on_round: Callable[[dict[str, Any]], None] | None = None,
     run_key: str | None = None,
     log_rounds: bool = True,
+    max_in_flight: int = 0,
 ) -> dict:
     """Run the configured job on ``grid``; returns the summary that was written.
     ``on_round`` also gets every round's record (the grid runner's progress). ``run_key``
     files the nodes' checkpoints (Flower's run id; a resumed run keeps the first one's).
     ``log_rounds`` off leaves the per-round progress line to the caller (the grid
-    runner prints its own); alarms are logged either way.
+    runner prints its own); alarms are logged either way. ``max_in_flight`` bounds the
+    train messages out at once (0: all; see ``strategies.rounds.exchange``).
     The whole config is checked here, once, before anything is written."""
     check_run_config(cfg)
     writer = ResultsWriter(
@@ -130,6 +132,7 @@ def run_job(
         min_nodes=cfg.min_nodes,
         participation=cfg.participation,
         seed=cfg.seed,
+        max_in_flight=max_in_flight,
         eval_every=cfg.eval_every,
         on_round=record_round,
         on_artifacts=writer.save_artifacts,

@@ -43,26 +43,52 @@ def ray_address_for(ray_address: str | None) -> str:
     return ray_address or os.environ.get("RAY_ADDRESS") or LOCAL
 
 
-def visible_gpus(ray_address: str) -> tuple[float, str]:
-    """How many GPUs the simulation's Ray would have, and where that was looked up: the
+def ray_resources(ray_address: str) -> tuple[float, float, str]:
+    """(CPUs, GPUs) the simulation's Ray would have, and where that was looked up: the
     Ray instance this process is already connected to, else the cluster at
-    ``ray_address`` (connected to and left again), else this machine as torch sees it
-    (what a local Ray detects too, without starting one)."""
+    ``ray_address`` (connected to and left again), else this machine (what a local Ray
+    detects too, without starting one: every CPU, and the GPUs torch sees)."""
     import ray
 
     if ray.is_initialized():
-        gpus = ray.cluster_resources().get("GPU", 0.0)
-        return float(gpus), "in the Ray instance this process is connected to"
-    if ray_address != LOCAL:
+        found = ray.cluster_resources()
+        where = "in the Ray instance this process is connected to"
+    elif ray_address != LOCAL:
         ray.init(address=ray_address, logging_level="ERROR", log_to_driver=False)
         try:
-            gpus = ray.cluster_resources().get("GPU", 0.0)
+            found = ray.cluster_resources()
         finally:
             ray.shutdown()
-        return float(gpus), f"in the Ray cluster at {ray_address}"
-    import torch
+        where = f"in the Ray cluster at {ray_address}"
+    else:
+        import torch
 
-    return float(torch.cuda.device_count()), "on this machine (torch.cuda.device_count() = 0)"
+        gpus = torch.cuda.device_count()
+        found = {"CPU": os.cpu_count() or 1, "GPU": gpus}
+        where = f"on this machine (torch.cuda.device_count() = {gpus})"
+    return float(found.get("CPU", 0.0)), float(found.get("GPU", 0.0)), where
+
+
+def visible_gpus(ray_address: str) -> tuple[float, str]:
+    """How many GPUs the simulation's Ray would have, and where that was looked up."""
+    _, gpus, where = ray_resources(ray_address)
+    return gpus, where
+
+
+# Messages kept out per ClientApp actor (strategies.rounds.exchange): enough that an actor
+# always finds its next message queued, few enough that Flower's engine, which scans
+# every stored message for every node ten times a second, does not grow quadratic.
+IN_FLIGHT_PER_ACTOR = 4
+
+
+def in_flight_limit(ray_address: str, cpus_per_client: float, gpus_per_client: float) -> int:
+    """The round loop's ``max_in_flight`` for the pool of ClientApp actors Flower will
+    start (as many as the CPUs, and the GPUs where asked, hold)."""
+    cpus, gpus, _ = ray_resources(ray_address)
+    actors = int(cpus // cpus_per_client) if cpus_per_client > 0 else 1
+    if gpus_per_client > 0:
+        actors = min(actors, int(gpus // gpus_per_client))
+    return IN_FLIGHT_PER_ACTOR * max(1, actors)
 
 
 def no_gpu_message(gpus_per_client: float, where: str) -> str:
@@ -155,6 +181,7 @@ def simulate(
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     address = ray_address_for(ray_address)
     check_gpus(gpus_per_client, address)
+    max_in_flight = in_flight_limit(address, cpus_per_client, gpus_per_client)
     summary: dict[str, Any] = {}
     failures: list[Exception] = []
     watch = NodeWatch() if address != LOCAL else None
@@ -170,7 +197,15 @@ def simulate(
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
         try:
-            summary.update(run_job(grid, cfg, on_round=round_done, log_rounds=log_rounds))
+            summary.update(
+                run_job(
+                    grid,
+                    cfg,
+                    on_round=round_done,
+                    log_rounds=log_rounds,
+                    max_in_flight=max_in_flight,
+                )
+            )
         except Exception as err:
             failures.append(err)  # run_simulation only logs it; the caller gets it
             raise

@@ -44,7 +44,6 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
-from flwr.common.serde import message_to_proto
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.result import Result
@@ -60,6 +59,7 @@ from strategies.wire import (
     REJECTIONS,
     SERVER_ROUND,
     content_bytes,
+    reply_bytes,
 )
 
 
@@ -182,19 +182,40 @@ class Router(ABC):
 REPLY_POLL_SECONDS = 0.2
 
 
-def exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+def exchange(
+    grid: Grid, messages: list[Message], timeout: float, max_in_flight: int = 0
+) -> list[Message]:
     """Flower's send_and_receive (push, then pull until every reply is in or ``timeout``
-    passes), looking for replies every REPLY_POLL_SECONDS."""
-    pending = set(grid.push_messages(messages))
+    passes), looking for replies every REPLY_POLL_SECONDS.
+
+    ``max_in_flight`` > 0 keeps at most that many messages pushed and unanswered, pushing
+    the next as replies come. Flower 1.41's simulation engine needs it: ten times a
+    second it asks the LinkState for each node's next message, and every ask scans every
+    message stored, so 100 nodes with 100 messages out cost 100,000 checks a second,
+    under the lock and the GIL the ClientApp actors' dispatch needs too (docs/scale.md).
+    A deployment leaves it at 0: each SuperNode pulls only its own messages, and every
+    node should have its message at once. A message still waiting when ``timeout``
+    passes is never pushed (its node counts as not answering)."""
+    waiting = list(messages)
+    pending: set[str] = set()
     replies: list[Message] = []
     deadline = time.monotonic() + timeout
-    while pending:
+    while True:
+        room = len(waiting) if max_in_flight <= 0 else max_in_flight - len(pending)
+        if room > 0 and waiting:
+            batch, waiting = waiting[:room], waiting[room:]
+            pending |= set(grid.push_messages(batch))
+        if not pending:
+            break
         arrived = list(grid.pull_messages(list(pending)))
         replies.extend(arrived)
         pending -= {r.metadata.reply_to_message_id for r in arrived}
-        if not pending or time.monotonic() >= deadline:
+        if not pending and not waiting:
             break
-        time.sleep(REPLY_POLL_SECONDS)
+        if time.monotonic() >= deadline:
+            break
+        if not arrived or not waiting:
+            time.sleep(REPLY_POLL_SECONDS)
     return replies
 
 
@@ -230,6 +251,7 @@ class RoundLoop(Strategy):
         on_artifacts: ArtifactsCallback | None = None,
         participation: float = 1.0,
         seed: int = 0,
+        max_in_flight: int = 0,
     ) -> None:
         if mode not in ("synchronous", "sequential"):
             raise ValueError(f"mode must be 'synchronous' or 'sequential', got {mode!r}")
@@ -247,6 +269,9 @@ class RoundLoop(Strategy):
         if not 0.0 < participation <= 1.0:
             raise ValueError(f"participation must lie in (0, 1], got {participation}")
         self.participation = participation
+        if max_in_flight < 0:
+            raise ValueError(f"max_in_flight must be >= 0 (0 = no limit), got {max_in_flight}")
+        self.max_in_flight = max_in_flight  # see exchange(): simulation engines need it
         self.seed = seed  # with the round, it draws the participants
         self.eval_every = eval_every
         self.num_rounds = 0  # set by start()
@@ -509,13 +534,7 @@ class RoundLoop(Strategy):
                 continue
             payload = reply.content.array_records.get(OUT_PAYLOAD, ArrayRecord())
             metrics = dict(reply.content[METRICS]) if METRICS in reply.content else {}
-            metrics["bytes_sent"] = (
-                content_bytes(RecordDict({OUT_PAYLOAD: payload})) if len(payload) else 0
-            )
-            # the payload alone (the paper's figure), the whole reply content, and the
-            # reply as Flower serializes it (metadata included): what the node transmits
-            metrics["bytes_reply"] = content_bytes(reply.content)
-            metrics["bytes_message"] = message_to_proto(reply).ByteSize()
+            metrics.update(reply_bytes(reply))
             metrics["params_sent"] = sum(int(a.numpy().size) for a in payload.values())
             if REJECTIONS in reply.content.config_records:
                 refused = {k: str(v) for k, v in reply.content.config_records[REJECTIONS].items()}
@@ -545,7 +564,7 @@ class RoundLoop(Strategy):
             position = self.position_of[message.metadata.dst_node_id]
             self.alive.discard(position)
             self.admitted.discard(position)
-        replies = exchange(grid, messages, self.round_timeout)
+        replies = exchange(grid, messages, self.round_timeout, self.max_in_flight)
         answered = {r.metadata.src_node_id for r in replies}
         for message in messages:
             if message.metadata.dst_node_id not in answered:
@@ -643,7 +662,7 @@ class RoundLoop(Strategy):
                 messages = list(
                     self.configure_evaluate(server_round, ArrayRecord(), evaluate_config, grid)
                 )
-                replies = exchange(grid, messages, self.round_timeout)
+                replies = exchange(grid, messages, self.round_timeout, self.max_in_flight)
                 self.aggregate_evaluate(server_round, replies)
             self.report.seconds = time.time() - started
             record = self.report.to_record()

@@ -7,8 +7,8 @@ talking past the other. Flower only: the routers never decode a payload.
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
-from flwr.common.serde import recorddict_to_proto
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.common.serde import message_to_proto, recorddict_to_proto
 
 OUT_PAYLOAD = "payload"  # node -> router: what the node shares this round
 IN_PAYLOAD_PREFIX = "in-payload."  # router -> node: one record per sender
@@ -57,3 +57,36 @@ def content_bytes(content: RecordDict) -> int:
     """Bytes of the serialized message content (Flower's protobuf encoding): what Flower
     actually puts on the wire for it, not a back-of-the-envelope ``numel * 4``."""
     return recorddict_to_proto(content).ByteSize()
+
+
+def field_bytes(size: int) -> int:
+    """Bytes a length-delimited protobuf field of ``size`` bytes takes inside its parent
+    (a one-byte tag, the length as a varint, the bytes): how a record's size adds up
+    into the message's without serializing the whole again."""
+    return 1 + len(_varint(size)) + size
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+def reply_bytes(reply: Message) -> dict[str, int]:
+    """A reply's sizes from one serialization: ``bytes_sent``, the payload alone (the
+    papers' figure; 0 when it is empty), ``bytes_reply``, the whole content, and
+    ``bytes_message``, the reply as Flower serializes it, metadata included (what the
+    node transmits)."""
+    proto = message_to_proto(reply)
+    payload = next((item for item in proto.content.items if item.key == OUT_PAYLOAD), None)
+    sent = 0
+    if payload is not None and len(payload.array_record.items):
+        sent = field_bytes(payload.ByteSize())
+    return {
+        "bytes_sent": sent,
+        "bytes_reply": proto.content.ByteSize(),
+        "bytes_message": proto.ByteSize(),
+    }

@@ -145,7 +145,7 @@ def test_the_ray_address_is_the_argument_else_ray_address_else_a_local_ray(monke
 
 def test_simulate_hands_the_address_resources_and_mods_to_flower(monkeypatch, tmp_path):
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
-    monkeypatch.setattr(simulation, "visible_gpus", lambda address: (1.0, "there"))
+    monkeypatch.setattr(simulation, "ray_resources", lambda address: (8.0, 1.0, "there"))
     seen = {}
 
     def run_simulation(**kwargs):
@@ -162,6 +162,15 @@ def test_simulate_hands_the_address_resources_and_mods_to_flower(monkeypatch, tm
     assert backend["client_resources"] == {"num_cpus": 2.0, "num_gpus": 0.5}
     assert backend["init_args"]["address"] == "10.0.0.1:6379"
     assert seen["client_app"]._mods[-1] is mod
+
+
+def test_the_in_flight_limit_follows_the_actor_pool(monkeypatch):
+    """Four messages out per ClientApp actor, the actors counted as Flower counts them."""
+    monkeypatch.setattr(simulation, "ray_resources", lambda address: (16.0, 2.0, "there"))
+    assert simulation.in_flight_limit("local", 1.0, 0.0) == 4 * 16
+    assert simulation.in_flight_limit("local", 3.0, 0.0) == 4 * 5
+    assert simulation.in_flight_limit("local", 1.0, 0.5) == 4 * 4  # the GPUs bind first
+    assert simulation.in_flight_limit("local", 32.0, 0.0) == 4  # never below one actor's
 
 
 def test_device_auto_picks_cuda_only_where_torch_sees_one(monkeypatch):
