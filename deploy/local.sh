@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # A SuperLink and N SuperNodes on this host, for trials (insecure, loopback by default).
+# Devices on a network, one role per machine: deploy/device.sh (docs/devices.md).
 #
 #   deploy/local.sh start 3            # SuperLink on :8000 + SuperNodes 0..2, state in .deploy/
 #   TLS=1 deploy/local.sh certs 3      # a CA, the SuperLink's certificate, 3 node key pairs
@@ -79,7 +80,9 @@ register_node() {  # partition-id: the SuperLink accepts this node's key from no
 spawn() {  # name, command...: start in a new session, remember the PID
     local name=$1
     shift
-    setsid "$@" >"$DEPLOY_DIR/$name.log" 2>&1 < /dev/null &
+    # a new session without setsid(1), which macOS lacks: Python's os.setsid, then exec
+    "${PYTHON:-python3}" -c 'import os, sys; os.setsid(); os.execvp(sys.argv[1], sys.argv[1:])' "$@" \
+        >"$DEPLOY_DIR/$name.log" 2>&1 < /dev/null &
     echo $! >"$DEPLOY_DIR/$name.pid"
     echo "started $name (pid $!), log $DEPLOY_DIR/$name.log"
 }

@@ -24,7 +24,7 @@ from drdfl_flwr.checkpoint import (
     read_checkpoint,
     write_checkpoint,
 )
-from drdfl_flwr.config import RunConfig
+from drdfl_flwr.config import ConfigError, RunConfig
 from drdfl_flwr.data import ClientData, load_client_data
 from drdfl_flwr.intake import Intake, take_in
 from drdfl_flwr.learner import Learner
@@ -43,6 +43,7 @@ from strategies.wire import (
 )
 
 STATE_KEY = "learner"
+NODE_DATA_DIR = "data-dir"  # node config: this device's own copy of the dataset
 
 
 def node_partition(context: Context) -> tuple[int, int]:
@@ -54,6 +55,28 @@ def node_partition(context: Context) -> tuple[int, int]:
             f"node config lacks {missing}; start the SuperNode with "
             "--node-config 'partition-id=<i> num-partitions=<M>'"
         ) from None
+
+
+def node_run_config(context: Context) -> RunConfig:
+    """The run config as this node runs it. A node config's ``data-dir`` (the device's
+    own copy of the dataset, where it keeps it) wins over the run config's, which names
+    a folder of the machine the run was submitted from; every node still partitions the
+    same dataset the same way, so the copies must be the same files."""
+    values = dict(context.run_config)
+    local = context.node_config.get(NODE_DATA_DIR)
+    if local:
+        values[NODE_DATA_DIR] = str(local)
+    try:
+        return RunConfig.from_run_config(values)
+    except ConfigError as err:
+        if local and err.key == NODE_DATA_DIR:
+            raise ConfigError(
+                f"data-dir (from this node's --node-config, partition "
+                f"{context.node_config.get('partition-id', '?')})",
+                err.value,
+                err.reason,
+            ) from None
+        raise
 
 
 def warm_key(context: Context) -> tuple[int, int, int]:
@@ -78,7 +101,7 @@ def restore(
     this process when it holds that very state (see :mod:`drdfl_flwr.warm`), else built
     and loaded from the saved bytes, else (a restarted SuperNode, a resumed run) from the
     node's checkpoint of run ``key``. The flag says whether it was warm."""
-    cfg = RunConfig.from_run_config(context.run_config)
+    cfg = node_run_config(context)
     partition_id, num_partitions = node_partition(context)
     data = load_client_data(cfg, partition_id, num_partitions, data_cache_dir(context))
     if clock is not None:

@@ -218,3 +218,44 @@ def test_a_round_scores_the_model_the_node_holds_after_fit(method):
     data = load_client_data(cfg, 0, 3)
     assert metrics["local_t_acc"] == trained.accuracy(data.x_local_test, data.y_local_test)
     assert metrics["global_t_acc"] == trained.accuracy(data.x_global_test, data.y_global_test)
+
+
+# -- a device's own data: node config data-dir wins over the run config's ------------------
+
+
+def digits_parquet(folder, rows: int):
+    """A parquet folder (the hub's layout) of the first ``rows`` training digits."""
+    from drdfl_flwr.data import _digits_splits
+
+    train, test = _digits_splits(0)
+    folder.mkdir()
+    train.select(range(rows)).to_parquet(str(folder / "train.parquet"))
+    test.to_parquet(str(folder / "test.parquet"))
+    return folder
+
+
+def test_a_node_config_data_dir_wins_over_the_run_configs(tmp_path):
+    from drdfl_flwr.client_app import node_run_config
+
+    own = digits_parquet(tmp_path / "on-this-device", rows=300)
+    ctx = context(data_dir="")  # the run config: embedded digits, 1,347 training images
+    ctx.node_config["data-dir"] = str(own)
+    cfg = node_run_config(ctx)
+    assert cfg.data_dir == str(own)
+    on_device = len(load_client_data(cfg, 0, 3).y_train)
+    embedded = len(load_client_data(RunConfig.from_run_config(ctx.run_config), 0, 3).y_train)
+    assert on_device < embedded  # a share of 300 images, not of 1,347
+    reply = train(train_message(), ctx)
+    assert reply.content[METRICS]["num-examples"] == on_device
+
+
+def test_a_wrong_node_config_data_dir_is_named_as_the_nodes(tmp_path):
+    from drdfl_flwr.client_app import node_run_config
+    from drdfl_flwr.config import ConfigError
+
+    ctx = context()
+    ctx.node_config["data-dir"] = str(tmp_path / "not-here")
+    with pytest.raises(
+        ConfigError, match=r"data-dir \(from this node's --node-config, partition 0"
+    ):
+        node_run_config(ctx)

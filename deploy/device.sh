@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# One role per machine: the SuperLink on one host, a SuperNode on each device, found by
+# address. docs/devices.md walks through it; deploy/local.sh is everything on one host.
+#
+# On the SuperLink host (ADDRESS: the IP or DNS name the devices connect to):
+#   deploy/device.sh certs ADDRESS [NAME...]   # a CA and the SuperLink's certificate, valid
+#                                              # for ADDRESS and every NAME (IP: or DNS: each)
+#   deploy/device.sh superlink                 # the SuperLink, TLS, SuperNode authentication
+#   deploy/device.sh connection ADDRESS        # the [superlink.drdfl] entry flwr run needs
+#   deploy/device.sh register KEY.pub          # accept one device's public key
+# On each device (copy ca.crt from the SuperLink host first):
+#   deploy/device.sh node-key                  # this device's key pair; send the .pub over
+#   deploy/device.sh supernode ADDRESS PARTITION NUM-PARTITIONS [DATA-DIR]
+# Anywhere:
+#   deploy/device.sh stop                      # stop what this script started here, by PID
+#
+# State lives in DEPLOY_DIR (default ~/.local/state/drdfl-flwr): certs/, node-key,
+# node/ (the SuperNode's checkpoint-dir: private state and decoded data, kept across
+# restarts), superlink.db, *.log, *.pid. Environment: DEPLOY_DIR, PORT (8000: the
+# SuperLink's one HTTPS port, where devices, flwr run and flwr supernode connect),
+# BIND (0.0.0.0: the SuperLink's listening address), CA (the CA certificate a device
+# trusts; default DEPLOY_DIR/certs/ca.crt), FEDERATION (drdfl: the flwr config entry),
+# NODE_THREADS (torch threads per ClientApp process; unset: torch decides).
+# Needs bash, Python with this project installed (docs/devices.md), openssl and
+# ssh-keygen for keys; no setsid (macOS has none).
+set -euo pipefail
+
+DEPLOY_DIR=${DEPLOY_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/drdfl-flwr}
+PORT=${PORT:-8000}
+BIND=${BIND:-0.0.0.0}
+FEDERATION=${FEDERATION:-drdfl}
+mkdir -p "$DEPLOY_DIR"
+DEPLOY_DIR=$(cd "$DEPLOY_DIR" && pwd)
+CERTS="$DEPLOY_DIR/certs"
+CA=${CA:-$CERTS/ca.crt}
+PYTHON=${PYTHON:-python3}
+
+usage() {
+    sed -n '2,28p' "$0"
+    exit 2
+}
+
+is_ip() {  # an IPv4 or IPv6 literal, as opposed to a DNS name
+    [[ $1 =~ ^[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+$ || $1 == *:* ]]
+}
+
+spawn() {  # name, command...: start in a session of its own, remember the PID
+    local name=$1
+    shift
+    # a new session without setsid(1), which macOS lacks: Python's os.setsid, then exec
+    "$PYTHON" -c 'import os, sys; os.setsid(); os.execvp(sys.argv[1], sys.argv[1:])' "$@" \
+        >"$DEPLOY_DIR/$name.log" 2>&1 </dev/null &
+    echo $! >"$DEPLOY_DIR/$name.pid"
+    echo "started $name (pid $!), log $DEPLOY_DIR/$name.log"
+}
+
+stop_one() {  # name: stop its process group, wait for it
+    local pidfile="$DEPLOY_DIR/$1.pid" pid
+    [[ -f $pidfile ]] || return 0
+    pid=$(cat "$pidfile")
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL -- "-$pid" 2>/dev/null || true
+        echo "stopped $1 (pid $pid)"
+    fi
+    rm -f "$pidfile"
+}
+
+make_certs() {  # address, names...
+    local sans="" name
+    for name in "$@"; do
+        if is_ip "$name"; then sans="$sans,IP:$name"; else sans="$sans,DNS:$name"; fi
+    done
+    mkdir -p "$CERTS"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 365 -subj "/CN=drdfl-flwr CA" \
+        -keyout "$CERTS/ca.key" -out "$CERTS/ca.crt" 2>/dev/null
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=$1" \
+        -keyout "$CERTS/superlink.key" -out "$CERTS/superlink.csr" 2>/dev/null
+    printf 'subjectAltName=%s\n' "${sans#,}" >"$CERTS/superlink.ext"
+    openssl x509 -req -in "$CERTS/superlink.csr" -CA "$CERTS/ca.crt" -CAkey "$CERTS/ca.key" \
+        -CAcreateserial -days 365 -extfile "$CERTS/superlink.ext" \
+        -out "$CERTS/superlink.pem" 2>/dev/null
+    echo "CA and SuperLink certificate in $CERTS, valid for ${sans#,}"
+    echo "copy $CERTS/ca.crt to every device (the CA key stays here)"
+}
+
+case ${1:-} in
+certs)
+    [[ $# -ge 2 ]] || usage
+    shift
+    make_certs "$@"
+    ;;
+superlink)
+    spawn superlink flower-superlink \
+        --ssl-ca-certfile "$CERTS/ca.crt" --ssl-certfile "$CERTS/superlink.pem" \
+        --ssl-keyfile "$CERTS/superlink.key" --enable-supernode-auth \
+        --host "$BIND" --port "$PORT" \
+        --database "$DEPLOY_DIR/superlink.db" \
+        --disable-runtime-dependency-installation
+    ;;
+connection)  # write [superlink.$FEDERATION] into the Flower configuration (replacing it)
+    address=${2:?usage: $0 connection ADDRESS}
+    config="${FLWR_HOME:-$HOME/.flwr}/config.toml"
+    [[ -f $config ]] || flwr config list >/dev/null  # flwr creates it on first use
+    awk -v head="[superlink.$FEDERATION]" '/^\[/ { skip = ($0 == head) } !skip' "$config" \
+        >"$config.new"
+    printf '\n[superlink.%s]\naddress = "%s:%s"\nroot-certificates = "%s"\n' \
+        "$FEDERATION" "$address" "$PORT" "$CA" >>"$config.new"
+    mv "$config.new" "$config"
+    echo "[superlink.$FEDERATION] in $config: $address:$PORT, CA $CA"
+    ;;
+register)
+    key=${2:?usage: $0 register KEY.pub}
+    for _ in $(seq 30); do
+        if out=$(flwr supernode register "$key" "$FEDERATION" 2>&1); then
+            echo "registered $key"
+            exit 0
+        fi
+        sleep 2
+    done
+    echo "could not register $key: $out" >&2
+    exit 1
+    ;;
+node-key)
+    if [[ -f $DEPLOY_DIR/node-key ]]; then
+        echo "$DEPLOY_DIR/node-key exists; its public key: $DEPLOY_DIR/node-key.pub"
+    else
+        ssh-keygen -t ecdsa -b 384 -N "" -q -f "$DEPLOY_DIR/node-key"
+        echo "key pair in $DEPLOY_DIR/node-key; send node-key.pub to the SuperLink host"
+    fi
+    ;;
+supernode)
+    [[ $# -ge 4 ]] || usage
+    address=$2 partition=$3 partitions=$4 data=${5:-}
+    [[ -f $CA ]] || { echo "no CA certificate at $CA (copy ca.crt from the SuperLink host)" >&2; exit 1; }
+    [[ -f $DEPLOY_DIR/node-key ]] || { echo "no node key: run '$0 node-key' first" >&2; exit 1; }
+    config="partition-id=$partition num-partitions=$partitions checkpoint-dir=\"$DEPLOY_DIR/node\""
+    if [[ -n $data ]]; then
+        data=$(cd "$data" && pwd) || { echo "no data folder $5" >&2; exit 1; }
+        config="$config data-dir=\"$data\""
+    fi
+    if [[ -n ${NODE_THREADS:-} ]]; then export OMP_NUM_THREADS=$NODE_THREADS; fi
+    spawn supernode flower-supernode \
+        --root-certificates "$CA" --auth-supernode-private-key "$DEPLOY_DIR/node-key" \
+        --superlink "$address:$PORT" \
+        --node-config "$config"
+    ;;
+stop)
+    stop_one supernode
+    stop_one superlink
+    ;;
+*) usage ;;
+esac
