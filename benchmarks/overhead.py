@@ -16,9 +16,14 @@ For each method and number of clients, in one process, one after the other:
    same learners, data, seeds, ring payloads or hub aggregates, training and evaluation,
    one thread, nodes one after another, state kept in memory. Its steady seconds per
    round are the serial cost; divided by the cores the simulation used, the parallel
-   floor (perfect scaling, zero overhead). Beside it, the floor plus the idle that the
-   round's barriers force on any engine (:func:`barrier_idle`, from the plain loop's
-   per-node seconds): no schedule beats the longest node of a phase.
+   floor (perfect scaling, zero overhead). The plain loop is pinned to one core.
+
+Two more yardsticks, because this machine's two vCPUs are not two equal cores (core 0
+alone runs a pass in 2.5 s, core 1 in 3.3 s, and both at once take 3.1 and 3.3 s: together
+they do 1.6x what core 0 does alone, not 2x): the floor at the measured speedup (a
+calibration pass on each core alone and on all at once, :func:`core_speedup`), and the
+ClientApps' own seconds per core in the same run (:func:`app_seconds`: the ``time_*``
+laps they report), which no drift of the host between two measurements can move.
 
 The ratio simulation / floor is the framework's overhead (1.00 = none). The total data
 is the same at every size (``--subset-train`` split over the clients), so a larger
@@ -53,6 +58,7 @@ from strategies.rounds import AGGREGATE_PREFIX
 # Each method as the comparison runs it: DSLTH trains local-epochs epochs of its steps
 # (its released procedure is one step per round, which would time the framework alone).
 METHOD_KEYS = {"dslth": {"dslth.procedure": "epochs"}}
+PLAIN_CORE = 0  # the core the plain loop runs on, pinned
 
 
 class PeakMemory:
@@ -123,8 +129,9 @@ def tree_pss_mib(root: int) -> dict[str, float]:
     return found
 
 
-def simulated_rounds(cfg: RunConfig, clients: int) -> tuple[list[float], dict, float]:
-    """Per-round seconds, mean per-message timings (rounds 2..) and the peak PSS."""
+def simulated_rounds(cfg: RunConfig, clients: int) -> tuple[list[float], dict, float, list[float]]:
+    """Per-round seconds, mean per-message timings (rounds 2..), the peak PSS, and per
+    round the ClientApps' own seconds (:func:`app_seconds`)."""
     with PeakMemory() as memory:
         simulate(cfg, clients, cpus_per_client=1.0)
     metrics = Path(cfg.results_dir) / cfg.run_name / "metrics.jsonl"
@@ -136,40 +143,90 @@ def simulated_rounds(cfg: RunConfig, clients: int) -> tuple[list[float], dict, f
         if key.startswith("time_") or key == "warm_start"
     }
     print(f"  simulation peak by process (MiB): {memory.breakdown()}", flush=True)
-    return [r["seconds"] for r in rounds], timings, memory.peak_mib
+    return (
+        [r["seconds"] for r in rounds],
+        timings,
+        memory.peak_mib,
+        [app_seconds(r) for r in rounds],
+    )
 
 
-def plain_rounds(
-    cfg: RunConfig, clients: int, cores: int
-) -> tuple[list[float], float, list[float]]:
-    """The same rounds in a plain loop, one thread: per-round seconds, the peak PSS, and
-    per round the idle that the round's barriers force on ``cores`` workers whatever
-    the engine (:func:`barrier_idle`)."""
+def plain_rounds(cfg: RunConfig, clients: int, core: int) -> tuple[list[float], float]:
+    """The same rounds in a plain loop, one thread, pinned to ``core`` (so that the
+    calibration below knows which core's speed it ran at): per-round seconds and the
+    peak PSS."""
     torch.set_num_threads(1)
     marks: list[float] = []
-    with PeakMemory() as memory:
-        ring = run_ring(
-            cfg,
-            clients,
-            cfg.num_server_rounds,
-            on_round=lambda _: marks.append(time.perf_counter()),
-        )
-    idle = [barrier_idle(record["nodes"], cores) for record in ring.history[1:]]
-    return list(np.diff(marks)), memory.peak_mib, idle
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {core})
+    try:
+        with PeakMemory() as memory:
+            run_ring(
+                cfg,
+                clients,
+                cfg.num_server_rounds,
+                on_round=lambda _: marks.append(time.perf_counter()),
+            )
+    finally:
+        os.sched_setaffinity(0, allowed)
+    return list(np.diff(marks)), memory.peak_mib
 
 
-def barrier_idle(nodes: list[dict[str, float] | None], cores: int) -> float:
-    """Seconds a synchronous round must add to (its work / ``cores``) on any engine: in
-    each phase that ends in a barrier (training; on the hub also scoring the aggregate)
-    no schedule finishes before the longest node does, so a node longer than the phase's
-    work per core leaves the others idle: max(0, longest - work / cores) per phase. With
-    Dirichlet 0.1, a few nodes hold most of the data, and at 10 clients this is large."""
-    there = [n for n in nodes if n is not None]
-    phases = [
-        [sum(v for k, v in n.items() if k.startswith("time_")) for n in there],
-        [n.get(AGGREGATE_PREFIX + "time_evaluate", 0.0) for n in there],
-    ]
-    return sum(max(0.0, max(t) - sum(t) / cores) for t in phases if t and max(t) > 0)
+def app_seconds(record: dict) -> float:
+    """Seconds the round's ClientApps spent in their own code (every ``time_*`` lap of
+    every node, the hub's evaluation message's ``aggregate_time_*`` too)."""
+    return sum(
+        seconds
+        for node in record["nodes"].values()
+        for key, seconds in node.items()
+        if key.startswith(("time_", AGGREGATE_PREFIX + "time_"))
+    )
+
+
+def _calibration_pass(core: int | None, results) -> None:
+    """A fixed piece of the plain loop's kind of work (a small CNN scoring 1,000 CIFAR-
+    sized images, one thread), timed on ``core``."""
+    if core is not None:
+        os.sched_setaffinity(0, {core})
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(), torch.nn.Linear(64 * 8 * 8, 128), torch.nn.ReLU(),
+        torch.nn.Linear(128, 10),
+    ).eval()  # fmt: skip
+    images = torch.rand(1000, 3, 32, 32)
+    with torch.no_grad():
+        net(images[:100])
+        started = time.perf_counter()
+        for _ in range(6):
+            for batch in images.split(250):
+                net(batch)
+    results.put((core, time.perf_counter() - started))
+
+
+def core_speedup(core: int, cores: int) -> tuple[float, dict[int, float], dict[int, float]]:
+    """How much more the ``cores`` cores do together than ``core`` alone: the same pass
+    on ``core`` alone, then on every core at once (one process each, pinned). The
+    floor's ``serial / cores`` assumes ``cores`` x; this machine's vCPUs differ in speed
+    and slow each other down (measured: 1.6 x with 2)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+
+    def run(pinned: list[int]) -> dict[int, float]:
+        workers = [context.Process(target=_calibration_pass, args=(c, results)) for c in pinned]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        return dict(results.get() for _ in workers)
+
+    alone = {c: run([c])[c] for c in range(cores)}
+    together = run(list(range(cores)))
+    return sum(alone[core] / t for t in together.values()), together, alone
 
 
 def per_client_mib(points: list[tuple[int, float]]) -> float:
@@ -202,6 +259,15 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(c) for c in args.clients.split(",")]
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     cores = len(os.sched_getaffinity(0))
+    speedup, together, alone = core_speedup(PLAIN_CORE, cores)
+    print(
+        f"calibration: one pass alone on core {PLAIN_CORE}: {alone[PLAIN_CORE]:.2f} s, "
+        + ", ".join(f"core {c} alone {t:.2f} s" for c, t in alone.items() if c != PLAIN_CORE)
+        + "; all at once: "
+        + ", ".join(f"core {c} {t:.2f} s" for c, t in together.items())
+        + f" -> {cores} cores do {speedup:.2f}x what core {PLAIN_CORE} does alone",
+        flush=True,
+    )
     rows = []
     for method in args.methods.split(","):
         for clients in sizes:
@@ -220,22 +286,25 @@ def main(argv: list[str] | None = None) -> int:
                 device="cpu",
                 participation=args.participation,
             ).with_values(METHOD_KEYS.get(method, {}))
-            sim_seconds, timings, sim_peak = simulated_rounds(cfg, clients)
+            sim_seconds, timings, sim_peak, in_apps = simulated_rounds(cfg, clients)
             # the cores a round can use: one actor per core, one node per actor at a time
             workers = min(cores, max(1, round(args.participation * clients)))
-            plain_seconds, plain_peak, idle = plain_rounds(cfg, clients, workers)
+            plain_seconds, plain_peak = plain_rounds(cfg, clients, PLAIN_CORE)
             sim = float(np.mean(sim_seconds[1:]))
             serial = float(np.mean(plain_seconds))  # the gaps between rounds 1..N: rounds 2..N
             floor = serial / workers
-            barrier = floor + float(np.mean(idle))
+            attainable = serial / (speedup if workers == cores else 1.0)
+            own = float(np.mean(in_apps[1:])) / workers  # the apps' seconds per core
             rows.append(
-                (method, clients, sim, serial, floor, barrier, sim_peak, plain_peak, timings)
+                (method, clients, sim, floor, attainable, own, sim_peak, plain_peak, timings)
             )
             print(
                 f"{method} x {clients}: simulation {sim:.1f} s/round (rounds: "
-                f"{', '.join(f'{s:.1f}' for s in sim_seconds)}), plain serial {serial:.1f}, "
-                f"floor {floor:.1f} on {workers} cores: {sim / floor:.2f}x the floor; "
-                f"with the barriers' idle {barrier:.1f}: {sim / barrier:.2f}x; "
+                f"{', '.join(f'{s:.1f}' for s in sim_seconds)}), plain serial {serial:.1f} "
+                f"(rounds 2..: {', '.join(f'{s:.1f}' for s in plain_seconds)}), "
+                f"floor {floor:.1f} on {workers} cores: {sim / floor:.2f}x; the floor at "
+                f"this machine's {speedup:.2f}x: {attainable:.1f}, {sim / attainable:.2f}x; "
+                f"the ClientApps' own seconds per core {own:.1f}: {sim / own:.2f}x; "
                 f"peak PSS {sim_peak / 1024:.2f} GiB (plain loop {plain_peak / 1024:.2f} GiB)",
                 flush=True,
             )
@@ -246,18 +315,18 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {torch.__version__}"
     )
     print(
-        "| method | clients | simulation s/round | floor s/round | simulation / floor | "
-        "floor + barrier idle | simulation / that | "
+        "| method | clients | simulation s/round | floor (serial / cores) | ratio | "
+        f"floor at {speedup:.2f}x | ratio | ClientApps' own s per core | ratio | "
         "peak PSS simulation (GiB) | peak PSS plain loop (GiB) | simulation MiB per client |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for method in dict.fromkeys(r[0] for r in rows):
         mine = [r for r in rows if r[0] == method]
         slope = per_client_mib([(r[1], r[6]) for r in mine])
-        for _, clients, sim, _, floor, barrier, sim_peak, plain_peak, _ in mine:
+        for _, clients, sim, floor, attainable, own, sim_peak, plain_peak, _ in mine:
             print(
                 f"| {method} | {clients} | {sim:.1f} | {floor:.1f} | {sim / floor:.2f}x "
-                f"| {barrier:.1f} | {sim / barrier:.2f}x "
+                f"| {attainable:.1f} | {sim / attainable:.2f}x | {own:.1f} | {sim / own:.2f}x "
                 f"| {sim_peak / 1024:.2f} | {plain_peak / 1024:.2f} | {slope:.1f} |"
             )
     print("\nMean seconds per message inside the ClientApp (rounds 2..):")

@@ -87,16 +87,29 @@ spawn() {  # name, command...: start in a new session, remember the PID
     echo "started $name (pid $!), log $DEPLOY_DIR/$name.log"
 }
 
-stop_one() {  # name: stop its process group, wait for it
-    local pidfile="$DEPLOY_DIR/$1.pid"
+descendants() {  # pid: every process below it (pgrep -P, on Linux and macOS alike)
+    local child
+    for child in $(pgrep -P "$1" 2>/dev/null); do
+        echo "$child"
+        descendants "$child"
+    done
+}
+
+stop_one() {  # name: stop its process group and every process below it, wait for them
+    local pidfile="$DEPLOY_DIR/$1.pid" pid others
     [[ -f $pidfile ]] || return 0
-    local pid
     pid=$(cat "$pidfile")
     if kill -0 "$pid" 2>/dev/null; then
+        # the SuperLink's SuperExec starts a session of its own: not in the group
+        others=$(descendants "$pid")
         kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+        # shellcheck disable=SC2086
+        [[ -z $others ]] || kill -TERM $others 2>/dev/null || true
         for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
         kill -KILL -- "-$pid" 2>/dev/null || true
-        echo "stopped $1 (pid $pid)"
+        # shellcheck disable=SC2086
+        [[ -z $others ]] || kill -KILL $others 2>/dev/null || true
+        echo "stopped $1 (pid $pid${others:+ and $(echo $others | wc -w) below it})"
     fi
     rm -f "$pidfile"
 }

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.result import Result
@@ -95,6 +96,13 @@ class Member:
         return self.node_id != ABSENT
 
 
+# Flower's error codes that say a node or its message could not be reached, not that the
+# node's ClientApp failed: a query answered so is asked again rather than held against it
+UNREACHABLE = (
+    ErrorCode.NODE_UNAVAILABLE,
+    ErrorCode.MESSAGE_UNAVAILABLE,
+    ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
+)
 AGGREGATE_PREFIX = "aggregate_"  # metrics of the hub's fresh aggregate (Router.scores_aggregate)
 ABSENT = -1  # the node id of a ring slot whose partition has not appeared yet
 
@@ -316,13 +324,19 @@ class RoundLoop(Strategy):
     def _answers(self, grid: Grid, strict: bool) -> list[tuple[int, int, int]]:
         """(node id, partition-id, num-partitions) of every answer that has arrived. A node
         that cannot describe itself is an error while the ring forms (``strict``), a
-        warning afterwards (the ring goes on without it)."""
+        warning afterwards (the ring goes on without it). A node Flower could not reach
+        (no heartbeat lately: a device that froze, a SuperLink that restarted moments
+        ago) is neither: it is asked again."""
         if not self.asked:
             return []
         answers = []
         for reply in grid.pull_messages(list(self.asked)):
             node_id = self.asked.pop(reply.metadata.reply_to_message_id, None)
             if node_id is None:
+                continue
+            if reply.has_error() and reply.error.code in UNREACHABLE:
+                # the network's doing, not the node config's: asked again on the next look
+                log(INFO, "node %d not reachable yet: %s", node_id, reply.error.reason)
                 continue
             if reply.has_error():
                 reason = (

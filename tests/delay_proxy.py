@@ -9,7 +9,7 @@ a request and its response each take the delay once more than without the proxy.
 delay, in seconds, is read from ``--delay-file`` (missing or empty: 0) whenever a chunk
 arrives, so a test can slow the link down and speed it up mid-run. TLS passes through
 untouched: the SuperNode still verifies the SuperLink's certificate by the address it
-dials.
+dials. Each connection it accepts is a line on stdout (``connection N (delay D s)``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import socket
+import struct
 from pathlib import Path
 
 
@@ -57,14 +59,35 @@ async def pipe(
         await asyncio.gather(take(), give())
 
 
+def refuse(writer: asyncio.StreamWriter) -> None:
+    """Close with a reset, as a routed link to a host that is down answers (connection
+    refused), not with a clean close, which a TLS client reads as a broken handshake
+    (and Flower 1.41's SuperNode then gives up for good: docs/devices.md)."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
 async def serve(listen: str, target: str, delay_file: Path | None) -> None:
     to_host, to_port = target.rsplit(":", 1)
 
+    connections = 0
+    # asyncio keeps only weak references to tasks: a connection's task waiting on its own
+    # queue would be collected mid-transfer ("Task was destroyed but it is pending")
+    running: set[asyncio.Task] = set()
+
     async def handle(client_reader, client_writer) -> None:
+        nonlocal connections
+        connections += 1
+        task = asyncio.current_task()
+        running.add(task)
+        task.add_done_callback(running.discard)
+        print(f"connection {connections} (delay {read_delay(delay_file):g} s)", flush=True)
         try:
             server_reader, server_writer = await asyncio.open_connection(to_host, int(to_port))
         except OSError:
-            client_writer.close()
+            refuse(client_writer)
             return
         await asyncio.gather(
             pipe(client_reader, server_writer, delay_file),

@@ -67,3 +67,25 @@ def test_each_direction_is_held_for_the_delay_in_the_file_read_as_chunks_come(tm
     finally:
         proxy.kill()
         proxy.wait()
+
+
+def test_with_nothing_behind_it_the_proxy_resets_the_connection_as_a_refusal_would(tmp_path):
+    listen = free_port()
+    proxy = subprocess.Popen(
+        [sys.executable, str(PROXY), "--listen", f"127.0.0.1:{listen}"]
+        + ["--to", f"127.0.0.1:{free_port()}"],  # nobody listens there
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proxy.stdout.readline().startswith("delaying")
+        with socket.create_connection(("127.0.0.1", listen), timeout=10) as conn:
+            conn.sendall(b"hello")
+            try:
+                got = conn.recv(10)
+            except ConnectionResetError:
+                got = None
+        assert got is None  # a reset, not a clean end of stream (b"")
+    finally:
+        proxy.kill()
+        proxy.wait()

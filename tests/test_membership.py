@@ -155,3 +155,40 @@ def test_a_late_node_with_another_num_partitions_is_not_admitted():
     _, records = run(grid, rounds=3, min_nodes=2)
     assert [rec["absent"] for rec in records] == [[2], [2], [2]]
     assert all(rec["joined"] == [] for rec in records)
+
+
+def unreachable_once(grid: FakeGrid, partition: int, code: int):
+    """The first description query to ``partition`` comes back as Flower's error ``code``
+    (the SuperLink's answer for a node it has had no heartbeat from)."""
+    from flwr.app import Error, Message, MessageType
+
+    answer, refused = grid.answer, []
+
+    def once(msg):
+        query = msg.metadata.message_type == MessageType.QUERY
+        if query and grid.partition_of.get(msg.metadata.dst_node_id) == partition and not refused:
+            refused.append(msg)
+            return Message(Error(code=code, reason="Node Unavailable"), reply_to=msg)
+        return answer(msg)
+
+    grid.answer = once
+    return refused
+
+
+def test_a_node_flower_could_not_reach_during_discovery_is_asked_again_not_an_error():
+    from flwr.common.constant import ErrorCode
+
+    grid = FakeGrid(3)
+    refused = unreachable_once(grid, 2, ErrorCode.NODE_UNAVAILABLE)
+    loop, records = run(grid, rounds=1)
+    assert refused and [m.partition_id for m in loop.members] == [0, 1, 2]
+    assert grid.asked.count(node_of(grid, 2)) == 2 and records[0]["failed"] == []
+
+
+def test_a_node_whose_clientapp_fails_to_describe_itself_still_stops_discovery():
+    from flwr.common.constant import ErrorCode
+
+    grid = FakeGrid(3)
+    unreachable_once(grid, 2, ErrorCode.CLIENT_APP_RAISED_EXCEPTION)
+    with pytest.raises(RuntimeError, match="could not describe itself"):
+        run(grid, rounds=1)
