@@ -30,6 +30,8 @@ TLS=${TLS:-0}
 mkdir -p "$DEPLOY_DIR"
 DEPLOY_DIR=$(cd "$DEPLOY_DIR" && pwd)  # absolute: node configs and the connection name files
 CERTS="$DEPLOY_DIR/certs"
+# shellcheck source=deploy/processes.sh
+. "$(dirname "$0")/processes.sh"
 
 superlink_security() {
     if [[ $TLS == 1 ]]; then
@@ -77,42 +79,6 @@ register_node() {  # partition-id: the SuperLink accepts this node's key from no
     return 1
 }
 
-spawn() {  # name, command...: start in a new session, remember the PID
-    local name=$1
-    shift
-    # a new session without setsid(1), which macOS lacks: Python's os.setsid, then exec
-    "${PYTHON:-python3}" -c 'import os, sys; os.setsid(); os.execvp(sys.argv[1], sys.argv[1:])' "$@" \
-        >"$DEPLOY_DIR/$name.log" 2>&1 < /dev/null &
-    echo $! >"$DEPLOY_DIR/$name.pid"
-    echo "started $name (pid $!), log $DEPLOY_DIR/$name.log"
-}
-
-descendants() {  # pid: every process below it (pgrep -P, on Linux and macOS alike)
-    local child
-    for child in $(pgrep -P "$1" 2>/dev/null); do
-        echo "$child"
-        descendants "$child"
-    done
-}
-
-stop_one() {  # name: stop its process group and every process below it, wait for them
-    local pidfile="$DEPLOY_DIR/$1.pid" pid others
-    [[ -f $pidfile ]] || return 0
-    pid=$(cat "$pidfile")
-    if kill -0 "$pid" 2>/dev/null; then
-        # the SuperLink's SuperExec starts a session of its own: not in the group
-        others=$(descendants "$pid")
-        kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-        # shellcheck disable=SC2086
-        [[ -z $others ]] || kill -TERM $others 2>/dev/null || true
-        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL -- "-$pid" 2>/dev/null || true
-        # shellcheck disable=SC2086
-        [[ -z $others ]] || kill -KILL $others 2>/dev/null || true
-        echo "stopped $1 (pid $pid${others:+ and $(echo $others | wc -w) below it})"
-    fi
-    rm -f "$pidfile"
-}
 
 start_node() {  # partition-id, num-partitions
     local k=$1 n=$2

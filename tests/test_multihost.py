@@ -22,7 +22,6 @@ tests/test_multihost.py`` prints the log the closing note quotes.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -33,6 +32,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.test_deployment import records, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = ROOT / "deploy" / "device.sh"
@@ -138,21 +139,13 @@ def device_data(folder: Path, rows: int) -> Path:
     return folder
 
 
-def records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(1)
-    raise TimeoutError(f"waited {timeout:.0f}s for {what}")
+def nodes_online(network: Network, env: dict[str, str]) -> str | None:
+    """``flwr supernode list`` on the SuperLink host, when it lists three nodes online."""
+    listed = network.run(
+        "superlink", "flwr", "supernode", "list", "drdfl", "--format", "json",
+        env=env, check=False,
+    ).stdout  # fmt: skip
+    return listed if listed.count('"online"') == 3 else None
 
 
 def process_group(state: Path, name: str) -> int:
@@ -228,28 +221,7 @@ def test_three_devices_by_address_survive_a_slow_link_a_freeze_and_a_superlink_r
             assert "Verification: OK" in handshake.stderr
             network.run(host, str(DEVICE), "supernode", link, str(k), "3", str(data), env=env)
             started.append((host, env))
-        listed = wait_for(
-            lambda: (
-                out
-                if (
-                    out := network.run(
-                        "superlink",
-                        "flwr",
-                        "supernode",
-                        "list",
-                        "drdfl",
-                        "--format",
-                        "json",
-                        env=on_link,
-                        check=False,
-                    ).stdout  # fmt: skip
-                ).count('"online"')
-                == 3
-                else None
-            ),
-            120,
-            "three SuperNodes online",
-        )
+        listed = wait_for(lambda: nodes_online(network, on_link), 120, "three online")
         print(listed)
 
         # -- the run, submitted on the SuperLink host
@@ -287,24 +259,7 @@ def test_three_devices_by_address_survive_a_slow_link_a_freeze_and_a_superlink_r
         network.run("superlink", str(DEVICE), "stop", env=on_link)
         interrupted = records(run_dir)
         network.run("superlink", str(DEVICE), "superlink", env=on_link)
-        wait_for(
-            lambda: (
-                network.run(
-                    "superlink",
-                    "flwr",
-                    "supernode",
-                    "list",
-                    "drdfl",
-                    "--format",
-                    "json",
-                    env=on_link,
-                    check=False,
-                ).stdout.count('"online"')  # fmt: skip
-                == 3
-            ),
-            180,
-            "the devices back on the restarted SuperLink",
-        )
+        wait_for(lambda: nodes_online(network, on_link), 180, "the devices back online")
         submit("resume=true")
         wait_for(lambda: (run_dir / "summary.json").is_file(), 900, "the end of the run")
     finally:
