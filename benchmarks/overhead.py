@@ -52,6 +52,7 @@ import torch
 
 from drdfl_flwr.config import RunConfig
 from drdfl_flwr.inprocess import run_ring
+from drdfl_flwr.models.classifiers import SmallCNN, norm_layer
 from drdfl_flwr.simulation import simulate
 from strategies.rounds import AGGREGATE_PREFIX
 
@@ -184,18 +185,13 @@ def app_seconds(record: dict) -> float:
 
 
 def _calibration_pass(core: int | None, results) -> None:
-    """A fixed piece of the plain loop's kind of work (a small CNN scoring 1,000 CIFAR-
-    sized images, one thread), timed on ``core``."""
+    """A fixed piece of the plain loop's kind of work (the runs' small CNN scoring 1,000
+    CIFAR-sized images, one thread), timed on ``core``."""
     if core is not None:
         os.sched_setaffinity(0, {core})
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Flatten(), torch.nn.Linear(64 * 8 * 8, 128), torch.nn.ReLU(),
-        torch.nn.Linear(128, 10),
-    ).eval()  # fmt: skip
+    net = SmallCNN(3, 32, 32, 10, norm_layer("batch")).eval()
     images = torch.rand(1000, 3, 32, 32)
     with torch.no_grad():
         net(images[:100])

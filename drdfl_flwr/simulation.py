@@ -81,10 +81,11 @@ def visible_gpus(ray_address: str) -> tuple[float, str]:
 IN_FLIGHT_PER_ACTOR = 4
 
 
-def in_flight_limit(ray_address: str, cpus_per_client: float, gpus_per_client: float) -> int:
+def in_flight_limit(
+    cpus: float, gpus: float, cpus_per_client: float, gpus_per_client: float
+) -> int:
     """The round loop's ``max_in_flight`` for the pool of ClientApp actors Flower will
-    start (as many as the CPUs, and the GPUs where asked, hold)."""
-    cpus, gpus, _ = ray_resources(ray_address)
+    start on ``cpus`` and ``gpus`` (as many as the CPUs, and the GPUs where asked, hold)."""
     actors = int(cpus // cpus_per_client) if cpus_per_client > 0 else 1
     if gpus_per_client > 0:
         actors = min(actors, int(gpus // gpus_per_client))
@@ -105,10 +106,13 @@ def no_gpu_message(gpus_per_client: float, where: str) -> str:
 
 def check_gpus(gpus_per_client: float, ray_address: str) -> None:
     """Raise :class:`NoGpuError` when GPUs are asked per client and Ray would see none."""
-    if gpus_per_client <= 0:
-        return
-    gpus, where = visible_gpus(ray_address)
-    if gpus <= 0:
+    if gpus_per_client > 0:
+        refuse_without_gpus(gpus_per_client, *visible_gpus(ray_address))
+
+
+def refuse_without_gpus(gpus_per_client: float, gpus: float, where: str) -> None:
+    """:func:`check_gpus` on resources already looked up."""
+    if gpus_per_client > 0 and gpus <= 0:
         raise NoGpuError(no_gpu_message(gpus_per_client, where))
 
 
@@ -180,8 +184,9 @@ def simulate(
     check_run_config(cfg)  # before Ray starts
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     address = ray_address_for(ray_address)
-    check_gpus(gpus_per_client, address)
-    max_in_flight = in_flight_limit(address, cpus_per_client, gpus_per_client)
+    cpus, gpus, where = ray_resources(address)  # once: on a cluster, a connection
+    refuse_without_gpus(gpus_per_client, gpus, where)
+    max_in_flight = in_flight_limit(cpus, gpus, cpus_per_client, gpus_per_client)
     summary: dict[str, Any] = {}
     failures: list[Exception] = []
     watch = NodeWatch() if address != LOCAL else None

@@ -61,18 +61,9 @@ def content_bytes(content: RecordDict) -> int:
 
 def field_bytes(size: int) -> int:
     """Bytes a length-delimited protobuf field of ``size`` bytes takes inside its parent
-    (a one-byte tag, the length as a varint, the bytes): how a record's size adds up
-    into the message's without serializing the whole again."""
-    return 1 + len(_varint(size)) + size
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
-        value >>= 7
-        if not value:
-            return bytes(out)
+    (a one-byte tag, the length as a varint of 7 bits a byte, the bytes): how a record's
+    size adds up into the message's without serializing the whole again."""
+    return 1 + max(1, -(-size.bit_length() // 7)) + size
 
 
 def reply_bytes(reply: Message) -> dict[str, int]:

@@ -56,14 +56,14 @@ def no_gpu(monkeypatch):
     """No GPU anywhere, and a simulation engine that must not be reached."""
     looked: list[str] = []
 
-    def visible_gpus(address):
+    def ray_resources(address):
         looked.append(address)
-        return 0.0, NO_GPU_HERE
+        return 2.0, 0.0, NO_GPU_HERE
 
     def run_simulation(**kwargs):
         raise AssertionError("the simulation engine started although no GPU is visible")
 
-    monkeypatch.setattr(simulation, "visible_gpus", visible_gpus)
+    monkeypatch.setattr(simulation, "ray_resources", ray_resources)
     monkeypatch.setattr(simulation, "run_simulation", run_simulation)
     return looked
 
@@ -164,13 +164,12 @@ def test_simulate_hands_the_address_resources_and_mods_to_flower(monkeypatch, tm
     assert seen["client_app"]._mods[-1] is mod
 
 
-def test_the_in_flight_limit_follows_the_actor_pool(monkeypatch):
+def test_the_in_flight_limit_follows_the_actor_pool():
     """Four messages out per ClientApp actor, the actors counted as Flower counts them."""
-    monkeypatch.setattr(simulation, "ray_resources", lambda address: (16.0, 2.0, "there"))
-    assert simulation.in_flight_limit("local", 1.0, 0.0) == 4 * 16
-    assert simulation.in_flight_limit("local", 3.0, 0.0) == 4 * 5
-    assert simulation.in_flight_limit("local", 1.0, 0.5) == 4 * 4  # the GPUs bind first
-    assert simulation.in_flight_limit("local", 32.0, 0.0) == 4  # never below one actor's
+    assert simulation.in_flight_limit(16.0, 2.0, 1.0, 0.0) == 4 * 16
+    assert simulation.in_flight_limit(16.0, 2.0, 3.0, 0.0) == 4 * 5
+    assert simulation.in_flight_limit(16.0, 2.0, 1.0, 0.5) == 4 * 4  # the GPUs bind first
+    assert simulation.in_flight_limit(16.0, 2.0, 32.0, 0.0) == 4  # never below one actor's
 
 
 def test_device_auto_picks_cuda_only_where_torch_sees_one(monkeypatch):
