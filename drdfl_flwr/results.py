@@ -19,10 +19,13 @@ import numpy as np
 from flwr.common import log
 
 from drdfl_flwr.health import health_view
+from drdfl_flwr.provenance import write_provenance
+from drdfl_flwr.scoring import GLOBAL_T, LOCAL_T, SCORE_KEYS
+from strategies.rounds import AGGREGATE_PREFIX
 
-ACCURACY_KEYS = ("local_t_acc", "global_t_acc")
+ACCURACY_KEYS = (LOCAL_T, GLOBAL_T)  # the paper's two: the best rounds are picked by them
 # a hub method's fresh aggregate, scored apart from the after-training accuracies
-AGGREGATE_KEYS = ("aggregate_local_t_acc", "aggregate_global_t_acc")
+AGGREGATE_KEYS = tuple(AGGREGATE_PREFIX + key for key in SCORE_KEYS)
 
 
 class ResultsWriter:
@@ -54,6 +57,7 @@ class ResultsWriter:
         else:
             self.metrics_path.write_text("")
         (run_dir / "run_config.json").write_text(json.dumps(run_config, indent=2))
+        write_provenance(run_dir)
         self.started = time.time()
 
     def _interrupted_rounds(self, run_config: dict[str, Any]) -> list[dict[str, Any]]:
@@ -191,7 +195,7 @@ class ResultsWriter:
 
 def _accuracy_view(record: dict[str, Any]) -> dict[str, Any]:
     view: dict[str, Any] = {"round": record["round"]}
-    for key in ACCURACY_KEYS + AGGREGATE_KEYS:
+    for key in SCORE_KEYS + AGGREGATE_KEYS:
         if key in record["mean"]:
             view[key] = {"mean": record["mean"][key], "std": record["std"][key]}
     return view

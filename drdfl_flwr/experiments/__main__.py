@@ -14,8 +14,9 @@ from typing import Any
 
 from drdfl_flwr.config import ConfigError, flatten_tables
 from drdfl_flwr.experiments.grid import load_grid
-from drdfl_flwr.experiments.outcomes import DONE, FAILED, PENDING, read_outcome
+from drdfl_flwr.experiments.outcomes import DONE, FAILED, PENDING, STALE, read_outcome
 from drdfl_flwr.experiments.runner import run_grid, write_all
+from drdfl_flwr.provenance import RESULTS_FORMAT
 
 # One key=value pair of ``flwr run --run-config "k1=v1 k2=v2"``: the value quoted ('...' or
 # "...", spaces allowed) or up to the next space (flwr.common.config.parse_config_args).
@@ -71,8 +72,14 @@ def main(argv: list[str] | None = None) -> int:
         statuses = [read_outcome(run, out / "runs").status for run in grid.runs]
         for run, status in zip(grid.runs, statuses, strict=True):
             print(f"{status:8} {run.run_id}")
-        counts = ", ".join(f"{statuses.count(s)} {s}" for s in (DONE, FAILED, PENDING))
+        shown = (DONE, STALE, FAILED, PENDING) if STALE in statuses else (DONE, FAILED, PENDING)
+        counts = ", ".join(f"{statuses.count(s)} {s}" for s in shown)
         print(f"{len(statuses)} runs: {counts}")
+        if STALE in statuses:
+            print(
+                f"stale: finished under another results format than today's "
+                f"({RESULTS_FORMAT}, drdfl_flwr/provenance.py); the grid runs them again"
+            )
         return 0
     if args.report_only:
         outcomes = [read_outcome(run, out / "runs") for run in grid.runs]

@@ -19,6 +19,11 @@ config holds scalars only:
                optionally scoped to one dataset (``cifar100/shard:20``). Empty = the file's.
 ``seeds``      integers; empty = the file's ``seed``.
 ``clients``, ``cpus-per-client``, ``gpus-per-client``: the simulated federation.
+``primary``    the comparisons declared before the runs, ``a - b @ metric``, comma
+               separated (``drdfl - local @ expected_local_t_acc``): the report tests
+               them with a multiplicity correction and calls every other difference
+               exploratory. ``a`` and ``b`` are variants of the grid; ``metric`` one of
+               :data:`PRIMARY_METRICS`.
 """
 
 from __future__ import annotations
@@ -38,11 +43,21 @@ from drdfl_flwr.config import (
     RunConfig,
 )
 from drdfl_flwr.registry import check_run_config
+from drdfl_flwr.scoring import (
+    ABSENT_CLASS,
+    EXPECTED_LOCAL_T,
+    GLOBAL_T,
+    GLOBAL_T_BALANCED,
+    LOCAL_T,
+)
 
 VARIANT = re.compile(
     r"^(?P<method>[a-z0-9-]+)(?P<isolated>\+isolated)?(?:@(?P<topology>[a-z-]+))?"
     r"(?:\{(?P<overrides>[^{}]*)\})?$"
 )
+PRIMARY = re.compile(r"^(?P<a>.+?)\s+-\s+(?P<b>.+?)\s*@\s*(?P<metric>[a-z_]+)$")
+# what a primary comparison may be made on: the scores, not their standard errors
+PRIMARY_METRICS = (LOCAL_T, EXPECTED_LOCAL_T, GLOBAL_T, GLOBAL_T_BALANCED, ABSENT_CLASS)
 PARTITION = re.compile(
     r"^(?:(?P<dataset>[a-z0-9]+)/)?(?P<kind>dirichlet|shard|iid)(?::(?P<value>.+))?$"
 )
@@ -63,6 +78,7 @@ class GridOptions(MethodOptions):
     clients: int = 10
     cpus_per_client: float = 1.0
     gpus_per_client: float = 0.0
+    primary: str = ""
 
     def __post_init__(self) -> None:
         self.check_positive("clients", "cpus-per-client")
@@ -88,6 +104,37 @@ class GridOptions(MethodOptions):
         for item in _items(self.seeds):
             if not re.fullmatch(r"-?\d+", item):
                 self.fail("seeds", f"{item!r} is not an integer")
+        self.primary_comparisons()  # raises on malformed entries
+
+    def primary_comparisons(self) -> list[PrimaryComparison]:
+        """``primary`` parsed; that ``a`` and ``b`` are variants is checked by
+        :func:`load_grid`, which knows the variants."""
+        comparisons = []
+        for item in _items(self.primary):
+            match = PRIMARY.match(item)
+            if not match:
+                self.fail("primary", f"{item!r} is not 'a - b @ metric'")
+            if match["metric"] not in PRIMARY_METRICS:
+                self.fail(
+                    "primary",
+                    f"{item!r}: metric {match['metric']!r} is not one of "
+                    f"{', '.join(PRIMARY_METRICS)}",
+                )
+            comparisons.append(PrimaryComparison(match["a"], match["b"], match["metric"]))
+        return comparisons
+
+
+@dataclass(frozen=True)
+class PrimaryComparison:
+    """One comparison declared before the runs: ``a - b`` on ``metric``."""
+
+    a: str
+    b: str
+    metric: str
+
+    @property
+    def text(self) -> str:
+        return f"{self.a} - {self.b} @ {self.metric}"
 
 
 KEY_SOURCES.append(lambda: GridOptions().to_section())  # for the did-you-mean of a typo
@@ -199,6 +246,15 @@ def load_grid(path: str | Path, overrides: dict[str, Any] | None = None) -> Grid
                             f"seed {seed})",
                         ) from None
                     runs.append(GridRun(variant, dataset, partition, seed, cfg))
+    for comparison in options.primary_comparisons():
+        unknown = [v for v in (comparison.a, comparison.b) if v not in variants]
+        if unknown:
+            raise ConfigError(
+                "grid.primary",
+                comparison.text,
+                f"names {', '.join(map(repr, unknown))}, not a variant of the grid "
+                f"({', '.join(variants)})",
+            )
     ids = [run.run_id for run in runs]
     if len(set(ids)) != len(ids):
         duplicates = sorted({i for i in ids if ids.count(i) > 1})

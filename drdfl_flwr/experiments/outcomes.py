@@ -24,9 +24,10 @@ from typing import Any
 from drdfl_flwr.config import RunConfig
 from drdfl_flwr.data import data_identity
 from drdfl_flwr.experiments.grid import GridRun
+from drdfl_flwr.provenance import RESULTS_FORMAT, recorded_format
 from drdfl_flwr.registry import method_spec, recorded_run_config
 
-DONE, FAILED, PENDING = "done", "failed", "pending"
+DONE, FAILED, PENDING, STALE = "done", "failed", "pending", "stale"
 # where results go and whether a run continues: they do not change the results
 BOOKKEEPING_KEYS = ("results-dir", "run-name", "resume")
 # where the data lies: machine-dependent; what it is (DATA_FILE) is compared instead
@@ -47,7 +48,7 @@ PARTITIONER_KEYS = {
 @dataclass(frozen=True)
 class RunOutcome:
     run: GridRun
-    status: str  # done | failed | pending
+    status: str  # done | failed | pending | stale
     run_dir: Path
     error: str = ""
     summary: dict[str, Any] | None = None
@@ -56,11 +57,15 @@ class RunOutcome:
 
 def read_outcome(run: GridRun, runs_dir: Path) -> RunOutcome:
     """The state of ``run`` under ``runs_dir``: done (summary written by the same config
-    on the same data), failed (error.txt), or pending (nothing, or a run cut off part way)."""
+    on the same data under today's results format), stale (the same, under another
+    format: :mod:`drdfl_flwr.provenance`), failed (error.txt), or pending (nothing, or a
+    run cut off part way). A stale run is never counted done: the grid runs it again."""
     run_dir = runs_dir / run.run_id
     rounds = _read_rounds(run_dir / "metrics.jsonl")
     summary_path, error_path = run_dir / "summary.json", run_dir / "error.txt"
     if summary_path.is_file() and _same_config(run, run_dir) and _same_data(run, run_dir):
+        if recorded_format(run_dir) != RESULTS_FORMAT:
+            return RunOutcome(run, STALE, run_dir, rounds=rounds)
         summary = json.loads(summary_path.read_text())
         return RunOutcome(run, DONE, run_dir, summary=summary, rounds=rounds)
     if error_path.is_file():

@@ -25,7 +25,7 @@ import numpy as np
 
 from drdfl_flwr.experiments.grid import Partition
 from drdfl_flwr.experiments.names import base_variant, is_isolated
-from drdfl_flwr.experiments.outcomes import DONE, FAILED, RunOutcome
+from drdfl_flwr.experiments.outcomes import DONE, FAILED, STALE, RunOutcome
 from drdfl_flwr.health import HEALTH_PREFIX
 from drdfl_flwr.registry import method_spec, resolved_topology
 
@@ -462,9 +462,17 @@ def failed_section(outcomes: Sequence[RunOutcome]) -> list[str]:
 
 
 def status_line(outcomes: Sequence[RunOutcome]) -> str:
-    counts = {s: sum(o.status == s for o in outcomes) for s in (DONE, FAILED)}
+    counts = {s: sum(o.status == s for o in outcomes) for s in (DONE, STALE, FAILED)}
     pending = len(outcomes) - sum(counts.values())
-    return f"{len(outcomes)} runs: {counts[DONE]} done, {counts[FAILED]} failed, {pending} pending."
+    stale = (
+        f", {counts[STALE]} stale (made under another results format: not in the tables)"
+        if counts[STALE]
+        else ""
+    )
+    return (
+        f"{len(outcomes)} runs: {counts[DONE]} done{stale}, {counts[FAILED]} failed, "
+        f"{pending} pending."
+    )
 
 
 # -- communication (Table 1) --------------------------------------------------------

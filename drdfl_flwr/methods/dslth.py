@@ -35,10 +35,13 @@ the new masks (``train_MCE.py``: ``client_update`` -> ``get_new_masks`` ->
 send, and the masks of round t reach it only with round t + 1's message, so the
 fine-tuned model of round t exists only between absorb and fit of round t + 1. ``fit``
 therefore keeps a copy of the scores it starts from (what absorb's fine-tuning left,
-fused with the masks just received, which fit does not change), and :meth:`evaluate`
-scores the network with those scores (:meth:`scored_model`), not with the ones the
-round's SGD step has just moved. The Local-T / Global-T a node reports in round t + 1
-are thus the release's scores of its round t, computed on the same model; round 1
+fused with the masks just received, which fit does not change), and with
+``dslth.scored-at = "release"`` :meth:`evaluate` scores the network with those scores
+(:meth:`scored_model`), not with the ones the round's SGD step has just moved. The
+default, ``"trained"``, scores the model the round's training produced, as every other
+method is scored (a comparison table scores every method after the same local rounds).
+With ``"release"``, the Local-T / Global-T a node reports in round t + 1 are thus the
+release's scores of its round t, computed on the same model; round 1
 reports the untrained network (the release has no score for it), and a run of R + 1
 rounds reports the release's R scored rounds (``conf/dslth-released.toml``: 401).
 The same holds for ``dslth-procedure = "epochs"``. Without a ``fit`` since the last
@@ -46,7 +49,8 @@ absorb (an evaluation message), :meth:`evaluate` scores the current model.
 
 Before any mask arrives, every node fuses with the same initial neighbour mask, drawn
 from the run seed only (:func:`initial_mask_seed`), as the release hands one
-``mask_list`` to every client.
+``mask_list`` to every client. An isolated node (``isolated = true``) fuses with nothing:
+its m_bar is 0, so it trains a plain supermask, the clean no-sharing control.
 
 An optional group lasso ``lambda * sum_filters ||y_filter||_2`` (``dslth-group-lasso``)
 is added to the loss (the release only logs it; lambda = 0 reproduces that).
@@ -78,6 +82,7 @@ from drdfl_flwr.spec import MethodSpec
 
 MASK_PREFIX = "mask."
 PROCEDURES = ("released", "epochs")
+SCORED_AT = ("trained", "release")
 
 
 @dataclass(frozen=True)
@@ -94,9 +99,11 @@ class DSLTHOptions(MethodOptions):
     finetune_scale: float = 10.0
     group_lasso: float = 0.0
     weight_init: str = "kaiming-uniform"
+    scored_at: str = "trained"
 
     def __post_init__(self) -> None:
         self.check_choice("procedure", PROCEDURES)
+        self.check_choice("scored-at", SCORED_AT)
         self.check_unit("keep-ratio-conv", "keep-ratio-fc", open_low=True)
         self.node_keep_ratio_list()  # raises on malformed entries
         self.check_positive("score-lr")
@@ -164,6 +171,15 @@ class DSLTHLearner(Learner):
         except ValueError as err:
             raise ConfigError("classifier", cfg.classifier, str(err)) from None
         self.net = net.to(self.device)
+        if cfg.isolated:
+            # No neighbour, no fusion: m_bar = 0 makes y = z, plain supermask training
+            # (a frozen random initial m_bar would still steer every node's mask).
+            self.net.set_neighbour_masks(
+                {
+                    name: torch.zeros_like(layer.neighbour_mean)
+                    for name, layer in self.net.masked_layers().items()
+                }
+            )
         self.optimizer = torch.optim.SGD(
             self.net.parameters(),
             lr=self.opts.score_lr,
@@ -322,9 +338,13 @@ class DSLTHLearner(Learner):
                     layer.scores.copy_(current[name])
 
     def evaluate(self, data: ClientData) -> dict[str, float]:
-        """Local-T and Global-T after the fine-tuning step with the new masks, as the
+        """``dslth.scored-at = "trained"`` (default): the model this round's training
+        produced, as every other method is scored, after the same number of local
+        rounds. ``"release"``: after the fine-tuning step with the new masks, as the
         release scores them (see the module docstring): the model :meth:`fit` started
-        from this round, not the one its step produced."""
+        from this round, one local round behind."""
+        if self.opts.scored_at == "trained":
+            return super().evaluate(data)
         with self.scored_model():
             return super().evaluate(data)
 
