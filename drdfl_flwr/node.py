@@ -19,6 +19,7 @@ from drdfl_flwr.data import ClientData
 from drdfl_flwr.intake import Intake, take_in
 from drdfl_flwr.learner import Learner, measured_fit
 from drdfl_flwr.payload import Incoming, Tensors
+from drdfl_flwr.scoring import majority_floor
 from strategies.reducers import EXAMPLES
 
 
@@ -71,6 +72,9 @@ def node_round(
     clock.lap("time_fit")
     if evaluate:
         metrics.update(evaluation_metrics(learner, data))
+        metrics.update(
+            majority_floor(data.y_local_test, data.y_global_test, data.y_train, data.num_classes)
+        )
         clock.lap("time_evaluate")
     payload = {} if isolated else learner.shared_payload()
     metrics.update(

@@ -39,17 +39,17 @@ EXPECTED_LOCAL_T_SE = "expected_local_t_se"
 # DFML's peak snapshot, scored beside its current model (drdfl_flwr.methods.dfml)
 PEAK_LOCAL_T = "peak_local_t_acc"
 PEAK_GLOBAL_T = "peak_global_t_acc"
+# the majority-class predictor's scores on the same sets: how much is the label prior
+FLOOR_PREFIX = "floor_"
+ACCURACIES = (LOCAL_T, EXPECTED_LOCAL_T, GLOBAL_T, GLOBAL_T_BALANCED, ABSENT_CLASS)
 # every score a node's evaluation can report: what a run's summary keeps per round
 SCORE_KEYS = (
-    LOCAL_T,
-    EXPECTED_LOCAL_T,
-    GLOBAL_T,
-    GLOBAL_T_BALANCED,
-    ABSENT_CLASS,
+    *ACCURACIES,
     LOCAL_T_SE,
     EXPECTED_LOCAL_T_SE,
     PEAK_LOCAL_T,
     PEAK_GLOBAL_T,
+    *(FLOOR_PREFIX + key for key in ACCURACIES),
 )
 
 
@@ -111,3 +111,23 @@ def test_metrics(
     if absent.any():
         metrics[ABSENT_CLASS] = raw_acc[absent].mean().item()
     return metrics
+
+
+def majority_floor(
+    y_local: torch.Tensor, y_global: torch.Tensor, y_train: torch.Tensor, num_classes: int
+) -> dict[str, float]:
+    """The scores of a predictor that always answers the node's majority training class
+    (ties: the lowest class), as ``floor_*``: the trivial floor every method's number is
+    read against. Scored by :func:`test_metrics` itself, on one-hot logits, so the floor
+    and the methods are the same computation."""
+    majority = int(torch.bincount(y_train.long(), minlength=num_classes).argmax())
+
+    def one_hot(n: int) -> torch.Tensor:
+        logits = torch.zeros(n, num_classes)
+        logits[:, majority] = 1.0
+        return logits
+
+    scores = test_metrics(
+        one_hot(len(y_local)), y_local, one_hot(len(y_global)), y_global, y_train, num_classes
+    )
+    return {FLOOR_PREFIX + k: v for k, v in scores.items() if k in ACCURACIES}

@@ -278,7 +278,7 @@ def test_state_for_another_architecture_is_refused():
 
 # -- peak model and sharing --------------------------------------------------------------------
 def test_peak_model_snapshot_at_alpha_max():
-    node = learner(dfml_period=2)
+    node = learner(dfml_period=2, dfml_predict="peak")
     data = make_data()
     node.fit(data)  # round 0: alpha_min, not a peak
     assert node.peak_round == -1
@@ -291,11 +291,32 @@ def test_peak_model_snapshot_at_alpha_max():
     with torch.no_grad():
         node.peak.eval()
         assert torch.equal(node.predict(data.x_global_test), node.peak(data.x_global_test))
-    current = learner(dfml_period=2, dfml_predict="current")
+    current = learner(dfml_period=2)  # the default: the current model predicts
     current.fit(data)
     current.fit(data)
     current.fit(data)
     assert torch.equal(current.predict(data.x_global_test), current.model(data.x_global_test))
+
+
+def test_scored_on_the_current_model_with_the_peak_as_a_named_second_metric():
+    """Every method of a table is scored on the model its last local round produced: the
+    table's Local-T is the current model's, the peak snapshot's is ``peak_local_t_acc``."""
+    data = make_data()
+    node = learner(dfml_period=2)
+    node.fit(data)
+    assert "peak_local_t_acc" not in node.evaluate(data)  # no peak yet
+    for _ in range(2):
+        node.fit(data)
+    scores = node.evaluate(data)
+    prior = torch.log(class_proportions(data.y_train, K))
+    with torch.no_grad():
+        node.model.eval()
+        node.peak.eval()
+        current = (node.model(data.x_local_test) + prior).argmax(1)
+        peak = (node.peak(data.x_local_test) + prior).argmax(1)
+    assert scores["local_t_acc"] == (current == data.y_local_test).double().mean().item()
+    assert scores["peak_local_t_acc"] == (peak == data.y_local_test).double().mean().item()
+    assert node.predict_with == "current"  # scoring the peak left the predictor alone
 
 
 def test_shares_own_model_by_default_and_received_on_request():

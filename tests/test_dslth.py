@@ -246,10 +246,10 @@ def test_released_round_is_one_sgd_step_then_masked_finetuning():
 
 def test_a_node_is_scored_after_the_finetuning_step_with_the_new_masks():
     """The release scores each client after update_localpop (the fine-tuning with the
-    masks just received). Here those masks arrive at the start of the next round, so a
-    node's round (absorb -> fit -> evaluate, as the ClientApp runs it) must score the
-    model absorb left, not the one fit's SGD step has just made."""
-    cfg = make_cfg()
+    masks just received). Here those masks arrive at the start of the next round, so with
+    ``scored-at = "release"`` a node's round (absorb -> fit -> evaluate, as the ClientApp
+    runs it) must score the model absorb left, not the one fit's SGD step has just made."""
+    cfg = make_cfg(dslth_scored_at="release")
     node = DSLTHLearner(cfg, SHAPE, K)
     data = make_data(n=64)
     node.fit(data)  # round 1's step
@@ -287,6 +287,35 @@ def test_a_node_is_scored_after_the_finetuning_step_with_the_new_masks():
     scored.clear()
     node.evaluate(data)
     assert torch.equal(scored[1], predict(x_global))
+
+
+def test_by_default_a_node_is_scored_on_what_its_training_produced():
+    """In a comparison every method is scored after the same local rounds: by default
+    DSLTH scores the model its round's training step produced, not the one before it."""
+    cfg = make_cfg()
+    node = DSLTHLearner(cfg, SHAPE, K)
+    data = make_data(n=64)
+    node.fit(data)
+    node.absorb(peers(*received_masks()))
+    finetuned = DSLTHLearner(cfg, SHAPE, K)
+    finetuned.load_bytes(node.to_bytes())
+    node.fit(data)
+    stepped = DSLTHLearner(cfg, SHAPE, K)
+    stepped.load_bytes(node.to_bytes())
+    assert node.evaluate(data) == stepped.evaluate(data)
+    x_global = data.x_global_test
+    assert not torch.equal(finetuned.predict(x_global), stepped.predict(x_global))
+
+
+def test_an_isolated_node_fuses_with_no_mask():
+    """The no-sharing control trains a plain supermask: m_bar = 0, so the fused scores
+    are the node's own (a frozen random initial m_bar would keep steering its mask)."""
+    shared = DSLTHLearner(make_cfg(), SHAPE, K)
+    isolated = DSLTHLearner(make_cfg(isolated=True), SHAPE, K)
+    for name, layer in isolated.net.masked_layers().items():
+        assert not layer.neighbour_mean.any()
+        assert shared.net.masked_layers()[name].neighbour_mean.any()
+        assert torch.equal(layer.scores, shared.net.masked_layers()[name].scores)
 
 
 def test_scores_stay_bounded_and_masks_keep_moving_on_a_ring():
