@@ -24,7 +24,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from drdfl_flwr.config import ConfigError, MethodOptions, RunConfig
 from drdfl_flwr.data import ClientData
 from drdfl_flwr.payload import Incoming, PayloadError, Tensors
-from drdfl_flwr.scoring import test_metrics
+from drdfl_flwr.scoring import score_logits
 
 
 def derived_seed(*parts: object) -> int:
@@ -237,7 +237,7 @@ class Learner(ABC):
     def evaluate(self, data: ClientData) -> dict[str, float]:
         """The paper's Local-T and Global-T of this node's personalized model, and the
         full-test-set readings beside them (:mod:`drdfl_flwr.scoring`)."""
-        return test_metrics(
+        return score_logits(
             self.logits(data.x_local_test),
             data.y_local_test,
             self.logits(data.x_global_test),

@@ -70,7 +70,7 @@ def per_class_accuracy(
     return accuracy, counts
 
 
-def test_metrics(
+def score_logits(
     local_logits: torch.Tensor,
     y_local: torch.Tensor,
     global_logits: torch.Tensor,
@@ -118,7 +118,7 @@ def majority_floor(
 ) -> dict[str, float]:
     """The scores of a predictor that always answers the node's majority training class
     (ties: the lowest class), as ``floor_*``: the trivial floor every method's number is
-    read against. Scored by :func:`test_metrics` itself, on one-hot logits, so the floor
+    read against. Scored by :func:`score_logits` itself, on one-hot logits, so the floor
     and the methods are the same computation."""
     majority = int(torch.bincount(y_train.long(), minlength=num_classes).argmax())
 
@@ -127,7 +127,7 @@ def majority_floor(
         logits[:, majority] = 1.0
         return logits
 
-    scores = test_metrics(
+    scores = score_logits(
         one_hot(len(y_local)), y_local, one_hot(len(y_global)), y_global, y_train, num_classes
     )
     return {FLOOR_PREFIX + k: v for k, v in scores.items() if k in ACCURACIES}

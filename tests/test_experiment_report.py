@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.stats
 
 from drdfl_flwr.config import RunConfig
 from drdfl_flwr.data import label_counts, load_client_data
@@ -144,12 +145,12 @@ def test_several_seeds_give_mean_and_std_over_seeds(tmp_path):
     write_report(outcomes, tmp_path, "t")
     text = (tmp_path / "tables.md").read_text()
     (row,) = read_md_table(text, DIRICHLET, LAST)
-    assert row["digits β = 0.1 Local-T"] == "85.00 ± 5.00"  # np.std: population
-    assert row["digits β = 0.1 Global-T"] == "30.00 ± 10.00"
+    assert row["digits β = 0.1 Local-T"] == "85.00 ± 7.07"  # sample std (n - 1)
+    assert row["digits β = 0.1 Global-T"] == "30.00 ± 14.14"
     assert "over 2 seeds" in text
     table = read_csv(tmp_path / "table_dirichlet_last.csv")
     assert float(table["local"]["digits β = 0.1 Local-T"]) == pytest.approx(85.0)
-    assert float(table["local"]["digits β = 0.1 Local-T std"]) == pytest.approx(5.0)
+    assert float(table["local"]["digits β = 0.1 Local-T std"]) == pytest.approx(7.0711, abs=1e-4)
 
 
 def test_failed_and_missing_cells(tmp_path):
@@ -280,7 +281,7 @@ def paired_outcomes(shared, isolated, local):
 def comparison_rows(tmp_path, outcomes) -> dict[tuple[str, str], list[str]]:
     write_report(outcomes, tmp_path, title="t")
     text = (tmp_path / "tables.md").read_text()
-    section = text.split("## Paired differences over seeds")[1].split("\n## ")[0]
+    section = text.split("## Exploratory paired differences over seeds")[1].split("\n## ")[0]
     rows = {}
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
@@ -305,14 +306,16 @@ def test_a_difference_is_called_only_when_its_seed_interval_excludes_zero(tmp_pa
     diffs = np.array([0.9, 1.0, 1.1])
     half = 4.303 * diffs.std(ddof=1) / np.sqrt(3)
     assert twin[3] == "3"
-    assert twin[4] == f"+1.00 [{1.0 - half:+.2f}, {1.0 + half:+.2f}]" and twin[5] == "higher"
+    assert twin[4] == f"+1.00 [{1.0 - half:+.2f}, {1.0 + half:+.2f}]" and twin[6] == "higher"
+    p = scipy.stats.ttest_rel([60.0, 50.0, 70.0], [59.1, 49.0, 68.9]).pvalue
+    assert twin[5] == f"{p:.4f}"
     against_local = rows[("drdfl", "local")]
-    assert against_local[4].startswith("+0.67 [") and against_local[5] == "not called"
+    assert against_local[4].startswith("+0.67 [") and against_local[6] == "not called"
 
 
 def test_one_seed_gives_no_interval_and_no_verdict(tmp_path):
     rows = comparison_rows(tmp_path, paired_outcomes((0.6,), (0.5,), (0.4,)))
-    assert rows[("drdfl", "drdfl+isolated")][4:6] == ["+10.00", "not called (1 seed)"]
+    assert rows[("drdfl", "drdfl+isolated")][4:7] == ["+10.00", "–", "not called (1 seed)"]
 
 
 def test_the_hub_aggregate_has_a_table_of_its_own(tmp_path):
@@ -326,3 +329,73 @@ def test_the_hub_aggregate_has_a_table_of_its_own(tmp_path):
     main, aggregate = text.split("## Hub methods: the fresh aggregate")
     assert "80.00 ± 1.00" in main and "40.00" not in main
     assert "| fedavg | cifar10 β = 0.1 | 40.00 ± 2.00 | 50.00 ± 3.00 |" in aggregate
+
+
+def test_the_majority_class_floor_heads_every_table(tmp_path):
+    """The floor is read from the runs' floor_* scores, one per seed (any finished run of
+    a seed has the same partitions), and shown first, never bold, in Markdown and CSV."""
+    outcomes = []
+    for seed, floor in ((1, 0.60), (2, 0.70)):
+        for variant, local in (("local", 0.80), ("drdfl", 0.85)):
+            outcome = done(grid_run(variant, "cifar10", DIR01, seed), (local, 0.3))
+            outcome.summary["last"]["floor_local_t_acc"] = {"mean": floor, "std": 0.05}
+            outcome.summary["last"]["floor_global_t_acc"] = {"mean": 0.1, "std": 0.0}
+            outcomes.append(outcome)
+    write_report(outcomes, tmp_path, "t")
+    rows = read_md_table((tmp_path / "tables.md").read_text(), DIRICHLET, LAST)
+    assert rows[0]["method"] == "majority-class floor"
+    assert rows[0]["cifar10 β = 0.1 Local-T"] == f"65.00 ± {np.std([60, 70], ddof=1):.2f}"
+    assert rows[0]["cifar10 β = 0.1 Global-T"] == "10.00 ± 0.00"
+    table = read_csv(tmp_path / "table_dirichlet_last.csv")
+    assert float(table["majority-class floor"]["cifar10 β = 0.1 Local-T"]) == pytest.approx(65.0)
+    runs = list(csv.DictReader((tmp_path / "runs.csv").open()))
+    assert {r["floor_local_t_mean"] for r in runs} == {"60.0000", "70.0000"}
+
+
+def test_primary_comparisons_are_one_bonferroni_family(tmp_path):
+    """Declared comparisons: p-values from scipy's paired t-test, multiplied by the
+    family size, intervals at 1 - 0.05/m; a difference that an uncorrected interval would
+    call can stay uncalled once corrected."""
+    from drdfl_flwr.experiments.grid import PrimaryComparison
+
+    outcomes = paired_outcomes(
+        shared=(0.600, 0.500, 0.700, 0.650),
+        isolated=(0.591, 0.490, 0.689, 0.640),  # about +1 every seed
+        local=(0.590, 0.470, 0.700, 0.630),  # +1, +3, 0, +2: uncorrected p ~ 0.06
+    )
+    primary = [
+        PrimaryComparison("drdfl", "drdfl+isolated", "local_t_acc"),
+        PrimaryComparison("drdfl", "local", "local_t_acc"),
+        PrimaryComparison("drdfl", "local", "global_t_acc"),
+    ]
+    write_report(outcomes, tmp_path, "t", primary=primary)
+    text = (tmp_path / "tables.md").read_text()
+    section = text.split("## Primary comparisons")[1].split("\n## ")[0]
+    assert "One family of 3 tests, Bonferroni-corrected" in section
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in section.splitlines()
+        if line.startswith("| drdfl")
+    ]
+    a, b = [60.0, 50.0, 70.0, 65.0], [59.1, 49.0, 68.9, 64.0]
+    test = scipy.stats.ttest_rel(a, b)
+    low, high = test.confidence_interval(1 - 0.05 / 3)
+    assert rows[0][:5] == ["drdfl", "drdfl+isolated", "Local-T", "cifar10 β = 0.1", "4"]
+    assert rows[0][5] == f"{test.pvalue:.4f}"
+    assert rows[0][6] == f"+1.00 [{low:+.2f}, {high:+.2f}]"
+    assert rows[0][7] == f"{min(1.0, 3 * test.pvalue):.4f}" and rows[0][8] == "higher"
+    assert rows[1][8] == "not called" and rows[2][2] == "Global-T"
+    exploratory = text.split("## Exploratory paired differences")[1]
+    assert "uncorrected for multiplicity" in exploratory
+
+
+def test_a_stale_run_is_counted_apart_and_left_out_of_the_tables(tmp_path):
+    from drdfl_flwr.experiments.outcomes import STALE
+
+    fresh = done(grid_run("local", "cifar10", DIR01, 1), (0.8, 0.3))
+    stale = RunOutcome(grid_run("drdfl", "cifar10", DIR01, 1), STALE, Path("x"))
+    write_report([fresh, stale], tmp_path, "t")
+    text = (tmp_path / "tables.md").read_text()
+    assert "2 runs: 1 done, 1 stale (made under another results format" in text
+    rows = read_md_table(text, DIRICHLET, LAST)
+    assert [r["cifar10 β = 0.1 Local-T"] for r in rows] == ["80.00 ± 1.00", "–"]

@@ -211,3 +211,34 @@ def test_a_run_in_which_every_node_failed_is_recorded_failed_not_done(tmp_path):
     )
     assert {o.status for o in outcomes} == {FAILED}
     assert "every node failed" in outcomes[0].error
+
+
+@pytest.mark.parametrize(
+    ("primary", "named"),
+    [
+        ("drdfl - locl @ local_t_acc", "'locl', not a variant of the grid"),
+        ("drdfl - local @ local_t_se", "metric 'local_t_se' is not one of"),
+        ("drdfl minus local", "is not 'a - b @ metric'"),
+    ],
+)
+def test_a_bad_primary_comparison_is_refused_naming_it(tmp_path, primary, named):
+    conf = write_conf(tmp_path)
+    with pytest.raises(ConfigError, match="grid.primary") as err:
+        load_grid(conf, {"grid.variants": "local, drdfl", "grid.primary": primary})
+    assert named in str(err.value)
+
+
+def test_primary_comparisons_are_parsed_in_order(tmp_path):
+    conf = write_conf(tmp_path)
+    grid = load_grid(
+        conf,
+        {
+            "grid.variants": "local, drdfl{drdfl.noise-variance=0.2}, drdfl+isolated",
+            "grid.primary": "drdfl{drdfl.noise-variance=0.2} - local @ expected_local_t_acc, "
+            "drdfl{drdfl.noise-variance=0.2} - drdfl+isolated @ global_t_balanced_acc",
+        },
+    )
+    assert [c.text for c in grid.options.primary_comparisons()] == [
+        "drdfl{drdfl.noise-variance=0.2} - local @ expected_local_t_acc",
+        "drdfl{drdfl.noise-variance=0.2} - drdfl+isolated @ global_t_balanced_acc",
+    ]

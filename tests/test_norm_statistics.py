@@ -84,3 +84,36 @@ def test_frozen_statistics_still_normalize_with_the_batch():
         out = bn(x)
     torch.testing.assert_close(out.mean(0), torch.zeros(3), atol=1e-5, rtol=0)
     assert torch.equal(bn.running_mean, torch.zeros(3)) and int(bn.num_batches_tracked) == 0
+
+
+# the methods whose model is built by the project's classifier factory and averaged,
+# exchanged or replaced: GroupNorm removes the running statistics that averaging over
+# label-skewed clients would mix (DFedPGP's release builds its ResNet with GroupNorm)
+WEIGHT_SHARING = (
+    "fedavg",
+    "fedprox",
+    "fedrep",
+    "fednova",
+    "fedfed",
+    "dfedpgp",
+    "dispfl",
+    "cvae",
+    "drdfl",
+    "drdfl-cfl",
+    "drdfl-gen",
+)
+
+
+@pytest.mark.parametrize("method", WEIGHT_SHARING)
+def test_group_norm_replaces_every_batchnorm_of_a_weight_sharing_method(method):
+    cfg = make_config(method=method, classifier_norm="group", local_epochs=1, device="cpu")
+    data = random_client_data(64, SHAPE, K)
+    node = build_learner(cfg, SHAPE, K)
+    layers = [
+        m for mod in node.modules().values() if isinstance(mod, nn.Module) for m in mod.modules()
+    ]
+    assert any(isinstance(m, nn.GroupNorm) for m in layers)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in layers)
+    node.fit(data)
+    payload = node.shared_payload()
+    assert not any("running_" in key for key in payload), method

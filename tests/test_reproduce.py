@@ -5,8 +5,10 @@ report with one that holds fewer finished runs."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,7 +19,7 @@ from drdfl_flwr.data import data_identity
 from drdfl_flwr.experiments.__main__ import main
 from drdfl_flwr.experiments.grid import load_grid
 from drdfl_flwr.experiments.outcomes import DATA_FILE, DONE, PENDING, read_outcome
-from drdfl_flwr.experiments.runner import run_grid
+from drdfl_flwr.experiments.runner import pending_runs, run_grid
 from tests.test_experiments import CONF, FakeSimulation, write_conf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,27 +97,36 @@ def test_report_only_refuses_to_replace_a_report_with_more_finished_runs(tmp_pat
     assert "6 runs: 3 done, 0 failed, 3 pending." in (out / "tables.md").read_text()
 
 
-@pytest.mark.skipif(
+needs_cifar = pytest.mark.skipif(
     not SHARED.is_dir(), reason=f"the CIFAR parquet files are not at {SHARED} (../shared/datasets)"
 )
-@pytest.mark.parametrize("name", ["drdfl-gen", "cpu-bench"])
-def test_a_committed_grid_copied_elsewhere_is_all_done_and_its_report_rebuilds_byte_for_byte(
-    tmp_path, capsys, name
-):
-    committed = ROOT / "benchmarks" / name
-    copy = tmp_path / "clone" / "results" / name
+
+
+def copied_grid(tmp_path: Path, committed: Path) -> tuple[Path, Path]:
+    """``committed`` copied into another clone's results, and its conf file pointing at
+    the datasets in another folder (the same files, linked one by one, so that the
+    folders, which the grid resolves to absolute paths, differ from the committed ones)."""
+    copy = tmp_path / "clone" / "results" / committed.name
     shutil.copytree(committed, copy)
-    # the datasets in another folder: the same files, linked one by one so that the
-    # folders (which the grid resolves to absolute paths) differ from the committed ones
     data_root = tmp_path / "data"
     for dataset in ("cifar10", "cifar100"):
         (data_root / dataset).mkdir(parents=True)
         for file in (SHARED / dataset).glob("*.parquet"):
             (data_root / dataset / file.name).symlink_to(file)
-    conf = tmp_path / f"{name}.toml"
+    conf = tmp_path / f"{committed.name}.toml"
     text = (committed / "grid.toml").read_text()
     assert 'data-root = "../shared/datasets"' in text
     conf.write_text(text.replace('"../shared/datasets"', json.dumps(str(data_root))))
+    return conf, copy
+
+
+@needs_cifar
+@pytest.mark.parametrize("name", ["cifar10-shards"])
+def test_a_committed_grid_copied_elsewhere_is_all_done_and_its_report_rebuilds_byte_for_byte(
+    tmp_path, capsys, name
+):
+    committed = ROOT / "benchmarks" / name
+    conf, copy = copied_grid(tmp_path, committed)
 
     assert main([str(conf), "--out", str(copy), "--list"]) == 0
     *listed, total = capsys.readouterr().out.splitlines()
@@ -133,3 +144,48 @@ def test_a_committed_grid_copied_elsewhere_is_all_done_and_its_report_rebuilds_b
         assert (copy / file).read_bytes() == (committed / file).read_bytes(), file
     for csv in committed.glob("*.csv"):
         assert (copy / csv.name).read_bytes() == csv.read_bytes(), csv.name
+
+
+@needs_cifar
+@pytest.mark.parametrize("name", ["drdfl-gen", "cpu-bench"])
+def test_an_archived_grid_made_under_an_older_results_format_lists_stale(tmp_path, capsys, name):
+    """The archived grids ran the same configs on the same data, but under results format
+    1: listed stale, never done, so neither a report nor a resumed grid takes them."""
+    conf, copy = copied_grid(tmp_path, ROOT / "benchmarks" / "archive" / name)
+    assert main([str(conf), "--out", str(copy), "--list"]) == 0
+    *listed, total, note = capsys.readouterr().out.splitlines()
+    assert listed and all(line.startswith("stale") for line in listed), "\n".join(listed)
+    assert total == f"{len(listed)} runs: 0 done, {len(listed)} stale, 0 failed, 0 pending"
+    assert "another results format" in note
+    grid = load_grid(conf)
+    assert pending_runs(grid, copy / "runs") == list(grid.runs)  # the grid runs them again
+
+
+def test_every_run_records_the_code_and_libraries_that_made_it_and_older_formats_are_stale(
+    tmp_path,
+):
+    from drdfl_flwr.experiments.outcomes import STALE
+    from drdfl_flwr.provenance import PROVENANCE_FILE, RESULTS_FORMAT
+
+    conf, out = write_conf(tmp_path), tmp_path / "out"
+    grid = load_grid(conf, {"grid.variants": "local", "grid.seeds": "1"})
+    run_grid(grid, out, simulate_fn=FakeSimulation(), echo=lambda line: None, plots=False)
+    run = grid.runs[0]
+    record = json.loads((out / "runs" / run.run_id / PROVENANCE_FILE).read_text())
+    assert record["results_format"] == RESULTS_FORMAT
+    head = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    assert record["code"]["commit"] == (head or None)
+    assert isinstance(record["code"]["dirty"], bool) or not head
+    assert set(record["versions"]) == {"flwr", "torch", "flwr-datasets", "numpy"}
+    assert record["versions"]["torch"] == importlib.metadata.version("torch")
+    assert read_outcome(run, out / "runs").status == DONE
+
+    # the same run under an older format, or with no record (before formats): stale
+    path = out / "runs" / run.run_id / PROVENANCE_FILE
+    path.write_text(json.dumps({**record, "results_format": RESULTS_FORMAT - 1}))
+    assert read_outcome(run, out / "runs").status == STALE
+    path.unlink()
+    assert read_outcome(run, out / "runs").status == STALE
+    assert pending_runs(grid, out / "runs") == [run]

@@ -53,6 +53,11 @@ MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "p", "*")
 LOCAL_COLOR = "#4d4d4d"
 WHITE_SNAP = 246  # palette entries this close to white are saved as white
 ACCURACY = {"local_t_acc": "Local-T accuracy (%)", "global_t_acc": "Global-T accuracy (%)"}
+# the headline's two panels: the full-test-set readings where the runs have them
+HEADLINE = {
+    "expected_local_t_acc": "expected Local-T accuracy (%)",
+    "global_t_balanced_acc": "balanced Global-T accuracy (%)",
+}
 
 
 def _figure(
@@ -259,7 +264,15 @@ def headline_plot(outcomes: Sequence[RunOutcome], out_dir: Path) -> list[Path]:
     ± std over clients. Each shared variant sits right above its hatched ``+isolated``
     twin; a dotted line marks Local. One row of panels per (dataset, partition setting).
     No file while no run has finished."""
-    from drdfl_flwr.experiments.report import VALUE, aggregate, runs_in, seed_result, t_975
+    from drdfl_flwr.experiments.report import (
+        VALUE,
+        aggregate,
+        floor_cell,
+        present_metrics,
+        runs_in,
+        seed_result,
+    )
+    from drdfl_flwr.experiments.stats import t_interval_half_width
 
     columns_ = _accuracy_columns(outcomes)
     if not any(o.status == DONE and o.summary for o in outcomes):
@@ -272,9 +285,12 @@ def headline_plot(outcomes: Sequence[RunOutcome], out_dir: Path) -> list[Path]:
     )
     axes = np.atleast_2d(axes)
     y = np.arange(len(names))
+    present = {key for key, _ in present_metrics(outcomes)}
+    panels = HEADLINE if set(HEADLINE) <= present else ACCURACY
     for row, column in zip(axes, columns_, strict=True):
         cells = {v: aggregate(runs_in(outcomes, v, column), "last") for v in names}
-        for ax, (key, label) in zip(row, ACCURACY.items(), strict=True):
+        floor = floor_cell(outcomes, column, "last")
+        for ax, (key, label) in zip(row, panels.items(), strict=True):
             top = 0.0
             for i, variant in enumerate(names):
                 cell, style = cells[variant], styles[variant]
@@ -289,8 +305,7 @@ def headline_plot(outcomes: Sequence[RunOutcome], out_dir: Path) -> list[Path]:
                     if (r := seed_result(o, "last")) is not None and key in r.mean
                 ]
                 if len(points) > 1:
-                    n = len(points)
-                    spread = t_975(n - 1) * float(np.std(points, ddof=1)) / np.sqrt(n)
+                    spread = t_interval_half_width(points)
                 ax.barh(
                     i,
                     mean,
@@ -311,6 +326,8 @@ def headline_plot(outcomes: Sequence[RunOutcome], out_dir: Path) -> list[Path]:
             local = cells.get("local")
             if local is not None and local.state == VALUE and key in local.mean:
                 ax.axvline(local.mean[key], color="0.3", linestyle=":", linewidth=1)
+            if floor.state == VALUE and key in floor.mean:
+                ax.axvline(floor.mean[key], color="tab:red", linestyle="--", linewidth=1)
             ax.set_xlim(0, max(10.0, top * 1.15 + 4))
             ax.set_xlabel(label)
             ax.set_title(f"{column.name}: {label.split(' ')[0]}", fontsize="medium")
@@ -319,13 +336,14 @@ def headline_plot(outcomes: Sequence[RunOutcome], out_dir: Path) -> list[Path]:
     axes[0, 0].set_ylim(len(names) - 0.5, -0.6)  # shared by every panel: grid order, top down
     spread_text = (
         f"Bars: mean over {seeds} seeds of the client mean (the number printed);\n"
-        "whiskers: 95 % t-interval over the seeds (mean ± t(0.975, n-1) s/√n); dots: the seeds."
+        "whiskers: 95 % t-interval over the seeds (mean ± t(0.975, n-1) s/√n, s the sample "
+        "std); dots: the seeds."
         if seeds > 1
         else "Bars: client mean, one seed (the number printed);\nwhiskers: ± std over clients."
     )
     fig.suptitle(
         f"Accuracy at the last round. {spread_text}\nHatched: the isolated twin (sharing "
-        "cut off). Dotted line: Local.",
+        "cut off). Dotted line: Local. Dashed red line: the majority-class floor.",
         fontsize="medium",
     )
     return [save_png(fig, Path(out_dir) / "headline.png", dpi=110)]

@@ -7,9 +7,15 @@ the same seeds to the same results write byte-identical files, which makes a rep
 something to diff. Timing goes to its own ``timing.md``.
 
 Layout (the paper's Tables 2 and 3): one row per variant, one column group per
-(dataset, partition setting), each with Local-T and Global-T, cells ``mean ± std`` in
-percent. With one seed the std is over clients; with several it is over seeds (of the
-per-seed client mean). The best variant of every column is bold.
+(dataset, partition setting), each with the scores of :mod:`drdfl_flwr.scoring` (the
+expected Local-T and the paper's sampled Local-T, balanced and pooled Global-T, the
+accuracy on absent classes), cells ``mean ± std`` in percent, and a first row with the
+majority-class predictor's scores (the floor). With one seed the std is over clients; with
+several it is the sample std over seeds (of the per-seed client mean). The best variant
+of every column is bold.
+
+Comparisons (:mod:`.stats`): the grid's declared primary comparisons, Bonferroni-corrected
+with p-values, then every other difference, labelled exploratory.
 """
 
 from __future__ import annotations
@@ -23,18 +29,34 @@ from typing import Any
 
 import numpy as np
 
-from drdfl_flwr.experiments.grid import Partition
+from drdfl_flwr.experiments.grid import Partition, PrimaryComparison
 from drdfl_flwr.experiments.names import base_variant, is_isolated
 from drdfl_flwr.experiments.outcomes import DONE, FAILED, STALE, RunOutcome
+from drdfl_flwr.experiments.stats import ALPHA, PairedTest, paired_test, sample_std
 from drdfl_flwr.health import HEALTH_PREFIX
 from drdfl_flwr.registry import method_spec, resolved_topology
+from drdfl_flwr.scoring import (
+    ABSENT_CLASS,
+    EXPECTED_LOCAL_T,
+    FLOOR_PREFIX,
+    GLOBAL_T,
+    GLOBAL_T_BALANCED,
+    LOCAL_T,
+)
 
 LAYOUTS = {
     "dirichlet": "Dirichlet-based non-IID (the paper's Table 2 layout)",
     "shard": "Shard-based non-IID (Table 3 layout)",
     "iid": "IID",
 }
-METRICS = (("local_t_acc", "Local-T"), ("global_t_acc", "Global-T"))
+METRICS = (
+    (EXPECTED_LOCAL_T, "expected Local-T"),
+    (LOCAL_T, "Local-T"),
+    (GLOBAL_T_BALANCED, "balanced Global-T"),
+    (GLOBAL_T, "Global-T"),
+    (ABSENT_CLASS, "absent-class"),
+)
+FLOOR = "majority-class floor"  # the row of the majority-class predictor's scores
 # a hub method's fresh aggregate, scored apart (strategies.rounds.Router.scores_aggregate)
 AGGREGATE_METRICS = (
     ("aggregate_local_t_acc", "Local-T of the aggregate"),
@@ -100,35 +122,42 @@ class Cell:
 
 
 def seed_result(
-    outcome: RunOutcome, view: str, metrics: Sequence[tuple[str, str]] = METRICS
+    outcome: RunOutcome,
+    view: str,
+    metrics: Sequence[tuple[str, str]] = METRICS,
+    prefix: str = "",
 ) -> SeedResult | None:
     """``view`` (last | best) of one finished run. The best view is the summary's
     ``best_by_local_t_acc`` entry, which holds the Global-T of that same round: the
-    paper selects by the personalization metric and reports both at that round."""
+    paper selects by the personalization metric and reports both at that round.
+    ``prefix``: read ``<prefix><key>`` (the floor's ``floor_``), keyed by ``key``."""
     if outcome.status != DONE or not outcome.summary:
         return None
     entry = outcome.summary.get(SUMMARY_KEY[view])
     if not entry:
         return None  # finished without a single evaluated round
-    mean = {key: 100.0 * entry[key]["mean"] for key, _ in metrics if key in entry}
-    std = {key: 100.0 * entry[key]["std"] for key, _ in metrics if key in entry}
+    mean = {key: 100.0 * entry[prefix + key]["mean"] for key, _ in metrics if prefix + key in entry}
+    std = {key: 100.0 * entry[prefix + key]["std"] for key, _ in metrics if prefix + key in entry}
     if not mean:
         return None
     return SeedResult(int(entry["round"]), mean, std)
 
 
 def aggregate(
-    outcomes: Sequence[RunOutcome], view: str, metrics: Sequence[tuple[str, str]] = METRICS
+    outcomes: Sequence[RunOutcome],
+    view: str,
+    metrics: Sequence[tuple[str, str]] = METRICS,
+    prefix: str = "",
 ) -> Cell:
     """A cell from the runs of its seeds. A single result keeps its std over clients;
-    several give the mean over seeds of the client mean, ± the population std over
-    seeds (np.std), because seed-to-seed spread is what a reader compares methods by.
-    Any failed seed fails the cell: a mean over the seeds that happened to work would
-    hide the failure."""
+    several give the mean over seeds of the client mean, ± the sample std over seeds
+    (n - 1), because seed-to-seed spread is what a reader compares methods by. Any
+    failed seed fails the cell: a mean over the seeds that happened to work would hide
+    the failure."""
     seeds = len(outcomes)
     if any(o.status == FAILED for o in outcomes):
         return Cell(FAILED, seeds)
-    results = [r for o in outcomes if (r := seed_result(o, view, metrics)) is not None]
+    results = [r for o in outcomes if (r := seed_result(o, view, metrics, prefix)) is not None]
     if not results:
         return Cell(MISSING, seeds)
     rounds = tuple(r.round for r in results)
@@ -136,8 +165,33 @@ def aggregate(
         return Cell(VALUE, seeds, 1, results[0].mean, results[0].std, rounds)
     keys = [k for k, _ in metrics if all(k in r.mean for r in results)]
     mean = {k: float(np.mean([r.mean[k] for r in results])) for k in keys}
-    std = {k: float(np.std([r.mean[k] for r in results])) for k in keys}
+    std = {k: sample_std([r.mean[k] for r in results]) for k in keys}
     return Cell(VALUE, seeds, len(results), mean, std, rounds)
+
+
+def present_metrics(
+    outcomes: Sequence[RunOutcome], metrics: Sequence[tuple[str, str]] = METRICS
+) -> list[tuple[str, str]]:
+    """The metrics some finished run reports (a run of a dataset whose clients hold
+    every class has no absent-class accuracy), in table order."""
+    seen = set()
+    for o in outcomes:
+        entry = (o.summary or {}).get("last", {}) if o.status == DONE else {}
+        seen.update(entry)
+    return [(key, label) for key, label in metrics if key in seen]
+
+
+def floor_cell(outcomes: Sequence[RunOutcome], column: Column, view: str) -> Cell:
+    """The majority-class predictor's scores in ``column``, one per seed (every run of a
+    seed has the same partitions, so the first finished run of each seed gives them)."""
+    chosen: dict[int, RunOutcome] = {}
+    for o in outcomes:
+        if Column(o.run.dataset, o.run.partition) != column or o.status != DONE:
+            continue
+        entry = (o.summary or {}).get(SUMMARY_KEY[view], {})
+        if any(FLOOR_PREFIX + key in entry for key, _ in METRICS):
+            chosen.setdefault(o.run.seed, o)
+    return aggregate(list(chosen.values()), view, METRICS, prefix=FLOOR_PREFIX)
 
 
 # -- table structure ----------------------------------------------------------------
@@ -232,9 +286,10 @@ def cell_text(cell: Cell, key: str, view: str, bold: bool) -> str:
         return "failed"
     if cell.state == MISSING or key not in cell.mean:
         return MISSING
-    text = f"{fmt(cell.mean[key])} ± {fmt(cell.std[key])}"
+    spread = cell.std[key]
+    text = f"{fmt(cell.mean[key])} ± {fmt(spread)}" if spread == spread else fmt(cell.mean[key])
     text = f"**{text}**" if bold else text
-    if view == "best" and key == METRICS[0][0]:
+    if view == "best" and key == LOCAL_T:
         text += f" ({_rounds_text(cell.rounds)})"
     if cell.done < cell.seeds:
         text += f" ({cell.done}/{cell.seeds} seeds)"
@@ -248,33 +303,47 @@ def caption(table: dict[tuple[str, Column], Cell], view: str) -> str:
     where = (
         "at the last evaluated round"
         if view == "last"
-        else "at the evaluated round with the highest mean Local-T (per seed), and Global-T "
-        "at that same round"
+        else "at the evaluated round with the highest mean Local-T (per seed), and the other "
+        "scores at that same round"
     )
     if seeds <= 1:
         spread = "mean ± std over clients."
     else:
         spread = (
-            f"mean over {seeds} seeds of the mean over clients ± std over the seeds "
-            "(population std). A cell marked (k/N seeds) has only k seeds done (with k = 1 "
-            "its std is over clients)."
+            f"mean over {seeds} seeds of the mean over clients ± the sample std over the seeds "
+            "(n - 1). A cell marked (k/N seeds) has only k seeds done (with k = 1 its std is "
+            "over clients)."
         )
+    scores = (
+        "Expected Local-T: sum over classes of the client's training proportion times its "
+        "accuracy on that class's whole test set; Local-T: the paper's, on the client's own "
+        "sampled test split; balanced Global-T: the mean per-class accuracy on the whole test "
+        "set; absent-class: the mean accuracy on the classes the client holds no training "
+        f"image of. {FLOOR}: a predictor that always answers the client's majority training "
+        "class."
+    )
     legend = f"**Bold**: best variant per column. {MISSING}: no result yet."
-    return f"Accuracy in %, {where}: {spread} {legend}"
+    return f"Accuracy in %, {where}: {spread} {scores} {legend}"
 
 
 def markdown_table(outcomes: Sequence[RunOutcome], kind: str, view: str) -> list[str]:
-    """One accuracy table of one partition kind, with its heading and caption."""
+    """One accuracy table of one partition kind, with its heading and caption; the
+    majority-class floor first."""
     table = cells(outcomes, kind, view)
     cols = columns(outcomes, kind)
+    metrics = present_metrics(outcomes)
     best = best_values(table)
-    header = ["method"] + [f"{c.name} {label}" for c in cols for _, label in METRICS]
-    rows = []
+    header = ["method"] + [f"{c.name} {label}" for c in cols for _, label in metrics]
+    floor = [FLOOR]
+    for column in cols:
+        cell = floor_cell(outcomes, column, view)
+        floor += [cell_text(cell, key, "last", False) for key, _ in metrics]
+    rows = [floor] if any(text != MISSING for text in floor[1:]) else []
     for variant in variants(outcomes):
         row = [variant]
         for column in cols:
             cell = table[(variant, column)]
-            for key, _ in METRICS:
+            for key, _ in metrics:
                 top = best.get((column, key))
                 bold = top is not None and key in cell.mean and round(cell.mean[key], 2) == top
                 row.append(cell_text(cell, key, view, bold))
@@ -285,72 +354,27 @@ def markdown_table(outcomes: Sequence[RunOutcome], kind: str, view: str) -> list
 
 # -- paired comparisons over seeds --------------------------------------------------
 
-# two-sided 95 % Student t quantiles t_{0.975, df}, df = seeds - 1
-T_975 = {
-    1: 12.706,
-    2: 4.303,
-    3: 3.182,
-    4: 2.776,
-    5: 2.571,
-    6: 2.447,
-    7: 2.365,
-    8: 2.306,
-    9: 2.262,
-    10: 2.228,
-    15: 2.131,
-    20: 2.086,
-    30: 2.042,
-}
+
+def seed_values(outcomes: Sequence[RunOutcome], key: str) -> dict[int, float]:
+    """The last round's client mean of ``key`` (points), by seed, of the finished runs."""
+    return {
+        o.run.seed: r.mean[key]
+        for o in outcomes
+        if (r := seed_result(o, "last")) is not None and key in r.mean
+    }
 
 
-def t_975(df: int) -> float:
-    """The t quantile for ``df`` degrees of freedom (the next smaller tabulated df above
-    10, which errs toward a wider interval)."""
-    return T_975[max(d for d in T_975 if d <= df)]
-
-
-@dataclass(frozen=True)
-class Paired:
-    """The per-seed difference ``a - b`` of client-mean accuracies (points) at the last
-    round, over the seeds both have finished: mean and its 95 % interval."""
-
-    seeds: int
-    mean: float
-    low: float
-    high: float
-
-    @property
-    def verdict(self) -> str:
-        """Called only when the interval excludes 0."""
-        if self.seeds < 2:
-            return "not called (1 seed)"
-        if self.low > 0:
-            return "higher"
-        if self.high < 0:
-            return "lower"
-        return "not called"
-
-
-def paired(a: Sequence[RunOutcome], b: Sequence[RunOutcome], key: str) -> Paired | None:
-    """Seeds pair runs on the same partitions and the same common initial model; the
-    interval is mean ± t_{0.975, n-1} s / sqrt(n) with s the sample std of the n
-    differences."""
-    by_seed = {}
-    for o in b:
-        if (r := seed_result(o, "last")) is not None and key in r.mean:
-            by_seed[o.run.seed] = r.mean[key]
-    diffs = [
-        r.mean[key] - by_seed[o.run.seed]
-        for o in a
-        if (r := seed_result(o, "last")) is not None and key in r.mean and o.run.seed in by_seed
-    ]
-    if not diffs:
+def paired(
+    a: Sequence[RunOutcome], b: Sequence[RunOutcome], key: str, family_size: int = 1
+) -> PairedTest | None:
+    """``a - b`` over the seeds both have finished (a seed pairs runs on the same
+    partitions and the same common initial model): the paired t-test of :mod:`.stats`,
+    Bonferroni-corrected for ``family_size`` tests."""
+    values_a, values_b = seed_values(a, key), seed_values(b, key)
+    seeds = sorted(set(values_a) & set(values_b))
+    if not seeds:
         return None
-    mean = float(np.mean(diffs))
-    if len(diffs) < 2:
-        return Paired(1, mean, float("nan"), float("nan"))
-    half = t_975(len(diffs) - 1) * float(np.std(diffs, ddof=1)) / np.sqrt(len(diffs))
-    return Paired(len(diffs), mean, mean - half, mean + half)
+    return paired_test([values_a[s] for s in seeds], [values_b[s] for s in seeds], family_size)
 
 
 def comparison_pairs(outcomes: Sequence[RunOutcome]) -> list[tuple[str, str, str]]:
@@ -374,26 +398,72 @@ QUESTIONS = {
 }
 
 
-def _paired_text(result: Paired | None) -> list[str]:
+def _p_text(p: float) -> str:
+    if p != p:
+        return MISSING
+    return "< 0.0001" if p < 1e-4 else f"{p:.4f}"
+
+
+def _paired_text(result: PairedTest | None) -> list[str]:
+    """``mean [low, high]``, the p-value and the verdict."""
     if result is None:
-        return [MISSING, MISSING]
+        return [MISSING, MISSING, MISSING]
     if result.seeds < 2:
-        return [f"{result.mean:+.2f}", result.verdict]
-    return [f"{result.mean:+.2f} [{result.low:+.2f}, {result.high:+.2f}]", result.verdict]
+        return [f"{result.mean:+.2f}", MISSING, result.verdict]
+    interval = f"{result.mean:+.2f} [{result.low:+.2f}, {result.high:+.2f}]"
+    return [interval, _p_text(result.p_adjusted), result.verdict]
+
+
+def primary_markdown(
+    outcomes: Sequence[RunOutcome], primary: Sequence[PrimaryComparison]
+) -> list[str]:
+    """The comparisons the grid declared before its runs, one family over every column:
+    Bonferroni-corrected intervals and p-values; a difference is called only when its
+    corrected interval excludes 0."""
+    if not primary:
+        return []
+    cols = [c for kind in kinds(outcomes) for c in columns(outcomes, kind)]
+    family = len(primary) * len(cols)
+    labels = dict(METRICS)
+    rows = []
+    for column in cols:
+        for comparison in primary:
+            runs_a = runs_in(outcomes, comparison.a, column)
+            runs_b = runs_in(outcomes, comparison.b, column)
+            result = paired(runs_a, runs_b, comparison.metric, family)
+            raw = MISSING if result is None else _p_text(result.p)
+            seeds = MISSING if result is None else str(result.seeds)
+            row = [comparison.a, comparison.b, labels[comparison.metric], column.name, seeds]
+            rows.append(row + [raw, *_paired_text(result)])
+    level = 100 * (1 - ALPHA / family)
+    header = ["a", "b", "metric", "data", "seeds", "p", "a - b", "p (Bonferroni)", "verdict"]
+    return [
+        "## Primary comparisons (declared in the grid file before the runs)",
+        "",
+        f"Accuracy points, a minus b per seed, paired t-test over seeds (scipy). One family "
+        f"of {family} tests, Bonferroni-corrected: the interval is the {level:.2f} % "
+        f"t-interval (1 - {ALPHA}/{family}) and p (Bonferroni) = min(1, {family} p). A "
+        "difference is called higher or lower only when its corrected interval excludes 0.",
+        "",
+        *_md_table(header, rows),
+        "",
+    ]
 
 
 def comparison_markdown(outcomes: Sequence[RunOutcome]) -> list[str]:
-    """The questions a reader asks of a grid, answered per column with paired 95 %
-    intervals over seeds; a difference is called only when its interval excludes 0."""
+    """Every other question a reader asks of a grid, per column, with uncorrected 95 %
+    intervals and p-values: exploratory, and labelled so."""
     pairs = comparison_pairs(outcomes)
     if not pairs:
         return []
+    metrics = present_metrics(outcomes)
     lines = [
-        "## Paired differences over seeds (last round)",
+        "## Exploratory paired differences over seeds (last round)",
         "",
         "Accuracy points, a minus b per seed (same partitions and common initial model), "
-        "mean [95 % interval: mean ± t(0.975, n-1) s/sqrt(n)]. A difference is called "
-        "higher or lower only when its interval excludes 0.",
+        "mean [95 % t-interval], two-sided p of the paired t-test, **uncorrected for "
+        "multiplicity**: with this many intervals some exclude 0 by chance. Exploratory: a "
+        "lead for the next grid's primary comparisons, not a finding.",
         "",
     ]
     for question, title in QUESTIONS.items():
@@ -405,15 +475,15 @@ def comparison_markdown(outcomes: Sequence[RunOutcome]) -> list[str]:
             for column in columns(outcomes, kind):
                 for a, b in chosen:
                     runs_a, runs_b = runs_in(outcomes, a, column), runs_in(outcomes, b, column)
-                    results = [paired(runs_a, runs_b, key) for key, _ in METRICS]
+                    results = [paired(runs_a, runs_b, key) for key, _ in metrics]
                     seeds = max((r.seeds for r in results if r is not None), default=0)
                     row = [a, b, column.name, str(seeds)]
                     for result in results:
                         row += _paired_text(result)
                     rows.append(row)
         header = ["a", "b", "data", "seeds"]
-        for _, label in METRICS:
-            header += [f"{label} a - b", f"{label} verdict"]
+        for _, label in metrics:
+            header += [f"{label} a - b", f"{label} p", f"{label} verdict"]
         lines += [f"### {title}", ""] + _md_table(header, rows) + [""]
     return lines
 
@@ -548,12 +618,17 @@ def communication_markdown(outcomes: Sequence[RunOutcome]) -> list[str]:
     return lines + _md_table(COMMUNICATION_HEADER, rows) + [""]
 
 
-def tables_markdown(outcomes: Sequence[RunOutcome], title: str) -> str:
+def tables_markdown(
+    outcomes: Sequence[RunOutcome],
+    title: str,
+    primary: Sequence[PrimaryComparison] = (),
+) -> str:
     lines = [f"# {title}", "", status_line(outcomes), ""]
     for kind in kinds(outcomes):
         lines += [f"## {LAYOUTS[kind]}", ""]
         for view in VIEWS:
             lines += markdown_table(outcomes, kind, view)
+    lines += primary_markdown(outcomes, primary)
     lines += comparison_markdown(outcomes)
     lines += aggregate_markdown(outcomes)
     lines += communication_markdown(outcomes)
@@ -597,26 +672,30 @@ def _csv_value(cell: Cell, key: str, part: str) -> str:
 
 def table_csv(outcomes: Sequence[RunOutcome], kind: str, view: str) -> str:
     """The Markdown table as numbers: ``<dataset> <partition> Local-T`` and a matching
-    ``... Local-T std`` column per metric; the best view adds ``... round`` (rounds of
-    several seeds joined by ``;``). Empty = missing."""
+    ``... Local-T std`` column per metric, the floor as the first row; the best view adds
+    ``... round`` (rounds of several seeds joined by ``;``). Empty = missing."""
     table = cells(outcomes, kind, view)
     cols = columns(outcomes, kind)
+    metrics = present_metrics(outcomes)
     header = ["method"]
     for column in cols:
-        for _, label in METRICS:
+        for _, label in metrics:
             header += [f"{column.name} {label}", f"{column.name} {label} std"]
         if view == "best":
             header.append(f"{column.name} round")
     rows: list[list[str]] = [header]
-    for variant in variants(outcomes):
-        row = [variant]
+    named = [(FLOOR, {c: floor_cell(outcomes, c, view) for c in cols})]
+    named += [(v, {c: table[(v, c)] for c in cols}) for v in variants(outcomes)]
+    for name, by_column in named:
+        row = [name]
         for column in cols:
-            cell = table[(variant, column)]
-            for key, _ in METRICS:
+            cell = by_column[column]
+            for key, _ in metrics:
                 row += [_csv_value(cell, key, "mean"), _csv_value(cell, key, "std")]
             if view == "best":
-                row.append(";".join(map(str, cell.rounds)))
-        rows.append(row)
+                row.append(";".join(map(str, cell.rounds)) if name != FLOOR else "")
+        if name != FLOOR or any(row[1:]):
+            rows.append(row)
     return _csv_text(rows)
 
 
@@ -628,6 +707,16 @@ def communication_csv(outcomes: Sequence[RunOutcome]) -> str:
     return _csv_text(rows)
 
 
+def _short(key: str) -> str:
+    return key.removesuffix("_acc")
+
+
+def _view_header(view: str) -> list[str]:
+    return [f"{view}_round"] + [
+        f"{view}_{_short(key)}_{part}" for key, _ in METRICS for part in ("mean", "std")
+    ]
+
+
 RUNS_HEADER = (
     "run_id",
     "variant",
@@ -636,16 +725,9 @@ RUNS_HEADER = (
     "partition",
     "seed",
     "status",
-    "last_round",
-    "last_local_t_mean",
-    "last_local_t_std",
-    "last_global_t_mean",
-    "last_global_t_std",
-    "best_round",
-    "best_local_t_mean",
-    "best_local_t_std",
-    "best_global_t_mean",
-    "best_global_t_std",
+    *_view_header("last"),
+    *_view_header("best"),
+    *(f"floor_{_short(key)}_mean" for key, _ in METRICS),
     "params_sent_per_round",
     "bytes_sent_per_round",
     "bytes_received_per_round",
@@ -653,10 +735,10 @@ RUNS_HEADER = (
 )
 
 
-def _view_fields(outcome: RunOutcome, view: str) -> list[str]:
-    result = seed_result(outcome, view)
+def _view_fields(outcome: RunOutcome, view: str, prefix: str = "") -> list[str]:
+    result = seed_result(outcome, view, prefix=prefix)
     if result is None:
-        return [""] * 5
+        return [""] * (2 * len(METRICS) + 1)
     numbers = [
         fmt(values[key], 4) if key in values else ""
         for key, _ in METRICS
@@ -679,6 +761,7 @@ def run_row(outcome: RunOutcome) -> list[str]:
         outcome.status,
         *_view_fields(outcome, "last"),
         *_view_fields(outcome, "best"),
+        *_view_fields(outcome, "last", FLOOR_PREFIX)[1::2],  # the means, not the std
         *traffic,
         error_line(outcome),
     ]
@@ -720,7 +803,11 @@ def timing_markdown(outcomes: Sequence[RunOutcome], title: str) -> str:
 
 
 def write_report(
-    outcomes: Sequence[RunOutcome], out_dir: Path, title: str, plots: bool = True
+    outcomes: Sequence[RunOutcome],
+    out_dir: Path,
+    title: str,
+    plots: bool = True,
+    primary: Sequence[PrimaryComparison] = (),
 ) -> list[Path]:
     """Write ``tables.md``, one CSV per (partition kind, last|best), ``communication.csv``,
     ``runs.csv`` and ``timing.md`` into ``out_dir``, and the figures of the same numbers:
@@ -733,7 +820,7 @@ def write_report(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = {"tables.md": tables_markdown(outcomes, title)}
+    files = {"tables.md": tables_markdown(outcomes, title, primary)}
     for kind in kinds(outcomes):
         for view in VIEWS:
             files[f"table_{kind}_{view}.csv"] = table_csv(outcomes, kind, view)

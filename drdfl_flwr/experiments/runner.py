@@ -169,7 +169,9 @@ def write_all(
     from drdfl_flwr.experiments.plots import convergence_plots, label_distribution_plots
     from drdfl_flwr.experiments.report import write_report
 
-    written = write_report(outcomes, out, title=grid.name, plots=plots)
+    written = write_report(
+        outcomes, out, title=grid.name, plots=plots, primary=grid.options.primary_comparisons()
+    )
     if plots:
         written += convergence_plots(outcomes, out)
         written += label_distribution_plots(list(grid.runs), out, grid.options.clients)
