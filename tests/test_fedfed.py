@@ -432,9 +432,11 @@ def test_thresholds_and_alarm_texts():
 
 def test_distill_epochs_set_the_generator_s_epochs_only():
     """``distill-epochs = 3``: each distill round runs 3 epochs (2 batches each here); the
-    share and pooled rounds keep ``local-epochs`` (1). 0 means ``local-epochs``."""
+    share and pooled rounds keep ``local-epochs`` (1). 0 means ``local-epochs``; the
+    default is 5."""
     data = random_client_data(32, seed=16)
     learner = node(fedfed_distill_epochs=3)
     assert learner.fit(data)["local_steps"] == 6
     assert learner.fit(data)["local_steps"] == 2  # the share round
-    assert node().fit(data)["local_steps"] == 2
+    assert node(fedfed_distill_epochs=0).fit(data)["local_steps"] == 2
+    assert node().fit(data)["local_steps"] == 10
