@@ -117,6 +117,7 @@ from strategies.reducers import (
     Contribution,
     ReductionError,
     check_float_keys,
+    majority,
     weighted_mean,
 )
 
@@ -548,10 +549,11 @@ def fedfed_reduce(contributions: Sequence[Contribution], previous: Arrays | None
     across nodes."""
     if not contributions:
         raise ReductionError("no replies to reduce")
-    pooled = sorted(k for k in contributions[0].arrays if k.startswith(POOL_PREFIX))
-    averaged_keys = {k for k in contributions[0].arrays if not k.startswith(POOL_PREFIX)}
-    check_float_keys(contributions, set(pooled), lambda k: k.startswith(POOL_PREFIX))
-    check_float_keys(contributions, averaged_keys, lambda k: not k.startswith(POOL_PREFIX))
+    # pooled rows: one node shares as many as it has, so their first dimension differs
+    pooled = sorted(
+        check_float_keys(contributions, lambda k: k.startswith(POOL_PREFIX), same_shape=False)
+    )
+    averaged_keys = check_float_keys(contributions, lambda k: not k.startswith(POOL_PREFIX))
     models = [
         Contribution(c.partition_id, {k: c.arrays[k] for k in averaged_keys}, c.metrics)
         for c in contributions
@@ -561,20 +563,25 @@ def fedfed_reduce(contributions: Sequence[Contribution], previous: Arrays | None
     for c in ordered:
         shapes = {k: c.arrays[k].shape for k in pooled}
         if any(len(s) == 0 for s in shapes.values()):
-            raise ReductionError(f"partition {c.partition_id} sent a pooled scalar: {shapes}")
+            raise ReductionError(
+                f"partition {c.partition_id} sent a pooled scalar: {shapes}", c.partition_id
+            )
         if len({s[0] for s in shapes.values()}) > 1:
             raise ReductionError(
                 f"partition {c.partition_id} sent pooled arrays with different row counts "
-                f"{shapes}: rows would lose their pairing"
+                f"{shapes}: rows would lose their pairing",
+                c.partition_id,
             )
     for key in pooled:
-        parts = [c.arrays[key] for c in ordered]
-        if len({p.shape[1:] for p in parts}) > 1:
-            raise ReductionError(
-                f"'{key}' rows differ in shape across partitions: "
-                f"{sorted({p.shape[1:] for p in parts})}"
-            )
-        out[key] = np.concatenate(parts, axis=0)
+        rows = majority([(c.partition_id, c.arrays[key].shape[1:]) for c in ordered])
+        for c in ordered:
+            if c.arrays[key].shape[1:] != rows:
+                raise ReductionError(
+                    f"'{key}' rows from partition {c.partition_id} have shape "
+                    f"{c.arrays[key].shape[1:]}, the others' {rows}",
+                    c.partition_id,
+                )
+        out[key] = np.concatenate([c.arrays[key] for c in ordered], axis=0)
     return out
 
 

@@ -50,7 +50,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -65,6 +64,7 @@ from strategies.reducers import (
     ReductionError,
     check_float_keys,
     float_array,
+    majority,
     total_examples,
     weighted_mean,
 )
@@ -216,16 +216,16 @@ def fednova_reduce(contributions: Sequence[Contribution], previous: Arrays | Non
         a = c.metrics.get(NORM_METRIC)
         if a is None or not (a > 0 and math.isfinite(a)):
             raise ReductionError(
-                f"partition {c.partition_id} sent no finite positive '{NORM_METRIC}'"
+                f"partition {c.partition_id} sent no finite positive '{NORM_METRIC}'",
+                c.partition_id,
             )
         norms.append(float(a))
     weights = [c.examples / total for c in contributions]
     tau_eff = sum(p * a for p, a in zip(weights, norms, strict=True))
-    first = contributions[0].arrays
-    updates = {k.removeprefix(UPDATE): k for k in first if k.startswith(UPDATE)}
-    means = {k.removeprefix(MEAN): k for k in first if k.startswith(MEAN)}
-    check_float_keys(contributions, set(updates.values()), lambda k: k.startswith(UPDATE))
-    check_float_keys(contributions, set(means.values()), lambda k: k.startswith(MEAN))
+    stepped_keys = check_float_keys(contributions, lambda k: k.startswith(UPDATE))
+    mean_keys = check_float_keys(contributions, lambda k: k.startswith(MEAN))
+    updates = {k.removeprefix(UPDATE): k for k in sorted(stepped_keys)}
+    means = {k.removeprefix(MEAN): k for k in sorted(mean_keys)}
     if not updates:
         raise ReductionError(f"FedNova replies carry no '{UPDATE}*' entries")
     if set(updates) & set(means):
@@ -247,7 +247,8 @@ def fednova_reduce(contributions: Sequence[Contribution], previous: Arrays | Non
             if c.arrays[key].shape != base[name].shape:
                 raise ReductionError(
                     f"'{key}' from partition {c.partition_id} has shape "
-                    f"{c.arrays[key].shape}, the model's is {base[name].shape}"
+                    f"{c.arrays[key].shape}, the model's is {base[name].shape}",
+                    c.partition_id,
                 )
         step = sum(p * c.arrays[key] for p, c in zip(weights, contributions, strict=True))
         out[MODEL + name] = (base[name] - tau_eff * step).astype(base[name].dtype)
@@ -268,18 +269,21 @@ def _common_start(contributions: Sequence[Contribution], updates: dict[str, str]
     starts = [c for c in contributions if any(k.startswith(START) for k in c.arrays)]
     if not starts:
         raise ReductionError("first FedNova round: no node sent its start point")
-    base = {}
-    for name in updates:
-        first = float_array(starts[0], START + name)
-        for c in starts[1:]:
-            if not np.array_equal(first, float_array(c, START + name)):
-                raise ReductionError(
-                    f"partitions {starts[0].partition_id} and {c.partition_id} started "
-                    f"from different models ('{START}{name}' differs): FedNova's "
-                    "normalized updates need one common start point"
-                )
-        base[name] = first
-    return base
+
+    def start_of(c: Contribution) -> bytes:
+        return b"".join(float_array(c, START + name).tobytes() for name in updates)
+
+    common = majority([(c.partition_id, start_of(c)) for c in starts])
+    for c in starts:
+        if start_of(c) != common:
+            raise ReductionError(
+                f"partition {c.partition_id} started from another model than the others "
+                f"('{START}*' differs): FedNova's normalized updates need one common start "
+                "point",
+                c.partition_id,
+            )
+    reference = next(c for c in starts if start_of(c) == common)
+    return {name: float_array(reference, START + name) for name in updates}
 
 
 SPEC = MethodSpec(

@@ -15,10 +15,11 @@ leaves the node.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from flwr.app import Context
+
+from drdfl_flwr.atomic import write_atomically
 
 NODE_CONFIG_KEY = "checkpoint-dir"
 RUN_KEY = "run-key"  # in the relay's message config: which run's checkpoints to use
@@ -47,10 +48,7 @@ def data_cache_dir(context: Context) -> Path | None:
 
 def write_checkpoint(path: Path, blob: bytes) -> None:
     """Atomically: a crash while writing leaves the previous checkpoint intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    partial.write_bytes(blob)
-    os.replace(partial, path)
+    write_atomically(path, blob)
 
 
 def read_checkpoint(path: Path | None) -> bytes | None:

@@ -29,7 +29,7 @@ from drdfl_flwr.learner import Learner
 from drdfl_flwr.node import Stopwatch, evaluation_metrics, node_round
 from drdfl_flwr.payload import Incoming, PayloadError, from_hub, peers
 from drdfl_flwr.registry import build_learner, check_run_config, method_spec
-from strategies.reducers import Arrays, Contribution
+from strategies.reducers import Arrays, Contribution, reduce_screened
 from strategies.rounds import AGGREGATE_PREFIX, sample_participants
 from strategies.topology import Ring
 
@@ -109,9 +109,11 @@ def run_ring(
                 for k in present
                 if sent[k] is not None and nodes[k] is not None
             ]
-            if contributions:
-                reduced = reducer(contributions, reduced)
-                weight = sum(c.examples for c in contributions)
+            reduction = reduce_screened(reducer, contributions, reduced)
+            if reduction.refused:  # in process, a refusal is a bug: say it loudly
+                raise PayloadError(f"round {round_number}: the hub refused {reduction.refused}")
+            if reduction.aggregate is not None:
+                reduced, weight = reduction.aggregate, reduction.weight
                 aggregate = _aggregate(reduced, weight)
                 for k in present:  # the hub's evaluation message: the fresh aggregate
                     scores = _score_aggregate(learners[k], aggregate, data[k], round_number)

@@ -28,6 +28,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from drdfl_flwr.atomic import write_atomically
+
 RESULTS_FORMAT = 2
 PROVENANCE_FILE = "provenance.json"
 LIBRARIES = ("flwr", "torch", "flwr-datasets", "numpy")
@@ -79,7 +81,7 @@ def provenance() -> dict[str, Any]:
 
 
 def write_provenance(run_dir: Path) -> None:
-    (Path(run_dir) / PROVENANCE_FILE).write_text(json.dumps(provenance(), indent=2) + "\n")
+    write_atomically(Path(run_dir) / PROVENANCE_FILE, json.dumps(provenance(), indent=2) + "\n")
 
 
 def recorded_format(run_dir: Path) -> int:

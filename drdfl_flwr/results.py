@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from flwr.common import log
 
+from drdfl_flwr.atomic import append_line, write_atomically
 from drdfl_flwr.health import health_view
 from drdfl_flwr.provenance import write_provenance
 from drdfl_flwr.scoring import GLOBAL_T, LOCAL_T, SCORE_KEYS
@@ -49,14 +50,15 @@ class ResultsWriter:
             self.run_key = key_path.read_text().strip()
         else:
             self.run_key = run_key or uuid.uuid4().hex
-            key_path.write_text(self.run_key)
+            write_atomically(key_path, self.run_key)
         if resume:
             self.rounds = self._interrupted_rounds(run_config)
-            # a half-written last line (the crash) is dropped: rewrite what was read
-            self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in self.rounds))
+            # a half-written last line (the crash) is dropped: rewrite what was read, as
+            # one atomic replace (a crash now keeps the old file, never half of it)
+            write_atomically(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.rounds))
         else:
-            self.metrics_path.write_text("")
-        (run_dir / "run_config.json").write_text(json.dumps(run_config, indent=2))
+            write_atomically(self.metrics_path, "")
+        write_atomically(run_dir / "run_config.json", json.dumps(run_config, indent=2))
         write_provenance(run_dir)
         self.started = time.time()
 
@@ -97,8 +99,7 @@ class ResultsWriter:
 
     def log_round(self, record: dict[str, Any]) -> None:
         self.rounds.append(record)
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.metrics_path, json.dumps(record))
 
     def save_artifacts(self, partition: int, images: dict[str, np.ndarray]) -> None:
         """A node's images (uint8, (H, W, C)) as ``artifacts/<name>_partition<k>.png``;
@@ -164,7 +165,7 @@ class ResultsWriter:
 
     def finish(self) -> dict[str, Any]:
         summary = self.summary()
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_atomically(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         self.plot()
         return summary
 

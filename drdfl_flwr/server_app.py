@@ -60,7 +60,8 @@ def progress_line(record: dict, num_rounds: int) -> str:
 def round_events(record: dict) -> list[str]:
     """What happened to the nodes in a round, for its progress line: the partitions
     drawn to take part when not all are (``participation``), those skipped (a node
-    failed or timed out) and those that joined, rejoined or went absent."""
+    failed or timed out), those that joined, rejoined or went absent, and those whose
+    contribution the hub left out of its aggregate."""
     events = []
     participants = record.get("participants")
     ring = len(record.get("node_ids", {})) + len(record.get("absent", []))
@@ -71,6 +72,8 @@ def round_events(record: dict) -> list[str]:
     for change in ("joined", "rejoined", "absent"):
         if record.get(change):
             events.append(f"{change} {record[change]}")
+    if record.get("left_out"):
+        events.append(f"hub left out partitions {sorted(map(int, record['left_out']))}")
     return events
 
 

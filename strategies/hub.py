@@ -22,7 +22,7 @@ from logging import WARNING
 from flwr.app import Array, ArrayRecord, RecordDict
 from flwr.common import log
 
-from strategies.reducers import Arrays, Contribution, Reducer, ReductionError
+from strategies.reducers import Arrays, Contribution, Reducer, reduce_screened
 from strategies.rounds import Member, Reply, Router
 from strategies.wire import HUB, add_incoming
 
@@ -56,31 +56,40 @@ class Hub(Router):
         content, _ = self.content_for(position, 0, members, set())
         return content
 
-    def collect(self, server_round: int, replies: dict[int, Reply]) -> None:
-        """Reduce the round's non-empty replies; keep the previous aggregate if none came."""
-        useful = []
+    def collect(self, server_round: int, replies: dict[int, Reply]) -> dict[int, str]:
+        """Reduce the round's non-empty replies, leaving out every one that fails a check
+        (:func:`~strategies.reducers.reduce_screened`); keep the previous aggregate if
+        none is left. Returns the left-out partitions and why."""
+        useful, refused = [], {}
         for _, reply in sorted(replies.items()):
             if not len(reply.payload):
                 continue
             try:
                 arrays = {k: a.numpy() for k, a in reply.payload.items()}
             except Exception as err:  # noqa: BLE001 - the sender's bytes, not the hub's bug
-                log(
-                    WARNING,
-                    "round %d: hub left out partition %d, whose payload does not decode: %s",
-                    server_round,
-                    reply.partition_id,
-                    err,
-                )
+                refused[reply.partition_id] = f"payload does not decode: {err}"
                 continue
             useful.append(Contribution(reply.partition_id, arrays, reply.metrics))
-        if not useful:
-            return
-        try:
-            reduced = self.reduce(useful, self.reduced)
-            weight = sum(c.examples for c in useful)
-        except ReductionError as err:
-            log(WARNING, "round %d: hub kept the previous aggregate: %s", server_round, err)
-            return
-        self.reduced, self.weight = reduced, weight
+        if not useful and not refused:
+            return {}
+        reduction = reduce_screened(self.reduce, useful, self.reduced)
+        refused.update(reduction.refused)
+        for partition, reason in sorted(refused.items()):
+            log(
+                WARNING,
+                "round %d: hub left out partition %d's contribution: %s",
+                server_round,
+                partition,
+                reason,
+            )
+        if reduction.aggregate is None:
+            log(
+                WARNING,
+                "round %d: hub kept the previous aggregate: %s",
+                server_round,
+                reduction.error,
+            )
+            return refused
+        self.reduced, self.weight = reduction.aggregate, reduction.weight
         self.aggregate = ArrayRecord({k: Array(v) for k, v in self.reduced.items()})
+        return refused

@@ -50,8 +50,9 @@ class Relay(Router):
             add_incoming(content, members[p].partition_id, self.payloads[p], self.weights[p], stale)
         return content, [members[p].partition_id for p in senders]
 
-    def collect(self, server_round: int, replies: dict[int, Reply]) -> None:
-        """Store each reply's payload for the node's out-neighbours; never average."""
+    def collect(self, server_round: int, replies: dict[int, Reply]) -> dict[int, str]:
+        """Store each reply's payload for the node's out-neighbours; never average, never
+        refuse (each receiver checks what it takes in)."""
         for position, reply in replies.items():
             if len(reply.payload):  # a node that shares nothing sends nothing on
                 self.payloads[position] = reply.payload
@@ -60,3 +61,4 @@ class Relay(Router):
             else:
                 self.payloads.pop(position, None)
                 self.made_in.pop(position, None)
+        return {}

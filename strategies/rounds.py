@@ -129,6 +129,8 @@ class RoundReport:
     # partition -> {sender: round its payload was made in} for payloads older than the
     # previous round (the sender sat out since): what the in-meta's made-in-round says
     stale: dict[int, dict[str, int]] = field(default_factory=dict)
+    # partition -> why the hub left its contribution out of the round's aggregate
+    left_out: dict[int, str] = field(default_factory=dict)
     # partition -> images a learner made for the results (last round); not in the record
     artifacts: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
 
@@ -152,6 +154,8 @@ class RoundReport:
             "received_from": {str(p): s for p, s in sorted(self.received_from.items())},
             "rejections": {str(p): r for p, r in sorted(self.rejections.items())},
             "stale": {str(p): s for p, s in sorted(self.stale.items())},
+            "left_out": {str(p): r for p, r in sorted(self.left_out.items())},
+            "contributions_left_out": len(self.left_out),
             "mean": mean,
             "std": std,
         }
@@ -176,8 +180,9 @@ class Router(ABC):
         """The train message content for one node, and the partition ids it carries."""
 
     @abstractmethod
-    def collect(self, server_round: int, replies: dict[int, Reply]) -> None:
-        """Take in the replies (by ring position) that answered this round."""
+    def collect(self, server_round: int, replies: dict[int, Reply]) -> dict[int, str]:
+        """Take in the replies (by ring position) that answered this round; return the
+        partitions whose contribution was left out, and why (a hub's screening)."""
 
     def evaluation_content(self, position: int, members: list[Member]) -> RecordDict:
         """What an aggregate-evaluation message carries besides its config."""
@@ -568,7 +573,8 @@ class RoundLoop(Strategy):
                 self.report.artifacts[partition] = {k: a.numpy() for k, a in images.items()}
             self.alive.add(position)
             collected[position] = Reply(partition, payload, metrics)
-        self.router.collect(server_round, collected)
+        for partition, reason in self.router.collect(server_round, collected).items():
+            self.report.left_out[partition] = reason
         mean, _ = mean_std(self.report.nodes)
         return None, MetricRecord(mean) if mean else None
 

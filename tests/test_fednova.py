@@ -160,7 +160,7 @@ def test_reducer_refuses_what_it_cannot_normalize():
         )
     with pytest.raises(ReductionError, match="start point"):
         fednova_reduce([contribution(0, rec(update__w=upd), ok)], None)
-    with pytest.raises(ReductionError, match="different models"):
+    with pytest.raises(ReductionError, match="another model than the others"):
         fednova_reduce(
             [
                 contribution(0, rec(update__w=upd, start__w=upd), ok),

@@ -151,3 +151,24 @@ def test_drdfl_cfl_sets_its_class_statistics_to_the_hubs_and_the_ring_pulls_by_e
         else:
             alpha = node.opts.ema_alpha
             torch.testing.assert_close(mu, alpha * before + (1 - alpha) * aggregate["stats.mu"])
+
+
+def test_the_round_record_names_a_contribution_the_hub_left_out():
+    """A node that replies NaN costs only its own contribution: named in the round's
+    record (which partition, why), the others averaged as if it had not come."""
+
+    def payload(partition: int, rnd: int) -> ArrayRecord:
+        value = float("nan") if partition == 1 else float(partition + rnd)
+        return ArrayRecord({"w": Array(np.full(4, value, np.float32))})
+
+    grid = FakeGrid(3, payload_fn=payload)
+    records: list[dict] = []
+    RoundLoop(Hub(weighted_mean), node_wait_timeout=5, on_round=records.append).start(
+        grid, num_rounds=2
+    )
+    assert list(records[0]["left_out"]) == ["1"] and "NaN" in records[0]["left_out"]["1"]
+    assert records[0]["contributions_left_out"] == 1
+    want = (10.0 * 1 + 30.0 * 3) / 40.0  # partitions 0 and 2 of round 1
+    content = grid.contents[(0, 2)]
+    np.testing.assert_allclose(content["in-payload.hub"]["w"].numpy(), np.full(4, want))
+    assert content.config_records["in-meta.hub"]["weight"] == 40.0

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from drdfl_flwr.atomic import write_atomically
 from drdfl_flwr.config import RunConfig
 from drdfl_flwr.data import data_identity
 from drdfl_flwr.experiments.grid import GridRun
@@ -98,7 +99,7 @@ def _defaults() -> dict[str, Any]:
 
 def write_data_identity(run_dir: Path, identity: dict[str, Any]) -> None:
     """Record the identity of the data a run read (the runner, once the run finished)."""
-    (run_dir / DATA_FILE).write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
+    write_atomically(run_dir / DATA_FILE, json.dumps(identity, indent=2, sort_keys=True) + "\n")
 
 
 def _same_data(run: GridRun, run_dir: Path) -> bool:
