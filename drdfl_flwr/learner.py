@@ -73,6 +73,10 @@ class Learner(ABC):
         self.device = resolve_device(cfg.device)
         self.opts = cfg.options(self.OPTIONS) if self.OPTIONS is not None else None
         self.rounds_trained = 0
+        # the last server round this node trained in, and what it reported then: a round
+        # asked for again is answered from this record, never trained twice (node_round)
+        self.last_round = 0
+        self.last_metrics: dict[str, float] = {}
         self.examples_drawn = 0  # local training examples drawn (see measured_fit)
         self.setup()
 
@@ -191,10 +195,14 @@ class Learner(ABC):
     def state_dict(self) -> dict:
         state = {name: obj.state_dict() for name, obj in self.modules().items()}
         state["rounds_trained"] = self.rounds_trained
+        state["last_round"] = self.last_round
+        state["last_metrics"] = dict(self.last_metrics)
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self.rounds_trained = int(state.pop("rounds_trained", 0))
+        self.last_round = int(state.pop("last_round", 0))
+        self.last_metrics = dict(state.pop("last_metrics", {}))
         for name, obj in self.modules().items():
             obj.load_state_dict(state[name])
 

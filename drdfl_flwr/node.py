@@ -62,9 +62,16 @@ def node_round(
 ) -> NodeRound:
     """Take in ``incoming`` (sent in round ``server_round``), train one round, score the
     trained model if ``evaluate``, and return the payload to send with the metrics.
-    ``undecodable``: senders whose payload did not decode (counted as refused)."""
+    ``undecodable``: senders whose payload did not decode (counted as refused). A round
+    the node has already trained (its state says so) is answered from its record, with
+    ``replayed_round`` = 1, and trains nothing: a resumed run is the run it resumes."""
     clock = clock or Stopwatch()
     isolated = learner.cfg.isolated
+    if 0 < server_round <= learner.last_round:
+        # The node's state already holds this round (a resumed run, a restarted
+        # SuperLink asks again): answer from that round's record, never train it twice.
+        metrics = {**learner.last_metrics, "replayed_round": 1.0}
+        return NodeRound({} if isolated else learner.shared_payload(), metrics, Intake())
     intake = Intake() if isolated else take_in(learner, incoming, server_round, undecodable)
     clock.lap("time_absorb")
     torch.manual_seed(learner.round_seed)  # the same draws wherever the round runs
@@ -85,4 +92,6 @@ def node_round(
             "rounds_trained": float(learner.rounds_trained),
         }
     )
+    if server_round > 0:
+        learner.last_round, learner.last_metrics = server_round, dict(metrics)
     return NodeRound(payload, metrics, intake)

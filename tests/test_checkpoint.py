@@ -29,23 +29,39 @@ def fresh_node(tmp_path, run_id: int = 1, checkpoint: bool = True) -> Context:
     )
 
 
-def rounds_trained(context: Context, run_key: str | None = None) -> float:
-    message = train_message()
+def reply_metrics(context: Context, run_key: str | None = None, server_round: int = 1):
+    message = train_message(server_round=server_round)
     if run_key is not None:  # what the relay puts in every message
         message.content[CONFIG][RUN_KEY] = run_key
-    return train(message, context).content[METRICS]["rounds_trained"]
+    return train(message, context).content[METRICS]
+
+
+def rounds_trained(context: Context, run_key: str | None = None, server_round: int = 1) -> float:
+    return reply_metrics(context, run_key, server_round)["rounds_trained"]
 
 
 def test_restarted_node_resumes_its_private_state_from_its_checkpoint(tmp_path):
     assert rounds_trained(fresh_node(tmp_path), "k1") == 1.0
     assert (tmp_path / "run-k1" / "partition-0.pt").is_file()
     # the crash: a new SuperNode process, an empty context.state, the same run
-    assert rounds_trained(fresh_node(tmp_path), "k1") == 2.0
+    assert rounds_trained(fresh_node(tmp_path), "k1", server_round=2) == 2.0
 
 
 def test_a_resumed_run_has_a_new_run_id_but_the_same_run_key(tmp_path):
     rounds_trained(fresh_node(tmp_path, run_id=1), "k1")
-    assert rounds_trained(fresh_node(tmp_path, run_id=99), "k1") == 2.0
+    assert rounds_trained(fresh_node(tmp_path, run_id=99), "k1", server_round=2) == 2.0
+
+
+def test_a_round_the_node_already_trained_is_answered_from_its_record(tmp_path):
+    """A resumed run (or a restarted SuperLink) asks again for the round the killed run
+    was in, which the node's checkpoint already holds: the node answers with that round's
+    metrics and payload and trains nothing, so rounds_trained grows by exactly one per
+    round (before: by two, and the resumed run was not the run it resumed)."""
+    first = reply_metrics(fresh_node(tmp_path), "k1")
+    again = reply_metrics(fresh_node(tmp_path), "k1")  # restarted, asked round 1 again
+    assert again["rounds_trained"] == 1.0 and again["replayed_round"] == 1.0
+    assert again["local_passes"] == first["local_passes"] and "replayed_round" not in first
+    assert rounds_trained(fresh_node(tmp_path), "k1", server_round=2) == 2.0
 
 
 def test_another_run_never_reads_this_runs_checkpoint(tmp_path):

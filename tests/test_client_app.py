@@ -38,8 +38,8 @@ def context(partition_id: int = 0, num_partitions: int = 3, **changes) -> Contex
     )
 
 
-def train_message(payloads: dict | None = None) -> Message:
-    content = RecordDict({CONFIG: ConfigRecord({"server-round": 1})})
+def train_message(payloads: dict | None = None, server_round: int = 1) -> Message:
+    content = RecordDict({CONFIG: ConfigRecord({"server-round": server_round})})
     for sender, payload in (payloads or {}).items():
         add_incoming(content, sender, to_array_record(payload), weight=100.0)
     return Message(content, dst_node_id=0, message_type=MessageType.TRAIN)
@@ -73,7 +73,7 @@ def test_private_tensors_never_enter_the_reply():
 def test_state_survives_between_messages_only_through_context_state():
     ctx = context()
     train(train_message(), ctx)
-    train(train_message(), ctx)
+    train(train_message(server_round=2), ctx)
     learner = build_learner(RunConfig.from_run_config(RUN), (1, 8, 8), 10)
     learner.load_bytes(ctx.state.config_records[STATE_KEY]["blob"])
     assert learner.rounds_trained == 2
@@ -182,9 +182,9 @@ def test_context_state_wins_over_a_warm_learner_that_holds_another_state():
     ctx = context()
     train(train_message(), ctx)
     after_one = ConfigRecord(dict(ctx.state.config_records[STATE_KEY]))
-    train(train_message(), ctx)  # this process now holds the learner after two rounds
+    train(train_message(server_round=2), ctx)  # this process now holds the learner after two
     ctx.state.config_records[STATE_KEY] = after_one
-    train(train_message(), ctx)
+    train(train_message(server_round=2), ctx)
     assert saved_learner(ctx).rounds_trained == 2
 
 
