@@ -32,7 +32,7 @@ from drdfl_flwr.atomic import write_atomically
 
 RESULTS_FORMAT = 2
 PROVENANCE_FILE = "provenance.json"
-LIBRARIES = ("flwr", "torch", "flwr-datasets", "numpy")
+LIBRARIES = ("drdfl-flwr", "flwr", "torch", "flwr-datasets", "numpy")  # this project first
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -187,7 +187,7 @@ def test_every_run_records_the_code_and_libraries_that_made_it_and_older_formats
     ).stdout.strip()
     assert record["code"]["commit"] == (head or None)
     assert isinstance(record["code"]["dirty"], bool) or not head
-    assert set(record["versions"]) == {"flwr", "torch", "flwr-datasets", "numpy"}
+    assert set(record["versions"]) == {"drdfl-flwr", "flwr", "torch", "flwr-datasets", "numpy"}
     assert record["versions"]["torch"] == importlib.metadata.version("torch")
     assert read_outcome(run, out / "runs").status == DONE
 
