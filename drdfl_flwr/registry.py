@@ -37,6 +37,7 @@ METHODS: dict[str, str] = {
     "fedavg": "baselines.fedavg",
     "fedprox": "baselines.fedprox",
     "drdfl-gen": "drdfl_flwr.methods.drdfl_gen",
+    "drdfl-vf": "drdfl_flwr.methods.drdfl_vf",
     "drdfl-cfl": "baselines.drdfl_cfl",
     "fednova": "baselines.fednova",
     "fedfed": "baselines.fedfed",

@@ -60,6 +60,12 @@ ROWS = (
         "Learngene + decoder + class statistics (our extension)",
         "PersonaNet, classifier",
     ),
+    Row(
+        "drdfl-vf",
+        "Learngene + class statistics + the shared trunk + per-class feature moments "
+        "(count, mean, variance; our extension)",
+        "PersonaNet, decoder, the linear head over the trunk",
+    ),
     Row("dfedpgp", "the body (all but the last layer)", "the head (last linear layer)"),
     Row(
         "dispfl",

@@ -32,6 +32,7 @@ METHOD_NAMES = {
     "dispfl": "DisPFL",
     "cvae": "CVAE",
     "drdfl-gen": "DRDFL-Gen",
+    "drdfl-vf": "DRDFL-VF",
     "drdfl-cfl": "DRDFL-CFL",
 }
 # run-config keys with a shorter wording than key=value

@@ -266,17 +266,24 @@ class DRDFLLearner(Learner):
         }
 
     def load_shared(self, received: dict[str, torch.Tensor], own_weight: float) -> None:
-        """Each shared module <- own_weight * own + (1 - own_weight) * received."""
+        """Each shared module merged with its received state (:meth:`merge_module`)."""
         for prefix, module in self.shared_modules().items():
             state = {
                 k.removeprefix(f"{prefix}."): v
                 for k, v in received.items()
                 if k.startswith(f"{prefix}.")
             }
-            if own_weight:
-                own = module.state_dict()
-                state = {k: own_weight * own[k] + (1 - own_weight) * v for k, v in state.items()}
-            module.load_state_dict(state)
+            self.merge_module(prefix, module, state, own_weight)
+
+    def merge_module(
+        self, prefix: str, module: nn.Module, state: dict[str, torch.Tensor], own_weight: float
+    ) -> None:
+        """module <- own_weight * own + (1 - own_weight) * received (an extension may merge
+        one of its modules by another rule)."""
+        if own_weight:
+            own = module.state_dict()
+            state = {k: own_weight * own[k] + (1 - own_weight) * v for k, v in state.items()}
+        module.load_state_dict(state)
 
     def absorb(self, incoming: Sequence[Incoming]) -> None:
         """Algorithm 1 line 8 (peers): merge the Learngene, pull the class statistics
