@@ -279,7 +279,11 @@ def headline_plot(outcomes: Sequence[RunOutcome], out_dir: Path) -> list[Path]:
         return []
     names = ordered_variants([o.run.variant for o in outcomes])
     styles = variant_styles(names)
-    seeds = max(len({o.run.seed for o in outcomes if o.run.variant == v}) for v in names)
+    # the seeds that finished (a grid part way through has fewer than it lists)
+    seeds = max(
+        len({o.run.seed for o in outcomes if o.run.variant == v and o.status == DONE})
+        for v in names
+    )
     fig, axes = _figure(
         2, width=4.6, height=max(2.4, 0.25 * len(names) + 1.1), nrows=len(columns_), sharey=True
     )
@@ -330,7 +334,7 @@ def headline_plot(outcomes: Sequence[RunOutcome], out_dir: Path) -> list[Path]:
                 ax.axvline(floor.mean[key], color="tab:red", linestyle="--", linewidth=1)
             ax.set_xlim(0, max(10.0, top * 1.15 + 4))
             ax.set_xlabel(label)
-            ax.set_title(f"{column.name}: {label.split(' ')[0]}", fontsize="medium")
+            ax.set_title(f"{column.name}: {label.removesuffix(' accuracy (%)')}", fontsize="medium")
             ax.grid(axis="x", alpha=0.3)
         row[0].set_yticks(y, [display_name(v) for v in names])
     axes[0, 0].set_ylim(len(names) - 0.5, -0.6)  # shared by every panel: grid order, top down
