@@ -200,6 +200,43 @@ def label_counts(cfg: RunConfig, num_partitions: int) -> np.ndarray:
     return _partition_plan(_data_key(cfg), num_partitions).label_counts.copy()
 
 
+def check_partition_plan(cfg: RunConfig, num_partitions: int) -> np.ndarray:
+    """The run's partitions drawn once, before any node starts: a partitioner that cannot
+    draw ``num_partitions`` of them, or draws an empty one, stops the run here with what to
+    change, instead of failing in every ClientApp (each drawing the same plan on its own).
+    Returns the label counts (clients x classes)."""
+    try:
+        counts = label_counts(cfg, num_partitions)
+    except ValueError as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(
+            "partitioner",
+            cfg.partitioner,
+            f"cannot draw {num_partitions} partitions of {cfg.dataset} ({err}). "
+            + _partition_hint(cfg),
+        ) from None
+    empty = [int(p) for p in np.flatnonzero(counts.sum(1) == 0)]
+    if empty:
+        raise ConfigError(
+            "partitioner",
+            cfg.partitioner,
+            f"{len(empty)} of {num_partitions} partitions of {cfg.dataset} are empty "
+            f"(partition ids {empty[:10]}). " + _partition_hint(cfg),
+        )
+    return counts
+
+
+def _partition_hint(cfg: RunConfig) -> str:
+    if cfg.partitioner == "dirichlet":
+        return (
+            f"With many clients and a small dirichlet-beta ({cfg.dirichlet_beta:g}) some "
+            "clients draw no sample: raise dirichlet-beta, use fewer clients, or use "
+            'partitioner = "shard" (classes-per-client), which gives every client data.'
+        )
+    return "Use fewer clients or more data (subset-train = 0: all of it)."
+
+
 def _warn_unheld_classes(cfg: RunConfig, counts: np.ndarray, train_labels: np.ndarray) -> None:
     """A class in the data that no client holds is gone from the whole federation (and
     from every Local-T and Global-T set): say so, naming the classes and the way out."""

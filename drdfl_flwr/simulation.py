@@ -26,6 +26,7 @@ from flwr.simulation import run_simulation
 
 from drdfl_flwr.client_app import build_client_app, with_run_config
 from drdfl_flwr.config import RunConfig
+from drdfl_flwr.data import check_partition_plan
 from drdfl_flwr.registry import check_run_config
 from drdfl_flwr.server_app import run_job
 
@@ -182,6 +183,7 @@ def simulate(
     if num_clients < 2:
         raise ValueError(f"num_clients={num_clients}: a ring needs at least 2 nodes")
     check_run_config(cfg)  # before Ray starts
+    check_partition_plan(cfg, num_clients)  # a plan that cannot be drawn fails here, once
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     address = ray_address_for(ray_address)
     cpus, gpus, where = ray_resources(address)  # once: on a cluster, a connection

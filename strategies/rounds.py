@@ -86,6 +86,10 @@ def mean_std(per_node: dict[Any, dict[str, float]]) -> tuple[dict[str, float], d
     return mean, std
 
 
+class NothingTrainedError(RuntimeError):
+    """Every node asked in a round failed: nothing trained (see RoundLoop)."""
+
+
 @dataclass(frozen=True)
 class Member:
     node_id: int
@@ -131,6 +135,11 @@ class RoundReport:
     stale: dict[int, dict[str, int]] = field(default_factory=dict)
     # partition -> why the hub left its contribution out of the round's aggregate
     left_out: dict[int, str] = field(default_factory=dict)
+    # partition -> the error its ClientApp answered with (it raised)
+    errors: dict[int, str] = field(default_factory=dict)
+    asked: int = 0  # train messages sent this round
+    trained: int = 0  # of which came back with a reply that is not an error
+    raised: int = 0  # of which came back with the error of a ClientApp that raised
     # partition -> images a learner made for the results (last round); not in the record
     artifacts: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
 
@@ -155,6 +164,7 @@ class RoundReport:
             "rejections": {str(p): r for p, r in sorted(self.rejections.items())},
             "stale": {str(p): s for p, s in sorted(self.stale.items())},
             "left_out": {str(p): r for p, r in sorted(self.left_out.items())},
+            "errors": {str(p): e for p, e in sorted(self.errors.items())},
             "contributions_left_out": len(self.left_out),
             "mean": mean,
             "std": std,
@@ -550,7 +560,10 @@ class RoundLoop(Strategy):
                     partition,
                     reply.error.reason,
                 )
+                self.report.errors[partition] = str(reply.error.reason)
+                self.report.raised += reply.error.code not in UNREACHABLE
                 continue
+            self.report.trained += 1
             payload = reply.content.array_records.get(OUT_PAYLOAD, ArrayRecord())
             metrics = dict(reply.content[METRICS]) if METRICS in reply.content else {}
             metrics.update(reply_bytes(reply))
@@ -584,6 +597,7 @@ class RoundLoop(Strategy):
             position = self.position_of[message.metadata.dst_node_id]
             self.alive.discard(position)
             self.admitted.discard(position)
+        self.report.asked += len(messages)
         replies = exchange(grid, messages, self.round_timeout, self.max_in_flight)
         answered = {r.metadata.src_node_id for r in replies}
         for message in messages:
@@ -606,6 +620,20 @@ class RoundLoop(Strategy):
         for position in self.active():
             message = self.message_for(position, server_round, config, evaluate)
             self.aggregate_train(server_round, self._send(grid, [message], server_round))
+
+    def stop_if_nothing_trained(self, server_round: int) -> None:
+        """A round in which every node asked answered with an error (its ClientApp raised:
+        a partitioner that cannot draw the partitions, a bad config) stops the run: a run
+        in which nothing trained must not end looking like one that worked. Nodes that
+        gave no answer at all (gone, restarting) are the fault tolerance's to handle, so
+        a round that is only silent goes on."""
+        report = self.report
+        if report.asked and not report.trained and report.raised == report.asked:
+            first = next(iter(sorted(report.errors.items())))
+            raise NothingTrainedError(
+                f"round {server_round}: none of the {report.asked} nodes asked trained; "
+                f"every ClientApp failed (partition {first[0]}: {first[1].strip()[-300:]})"
+            )
 
     # -- evaluation --------------------------------------------------------------------
     def configure_evaluate(
@@ -669,6 +697,7 @@ class RoundLoop(Strategy):
             if server_round > first_round:
                 self.refresh(grid, server_round)
             self.train_round(grid, server_round, train_config)
+            self.stop_if_nothing_trained(server_round)
             self.report.node_ids = {m.partition_id: m.node_id for m in self.members if m.present}
             self.report.absent = [m.partition_id for m in self.members if not m.present]
             self.report.failed = [

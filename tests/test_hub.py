@@ -172,3 +172,38 @@ def test_the_round_record_names_a_contribution_the_hub_left_out():
     content = grid.contents[(0, 2)]
     np.testing.assert_allclose(content["in-payload.hub"]["w"].numpy(), np.full(4, want))
     assert content.config_records["in-meta.hub"]["weight"] == 40.0
+
+
+def raising(grid: FakeGrid, when) -> FakeGrid:
+    """Train messages of the (partition, round) pairs ``when`` picks come back as Flower's
+    error for a ClientApp that raised."""
+    from flwr.app import Error, Message, MessageType
+    from flwr.common.constant import ErrorCode
+
+    answer = grid.answer
+
+    def maybe_raise(msg):
+        if msg.metadata.message_type == MessageType.TRAIN:
+            partition = grid.partition_of[msg.metadata.dst_node_id]
+            if when(partition, int(msg.content["config"]["server-round"])):
+                error = Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "ValueError: max attempts")
+                return Message(error, reply_to=msg)
+        return answer(msg)
+
+    grid.answer = maybe_raise
+    return grid
+
+
+def test_a_round_in_which_every_node_failed_stops_the_run_naming_the_error():
+    """Before: every ClientApp raising (a partitioner that cannot draw 1,000 Dirichlet
+    partitions) gave a run that 'completed' with 0 bytes and 0 steps. Now the round
+    stops the run with the first node's error; a round with some nodes failing goes on."""
+    from strategies.rounds import NothingTrainedError
+
+    records: list[dict] = []
+    some = raising(FakeGrid(3), lambda p, r: p == 1)
+    RoundLoop(Relay(Ring()), node_wait_timeout=5, on_round=records.append).start(some, num_rounds=2)
+    assert len(records) == 2 and list(records[0]["errors"]) == ["1"]
+    every = raising(FakeGrid(3), lambda p, r: r == 2)
+    with pytest.raises(NothingTrainedError, match="round 2: none of the 3 nodes asked trained"):
+        RoundLoop(Relay(Ring()), node_wait_timeout=5).start(every, num_rounds=3)

@@ -60,3 +60,20 @@ def test_ring_run_on_cifar10_slice(method, tmp_path):
     assert summary["last"]["round"] == 2
     assert (run_dir / "convergence.png").stat().st_size > 0
     assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 2
+
+
+def test_a_partition_plan_that_cannot_be_drawn_stops_the_run_before_ray_starts(monkeypatch):
+    """Before: every ClientApp raised flwr-datasets' 'max number of attempts' on its own
+    and the run ended 'complete' with nothing trained. Now the plan is drawn once, first,
+    and the error names the partitioner, the count and what to change."""
+    import drdfl_flwr.simulation as simulation
+    from drdfl_flwr.config import ConfigError, RunConfig
+
+    def no_ray(**kwargs):
+        raise AssertionError("the simulation started although the plan cannot be drawn")
+
+    monkeypatch.setattr(simulation, "run_simulation", no_ray)
+    cfg = RunConfig(dataset="digits", partitioner="dirichlet", dirichlet_beta=0.05)
+    with pytest.raises(ConfigError, match="cannot draw 100 partitions of digits") as err:
+        simulation.simulate(cfg, num_clients=100)
+    assert "raise dirichlet-beta" in str(err.value) and "'partitioner'" in str(err.value)
