@@ -4,7 +4,10 @@
 #
 # On the SuperLink host (ADDRESS: the IP or DNS name the devices connect to):
 #   deploy/device.sh certs ADDRESS [NAME...]   # a CA and the SuperLink's certificate, valid
-#                                              # for ADDRESS and every NAME (IP: or DNS: each)
+#                                              # for ADDRESS and every NAME (IP: or DNS: each);
+#                                              # run again, it keeps the CA (enrolled devices
+#                                              # trust it) and issues a new certificate;
+#                                              # --replace-ca first moves the old CA aside
 #   deploy/device.sh superlink                 # the SuperLink, TLS, SuperNode authentication
 #   deploy/device.sh connection ADDRESS        # the [superlink.drdfl] entry flwr run needs
 #   deploy/device.sh register KEY.pub          # accept one device's public key
@@ -55,8 +58,19 @@ make_certs() {  # address, names...
         if is_ip "$name"; then sans="$sans,IP:$name"; else sans="$sans,DNS:$name"; fi
     done
     mkdir -p "$CERTS"
-    openssl req -x509 -newkey rsa:2048 -nodes -days 365 -subj "/CN=drdfl-flwr CA" \
-        -keyout "$CERTS/ca.key" -out "$CERTS/ca.crt" 2>/dev/null
+    if [[ -f "$CERTS/ca.crt" ]]; then
+        # every enrolled device trusts this CA: a new one would lock them all out
+        if [[ ! -f "$CERTS/ca.key" ]]; then
+            echo "error: $CERTS/ca.crt has no ca.key beside it (a device's copy?): cannot" \
+                "sign with it; run certs on the SuperLink host, or --replace-ca" >&2
+            exit 1
+        fi
+        echo "kept the existing CA $CERTS/ca.crt (devices that trust it keep working;" \
+            "--replace-ca to start a new one)"
+    else
+        openssl req -x509 -newkey rsa:2048 -nodes -days 365 -subj "/CN=drdfl-flwr CA" \
+            -keyout "$CERTS/ca.key" -out "$CERTS/ca.crt" 2>/dev/null
+    fi
     openssl req -newkey rsa:2048 -nodes -subj "/CN=$1" \
         -keyout "$CERTS/superlink.key" -out "$CERTS/superlink.csr" 2>/dev/null
     printf 'subjectAltName=%s\n' "${sans#,}" >"$CERTS/superlink.ext"
@@ -69,8 +83,16 @@ make_certs() {  # address, names...
 
 case ${1:-} in
 certs)
-    [[ $# -ge 2 ]] || usage
     shift
+    if [[ ${1:-} == --replace-ca ]]; then
+        shift
+        if [[ -d "$CERTS" ]]; then
+            aside="$CERTS.$(date +%Y%m%d-%H%M%S)"
+            mv "$CERTS" "$aside"
+            echo "moved the old CA and certificates aside to $aside"
+        fi
+    fi
+    [[ $# -ge 1 ]] || usage
     make_certs "$@"
     ;;
 superlink)
