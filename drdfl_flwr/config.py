@@ -32,6 +32,10 @@ CLASSIFIERS = ("small-cnn", "resnet8", "resnet18", "alexnet-dslth")
 DENSE_CLASSIFIERS = ("small-cnn", "resnet8", "resnet18")  # alexnet-dslth is DSLTH-only
 NORMS = ("auto", "none", "batch", "group")
 DEVICES = ("auto", "cpu", "cuda")
+# a hostile neighbour, for measuring what one costs (drdfl_flwr/adversary.py)
+ATTACKS = ("none", "sign-flip", "scale", "noise", "label-flip")
+RING_DEFENCES = ("none", "outlier")
+HUB_REDUCTIONS = ("mean", "median", "trimmed-mean", "krum")
 RUNNER_SECTION = "grid"  # the experiment runner's own keys (drdfl_flwr.experiments.grid):
 # they may sit in a run-config file beside the app's; the app passes them by
 
@@ -136,6 +140,12 @@ class RunConfig:
     resume: bool = False
     device: str = "auto"
     warm_cache_mib: int = 1024
+    attack: str = "none"
+    attack_partitions: str = ""
+    attack_strength: float = 10.0
+    ring_defence: str = "none"
+    ring_defence_bound: float = 1.0
+    hub_reduction: str = "mean"
     sections: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
@@ -149,6 +159,10 @@ class RunConfig:
         _choice("classifier", self.classifier, CLASSIFIERS)
         _choice("classifier-norm", self.classifier_norm, NORMS)
         _choice("device", self.device, DEVICES)
+        _choice("attack", self.attack, ATTACKS)
+        _choice("ring-defence", self.ring_defence, RING_DEFENCES)
+        _choice("hub-reduction", self.hub_reduction, HUB_REDUCTIONS)
+        self.attackers()  # raises on malformed entries
         if self.resume and not self.run_name:
             raise ConfigError("resume", self.resume, "needs a run-name: the run to resume")
         for key in (
@@ -173,7 +187,14 @@ class RunConfig:
         for key in ("subset-train", "subset-test"):
             if getattr(self, _attr(key)) < 0:
                 raise ConfigError(key, getattr(self, _attr(key)), "must be >= 0 (0 = use all)")
-        for key in ("round-timeout", "node-wait-timeout", "learning-rate", "dirichlet-beta"):
+        for key in (
+            "round-timeout",
+            "node-wait-timeout",
+            "learning-rate",
+            "dirichlet-beta",
+            "attack-strength",
+            "ring-defence-bound",
+        ):
             _positive(key, getattr(self, _attr(key)))
         object.__setattr__(self, "sections", _raw_sections(self.sections))
         object.__setattr__(self, "_parsed", {})
@@ -187,6 +208,22 @@ class RunConfig:
                 raise ConfigError(
                     "data-dir", self.data_dir, "must hold train.parquet and test.parquet"
                 )
+
+    def attackers(self) -> frozenset[int]:
+        """``attack-partitions`` as partition ids: the nodes that attack (with ``attack``
+        other than none)."""
+        ids = set()
+        for entry in (e.strip() for e in self.attack_partitions.split(",")):
+            if not entry:
+                continue
+            if not entry.isdigit():
+                raise ConfigError(
+                    "attack-partitions",
+                    self.attack_partitions,
+                    f"entry {entry!r} is not a partition id (comma-separated integers >= 0)",
+                )
+            ids.add(int(entry))
+        return frozenset(ids)
 
     def options(self, options_class: type[OptionsT]) -> OptionsT:
         """One section's validated options (``cfg.options(DRDFLOptions)``), its defaults

@@ -28,7 +28,7 @@ from drdfl_flwr.intake import take_in
 from drdfl_flwr.learner import Learner
 from drdfl_flwr.node import Stopwatch, evaluation_metrics, node_round
 from drdfl_flwr.payload import Incoming, PayloadError, from_hub, peers
-from drdfl_flwr.registry import build_learner, check_run_config, method_spec
+from drdfl_flwr.registry import build_learner, check_run_config, hub_reducer
 from strategies.reducers import Arrays, Contribution, reduce_screened
 from strategies.rounds import AGGREGATE_PREFIX, sample_participants
 from strategies.topology import Ring
@@ -78,7 +78,7 @@ def run_ring(
         build_learner(cfg, d.input_shape, d.num_classes, partition_id=k) for k, d in enumerate(data)
     ]
     ring = InProcessRing(learners, data)
-    reducer = method_spec(cfg.method).reducer  # a hub method: reduce, send to everyone
+    reducer = hub_reducer(cfg)  # a hub method: reduce, send to everyone
     reduced: Arrays | None = None
     weight = 0.0  # the training examples the aggregate was reduced from (the hub's weight)
     outbox: list[dict[str, torch.Tensor] | None] = [None] * num_clients
@@ -97,7 +97,9 @@ def run_ring(
                 incoming = peers(received) if received else []
             clock = Stopwatch()
             result = node_round(learner, incoming, node_data, round_number, clock=clock)
-            if result.intake.rejections:  # in process, a refusal is a bug: say it loudly
+            # in process, a refusal is a bug, unless an attack or a defence is measured
+            measured = cfg.attack != "none" or cfg.ring_defence != "none"
+            if result.intake.rejections and not measured:
                 raise PayloadError(
                     f"round {round_number}: node {k} refused {result.intake.rejections}"
                 )
@@ -110,7 +112,7 @@ def run_ring(
                 if sent[k] is not None and nodes[k] is not None
             ]
             reduction = reduce_screened(reducer, contributions, reduced)
-            if reduction.refused:  # in process, a refusal is a bug: say it loudly
+            if reduction.refused and cfg.attack == "none":  # a bug unless attacked
                 raise PayloadError(f"round {round_number}: the hub refused {reduction.refused}")
             if reduction.aggregate is not None:
                 reduced, weight = reduction.aggregate, reduction.weight

@@ -31,6 +31,60 @@ def sender_name(item: Incoming) -> str:
     return AGGREGATE if item.from_hub else str(item.sender)
 
 
+OUTLIER_FACTOR = 3.0  # a distance this many times the median of accepted ones is refused
+OUTLIER_HISTORY = 3  # accepted distances needed before the median is trusted
+HISTORY_KEPT = 20
+
+
+def relative_distance(received: Mapping, own: Mapping) -> float | None:
+    """||received - own|| / ||own|| over the floating-point tensors both hold (None when
+    there are none: bit-packed masks are not defended this way)."""
+    num = den = 0.0
+    for key, mine in own.items():
+        theirs = received.get(key)
+        if theirs is None or not mine.is_floating_point() or not theirs.is_floating_point():
+            continue
+        if theirs.shape != mine.shape:
+            continue  # the learner's own checks name it
+        num += (theirs.float() - mine.float()).pow(2).sum().item()
+        den += mine.float().pow(2).sum().item()
+    if den == 0.0:
+        return None
+    return (num / den) ** 0.5
+
+
+def _trusted(learner: Learner, incoming: list[Incoming], intake: Intake) -> list[Incoming]:
+    """The bounded-trust merge (``ring-defence = "outlier"``): a peer payload whose shared
+    floats lie farther from the node's own than ``ring-defence-bound`` x their norm, or
+    than 3 x the median distance of the payloads it accepted before, is refused before
+    the learner sees it. A sign-flipped Learngene lies ~2 own norms away, a scaled one
+    ~strength - 1, honest neighbours well under one."""
+    own = learner.shared_payload()
+    history = learner.accepted_distances
+    kept = []
+    for item in incoming:
+        if item.from_hub:
+            kept.append(item)
+            continue
+        distance = relative_distance(item.tensors, own)
+        if distance is None:
+            kept.append(item)
+            continue
+        bound = learner.cfg.ring_defence_bound
+        if len(history) >= OUTLIER_HISTORY:
+            bound = min(bound, OUTLIER_FACTOR * sorted(history)[len(history) // 2])
+        if distance > bound:
+            intake.rejections[sender_name(item)] = (
+                f"outlier: its shared tensors lie {distance:.3g} of this node's own norm "
+                f"from them (bound {bound:.3g}; ring-defence = outlier)"
+            )
+            continue
+        kept.append(item)
+        history.append(distance)
+    del history[:-HISTORY_KEPT]
+    return kept
+
+
 def _reason(err: Exception) -> str:
     return str(err) if isinstance(err, PayloadError) else f"{type(err).__name__}: {err}"
 
@@ -51,6 +105,8 @@ def take_in(
     """
     incoming = list(incoming)
     intake = Intake(rejections=dict(undecodable or {}))
+    if learner.cfg.ring_defence == "outlier":
+        incoming = _trusted(learner, incoming, intake)
     if not incoming:
         return intake
     try:

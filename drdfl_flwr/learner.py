@@ -77,6 +77,8 @@ class Learner(ABC):
         # asked for again is answered from this record, never trained twice (node_round)
         self.last_round = 0
         self.last_metrics: dict[str, float] = {}
+        # relative distances of the peer payloads the ring defence accepted (intake.py)
+        self.accepted_distances: list[float] = []
         self.examples_drawn = 0  # local training examples drawn (see measured_fit)
         self.setup()
 
@@ -197,12 +199,14 @@ class Learner(ABC):
         state["rounds_trained"] = self.rounds_trained
         state["last_round"] = self.last_round
         state["last_metrics"] = dict(self.last_metrics)
+        state["accepted_distances"] = list(self.accepted_distances)
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self.rounds_trained = int(state.pop("rounds_trained", 0))
         self.last_round = int(state.pop("last_round", 0))
         self.last_metrics = dict(state.pop("last_metrics", {}))
+        self.accepted_distances = list(state.pop("accepted_distances", []))
         for name, obj in self.modules().items():
             obj.load_state_dict(state[name])
 

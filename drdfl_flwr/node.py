@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from drdfl_flwr.adversary import attacking, flipped_labels, hostile_payload
 from drdfl_flwr.data import ClientData
 from drdfl_flwr.intake import Intake, take_in
 from drdfl_flwr.learner import Learner, measured_fit
@@ -75,7 +76,9 @@ def node_round(
     intake = Intake() if isolated else take_in(learner, incoming, server_round, undecodable)
     clock.lap("time_absorb")
     torch.manual_seed(learner.round_seed)  # the same draws wherever the round runs
-    metrics = measured_fit(learner, data)
+    hostile = attacking(learner.cfg, learner.partition_id)
+    flip = hostile and learner.cfg.attack == "label-flip"
+    metrics = measured_fit(learner, flipped_labels(data) if flip else data)
     clock.lap("time_fit")
     if evaluate:
         metrics.update(evaluation_metrics(learner, data))
@@ -84,6 +87,10 @@ def node_round(
         )
         clock.lap("time_evaluate")
     payload = {} if isolated else learner.shared_payload()
+    if hostile and payload:
+        cfg = learner.cfg
+        payload = hostile_payload(payload, cfg.attack, cfg.attack_strength, learner.round_seed)
+        metrics["attacking"] = 1.0
     metrics.update(
         {
             EXAMPLES: float(len(data.y_train)),

@@ -104,6 +104,7 @@ def check_run_config(cfg: RunConfig) -> None:
     for options in classes.values():
         cfg.options(options)
     check_method_fits(cfg, spec)
+    hub_reducer(cfg)  # a robust reduction the method cannot take is refused here
 
 
 def check_method_fits(cfg: RunConfig, spec: MethodSpec) -> None:
@@ -153,3 +154,24 @@ def build_learner(
     return spec.learner(
         cfg, input_shape, num_classes, partition_id=partition_id, centralized=spec.centralized
     )
+
+
+def hub_reducer(cfg: RunConfig):
+    """The hub's reduction for ``cfg``: the method's own, or, with ``hub-reduction`` other
+    than mean, Flower's robust one in place of the weighted mean (a method with a reducer
+    of its own, FedNova's or FedFed's, cannot swap it: refused by name)."""
+    from strategies.reducers import weighted_mean
+
+    reducer = method_spec(cfg.method).reducer
+    if cfg.hub_reduction == "mean" or reducer is None:
+        return reducer
+    if reducer is not weighted_mean:
+        raise ConfigError(
+            "hub-reduction",
+            cfg.hub_reduction,
+            f"{cfg.method} reduces with its own reducer ({reducer.__name__}); a robust "
+            "reduction replaces only the weighted mean",
+        )
+    from strategies.robust import robust_reducer
+
+    return robust_reducer(cfg.hub_reduction)

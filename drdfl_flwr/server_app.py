@@ -23,6 +23,7 @@ from drdfl_flwr.config import RunConfig
 from drdfl_flwr.health import HEALTH_PREFIX, AlarmTracker, health_view
 from drdfl_flwr.registry import (
     check_run_config,
+    hub_reducer,
     method_spec,
     recorded_run_config,
     resolved_topology,
@@ -82,7 +83,7 @@ def build_router(cfg: RunConfig) -> Router:
     configured topology."""
     spec = method_spec(cfg.method)
     if spec.centralized:
-        return Hub(spec.reducer)
+        return Hub(hub_reducer(cfg))
     return Relay(build_topology(resolved_topology(cfg), k=cfg.topology_k, seed=cfg.seed))
 
 
