@@ -10,7 +10,8 @@ only a defence that looks at the values themselves can stop them.
 - ``label-flip``: the node trains on labels k -> K - 1 - k and sends what that makes.
 
 Tensors that must stay positive to be well-formed (names ending ``var`` or ``count``)
-keep their magnitude under every attack.
+keep their magnitude under every attack, and integer identifiers (DFML's ``arch_id``) are
+left as they are: only floats and bit-packed masks are attacked.
 """
 
 from __future__ import annotations
@@ -41,7 +42,10 @@ def hostile_payload(payload: Tensors, attack: str, strength: float, seed: int) -
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for key, value in payload.items():
-        if not value.is_floating_point():
+        if value.dtype != torch.uint8 and not value.is_floating_point():
+            out[key] = value.clone()  # identifiers and counters (DFML's arch_id) kept
+            continue
+        if not value.is_floating_point():  # bit-packed masks (DSLTH, DisPFL)
             if attack == "sign-flip":
                 out[key] = torch.bitwise_not(value)
             elif attack == "noise":

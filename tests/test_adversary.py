@@ -104,3 +104,17 @@ def test_a_robust_reduction_is_refused_for_a_method_with_its_own_reducer():
 def test_a_bad_adversary_setting_is_refused_by_name(key, value, named):
     with pytest.raises(ConfigError, match=named):
         make_config(method="drdfl", **{key: value})
+
+
+def test_identifiers_are_left_alone_so_dfml_takes_the_attack_in():
+    """Before: sign-flip negated DFML's integer arch_id and its own check refused the
+    payload, so the attack measured DFML's id check, not DFML."""
+    cfg = make_config(method="dfml", local_epochs=1, device="cpu")
+    sender, receiver = build_learner(cfg, SHAPE, K, 0), build_learner(cfg, SHAPE, K, 1)
+    data = random_client_data(64, SHAPE, K)
+    sender.fit(data)
+    receiver.fit(data)
+    for attack in ("sign-flip", "noise"):
+        hostile = hostile_payload(sender.shared_payload(), attack, 10.0, seed=0)
+        assert torch.equal(hostile["arch_id"], sender.shared_payload()["arch_id"])
+        assert take_in(receiver, peers(hostile), 2).accepted
