@@ -36,6 +36,7 @@ DEVICES = ("auto", "cpu", "cuda")
 ATTACKS = ("none", "sign-flip", "scale", "noise", "label-flip")
 RING_DEFENCES = ("none", "outlier")
 HUB_REDUCTIONS = ("mean", "median", "trimmed-mean", "krum")
+TRACKINGS = ("none", "tensorboard")
 RUNNER_SECTION = "grid"  # the experiment runner's own keys (drdfl_flwr.experiments.grid):
 # they may sit in a run-config file beside the app's; the app passes them by
 
@@ -146,6 +147,7 @@ class RunConfig:
     ring_defence: str = "none"
     ring_defence_bound: float = 1.0
     hub_reduction: str = "mean"
+    tracking: str = "none"
     sections: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
@@ -162,6 +164,7 @@ class RunConfig:
         _choice("attack", self.attack, ATTACKS)
         _choice("ring-defence", self.ring_defence, RING_DEFENCES)
         _choice("hub-reduction", self.hub_reduction, HUB_REDUCTIONS)
+        _choice("tracking", self.tracking, TRACKINGS)
         self.attackers()  # raises on malformed entries
         if self.resume and not self.run_name:
             raise ConfigError("resume", self.resume, "needs a run-name: the run to resume")

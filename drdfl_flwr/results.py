@@ -22,6 +22,7 @@ from drdfl_flwr.atomic import append_line, write_atomically
 from drdfl_flwr.health import health_view
 from drdfl_flwr.provenance import write_provenance
 from drdfl_flwr.scoring import GLOBAL_T, LOCAL_T, SCORE_KEYS
+from drdfl_flwr.tracking import make_tracker
 from strategies.rounds import AGGREGATE_PREFIX
 
 ACCURACY_KEYS = (LOCAL_T, GLOBAL_T)  # the paper's two: the best rounds are picked by them
@@ -60,6 +61,10 @@ class ResultsWriter:
             write_atomically(self.metrics_path, "")
         write_atomically(run_dir / "run_config.json", json.dumps(run_config, indent=2))
         write_provenance(run_dir)
+        self.tracker = make_tracker(run_dir, run_config)
+        if self.tracker is not None:
+            for record in self.rounds:  # a resumed run: its tracker starts afresh, whole
+                self.tracker.log_round(record)
         self.started = time.time()
 
     def _interrupted_rounds(self, run_config: dict[str, Any]) -> list[dict[str, Any]]:
@@ -100,6 +105,8 @@ class ResultsWriter:
     def log_round(self, record: dict[str, Any]) -> None:
         self.rounds.append(record)
         append_line(self.metrics_path, json.dumps(record))
+        if self.tracker is not None:
+            self.tracker.log_round(record)
 
     def save_artifacts(self, partition: int, images: dict[str, np.ndarray]) -> None:
         """A node's images (uint8, (H, W, C)) as ``artifacts/<name>_partition<k>.png``;
@@ -166,6 +173,8 @@ class ResultsWriter:
     def finish(self) -> dict[str, Any]:
         summary = self.summary()
         write_atomically(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+        if self.tracker is not None:
+            self.tracker.close()
         self.plot()
         return summary
 
