@@ -191,6 +191,8 @@ class DRDFLVFLearner(DRDFLLearner):
             trunk = Trunk(self.input_shape[0], vf.trunk_dim)
         self.classifier = TrunkHead(trunk, vf.trunk_dim, self.num_classes).to(self.device)
         self.ring = FeatureMoments(self.num_classes, vf.trunk_dim).to(self.device)
+        # the ring's moments received this round, merged after training (train_round)
+        self.received_moments: tuple[torch.Tensor, ...] | None = None
         trunk = set(map(id, self.classifier.trunk.parameters()))
         self.main_opt = torch.optim.Adam(
             [
@@ -255,7 +257,7 @@ class DRDFLVFLearner(DRDFLLearner):
         metrics = super().train_round(data)  # DRDFL's round: the trunk and head train too
         features = self.features(data.x_train)
         own = moments_of(features, data.y_train.to(self.device), self.num_classes)
-        received = getattr(self, "received_moments", None)
+        received = self.received_moments
         if received is None:
             self.ring.set(*own)
         else:
