@@ -137,6 +137,9 @@ class RoundReport:
     left_out: dict[int, str] = field(default_factory=dict)
     # partition -> the error its ClientApp answered with (it raised)
     errors: dict[int, str] = field(default_factory=dict)
+    # partition -> why no training reply came: Flower's word that the node is unavailable
+    # (its heartbeat lapsed: a dead SuperNode) or no answer at all within the round timeout
+    unanswered: dict[int, str] = field(default_factory=dict)
     asked: int = 0  # train messages sent this round
     trained: int = 0  # of which came back with a reply that is not an error
     raised: int = 0  # of which came back with the error of a ClientApp that raised
@@ -165,6 +168,7 @@ class RoundReport:
             "stale": {str(p): s for p, s in sorted(self.stale.items())},
             "left_out": {str(p): r for p, r in sorted(self.left_out.items())},
             "errors": {str(p): e for p, e in sorted(self.errors.items())},
+            "unanswered": {str(p): e for p, e in sorted(self.unanswered.items())},
             "contributions_left_out": len(self.left_out),
             "mean": mean,
             "std": std,
@@ -592,24 +596,58 @@ class RoundLoop(Strategy):
         return None, MetricRecord(mean) if mean else None
 
     def _send(self, grid: Grid, messages: list[Message], server_round: int) -> list[Message]:
-        """Send train messages; nodes that fail or time out leave ``alive`` for now."""
+        """Send train messages; nodes that fail or time out leave ``alive`` for now.
+
+        Flower answers a message to a node it holds for dead (no heartbeat for twice the
+        SuperNode's 30 s heartbeat interval) with an error reply of its own, sent from the
+        SuperLink, not from the node: it is attributed here by the message it answers, so
+        the log and the round record's ``unanswered`` say the true cause and how long it
+        took, instead of "no answer"."""
         for message in messages:
             position = self.position_of[message.metadata.dst_node_id]
             self.alive.discard(position)
             self.admitted.discard(position)
         self.report.asked += len(messages)
+        started = time.monotonic()
         replies = exchange(grid, messages, self.round_timeout, self.max_in_flight)
-        answered = {r.metadata.src_node_id for r in replies}
+        waited = time.monotonic() - started
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        answered: set[int] = set()
+        from_nodes = []
+        for reply in replies:
+            node_id = sent_to.get(reply.metadata.reply_to_message_id)
+            if node_id is None:
+                continue
+            answered.add(node_id)
+            if reply.metadata.src_node_id in self.position_of:
+                from_nodes.append(reply)
+            else:  # the SuperLink's own error reply for an unreachable node
+                self._unanswered(
+                    server_round,
+                    node_id,
+                    f"Flower reported the node unavailable after {waited:.0f}s "
+                    f"({reply.error.reason if reply.has_error() else 'no reason given'})",
+                )
         for message in messages:
             if message.metadata.dst_node_id not in answered:
-                log(
-                    WARNING,
-                    "round %d: node %d gave no answer within %.0fs; skipped",
+                self._unanswered(
                     server_round,
                     message.metadata.dst_node_id,
-                    self.round_timeout,
+                    f"no answer within the round timeout of {self.round_timeout:.0f}s",
                 )
-        return replies
+        return from_nodes
+
+    def _unanswered(self, server_round: int, node_id: int, why: str) -> None:
+        partition = self.members[self.position_of[node_id]].partition_id
+        self.report.unanswered[partition] = why
+        log(
+            WARNING,
+            "round %d: node %d (partition %d) skipped: %s",
+            server_round,
+            node_id,
+            partition,
+            why,
+        )
 
     def train_round(self, grid: Grid, server_round: int, config: ConfigRecord) -> None:
         if self.mode == "synchronous":

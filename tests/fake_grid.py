@@ -129,6 +129,7 @@ class FakeGrid(Grid):
         for msg in messages:
             self.pushed += 1
             message_id = f"m{self.pushed}"
+            msg.metadata.__dict__["_message_id"] = message_id  # as Flower's grids do
             self.pending[message_id] = msg
             if msg.metadata.message_type == MessageType.QUERY:
                 self.asked.append(msg.metadata.dst_node_id)

@@ -53,6 +53,39 @@ def test_a_dead_node_costs_one_round_and_is_not_messaged_again():
     assert records[2]["received_from"]["2"] == [0]
 
 
+def test_a_node_flower_reports_unavailable_is_named_so_not_as_silent():
+    """Flower answers a train message to a node whose heartbeat lapsed with its own error
+    reply, sent from the SuperLink (node id 0), not from the node: the round names the
+    node and the cause, and the ring goes on as for a silent node."""
+    from flwr.app import Error, Message, MessageType
+    from flwr.common.constant import ErrorCode
+
+    grid = FakeGrid(4)
+    answer = grid.answer
+
+    def heartbeat_lapsed_in_round_2(msg):
+        train = msg.metadata.message_type == MessageType.TRAIN
+        if grid.partition_of.get(msg.metadata.dst_node_id) == 1 and (
+            not train or int(msg.content["config"]["server-round"]) >= 2
+        ):
+            if not train and not grid.sent:
+                return answer(msg)  # alive for discovery
+            reply = Message(
+                Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Node unavailable"), reply_to=msg
+            )
+            reply.metadata.__dict__["_src_node_id"] = 0  # the SuperLink's, as in Flower
+            return reply
+        return answer(msg)
+
+    grid.answer = heartbeat_lapsed_in_round_2
+    _, records = run(grid, rounds=3)
+    assert [rec["failed"] for rec in records] == [[], [1], [1]]
+    why = records[1]["unanswered"]["1"]
+    assert "Flower reported the node unavailable" in why and "Node unavailable" in why
+    assert records[0]["unanswered"] == {} and records[1]["errors"] == {}
+    assert records[2]["received_from"]["2"] == [0]  # the ring closed around it
+
+
 def test_a_restarted_node_rejoins_under_its_new_id_and_gets_its_predecessors_payload():
     grid = FakeGrid(3)
     old = node_of(grid, 1)
