@@ -22,7 +22,6 @@ from flwr.app import Context
 from drdfl_flwr.atomic import write_atomically
 
 NODE_CONFIG_KEY = "checkpoint-dir"
-RUN_KEY = "run-key"  # in the relay's message config: which run's checkpoints to use
 
 
 def node_folder(context: Context) -> Path | None:

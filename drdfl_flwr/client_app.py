@@ -18,7 +18,6 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import log
 
 from drdfl_flwr.checkpoint import (
-    RUN_KEY,
     checkpoint_path,
     data_cache_dir,
     read_checkpoint,
@@ -37,8 +36,11 @@ from strategies.wire import (
     CONFIG,
     EVALUATE_KEY,
     METRICS,
+    NUM_PARTITIONS,
     OUT_PAYLOAD,
+    PARTITION_ID,
     REJECTIONS,
+    RUN_KEY,
     SERVER_ROUND,
 )
 
@@ -49,7 +51,7 @@ NODE_DATA_DIR = "data-dir"  # node config: this device's own copy of the dataset
 def node_partition(context: Context) -> tuple[int, int]:
     """(partition-id, num-partitions) from the node config, with a clear error if absent."""
     try:
-        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+        return int(context.node_config[PARTITION_ID]), int(context.node_config[NUM_PARTITIONS])
     except KeyError as missing:
         raise KeyError(
             f"node config lacks {missing}; start the SuperNode with "
@@ -72,7 +74,7 @@ def node_run_config(context: Context) -> RunConfig:
         if local and err.key == NODE_DATA_DIR:
             raise ConfigError(
                 f"data-dir (from this node's --node-config, partition "
-                f"{context.node_config.get('partition-id', '?')})",
+                f"{context.node_config.get(PARTITION_ID, '?')})",
                 err.value,
                 err.reason,
             ) from None
@@ -145,7 +147,7 @@ def keep_warm(context: Context, learner: Learner, token: str, nbytes: int) -> No
 def describe(msg: Message, context: Context) -> Message:
     """Tell the relay where this node sits in the ring."""
     partition_id, num_partitions = node_partition(context)
-    info = ConfigRecord({"partition-id": partition_id, "num-partitions": num_partitions})
+    info = ConfigRecord({PARTITION_ID: partition_id, NUM_PARTITIONS: num_partitions})
     return Message(RecordDict({CONFIG: info}), reply_to=msg)
 
 

@@ -15,7 +15,16 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from drdfl_flwr.payload import AGGREGATE, PEER, Incoming, PayloadError, Tensors
-from strategies.wire import HUB, IN_PAYLOAD_PREFIX, in_meta_name, in_payload_name
+from strategies.wire import (
+    HUB,
+    IN_PAYLOAD_PREFIX,
+    ORIGIN,
+    ORIGIN_HUB,
+    ORIGIN_PEER,
+    WEIGHT,
+    in_meta_name,
+    in_payload_name,
+)
 
 
 def to_array_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -51,7 +60,10 @@ def from_array_record(record: ArrayRecord, sender: int | str | None = None) -> T
 def decode_received(content: RecordDict) -> tuple[list[Incoming], dict[str, str]]:
     """Every sender's payload in a train message, decoded on its own: the ones that decode
     (peers ordered by ring position, numerically, the hub's aggregate last) and, for the
-    others, the reason by sender name. One bad sender costs only its own payload."""
+    others, the reason by sender name: a record that decodes to no numeric arrays, an
+    invalid weight, or an in-meta origin that contradicts the record's name (the hub's
+    aggregate is named ``hub``; a peer's, by its ring position). One bad sender costs
+    only its own payload."""
     senders: list[int | str] = []
     rejections: dict[str, str] = {}
     for name in content.array_records:
@@ -66,9 +78,13 @@ def decode_received(content: RecordDict) -> tuple[list[Incoming], dict[str, str]
     incoming = []
     for sender in ordered:
         meta = content.config_records.get(in_meta_name(sender), ConfigRecord())
-        weight = meta.get("weight", 1.0)
+        weight = meta.get(WEIGHT, 1.0)
         if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
             rejections[str(sender)] = f"sender {sender} comes with an invalid weight {weight!r}"
+            continue
+        origin = meta.get(ORIGIN, ORIGIN_HUB if sender == HUB else ORIGIN_PEER)
+        if origin != (ORIGIN_HUB if sender == HUB else ORIGIN_PEER):
+            rejections[str(sender)] = f"sender {sender} comes with the origin {origin!r}"
             continue
         try:
             tensors = from_array_record(content.array_records[in_payload_name(sender)], sender)

@@ -18,7 +18,6 @@ from flwr.app import ConfigRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from drdfl_flwr.checkpoint import RUN_KEY
 from drdfl_flwr.config import RunConfig
 from drdfl_flwr.health import HEALTH_PREFIX, AlarmTracker, health_view
 from drdfl_flwr.registry import (
@@ -33,6 +32,7 @@ from strategies.hub import Hub
 from strategies.relay import Relay
 from strategies.rounds import RoundLoop, Router
 from strategies.topology import build_topology
+from strategies.wire import RUN_KEY
 
 app = ServerApp()
 

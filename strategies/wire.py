@@ -22,6 +22,15 @@ ARTIFACTS = "artifacts"  # train config flag (last round) and the reply record i
 # images a learner makes for the results folder; they go to the router, never to a peer
 METRICS = "metrics"
 REJECTIONS = "rejections"  # node -> router: sender name -> why its payload was refused
+RUN_KEY = "run-key"  # in every message's config: which run's checkpoints a node uses
+# a node's answer to the relay's description query (and its node config's keys)
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+# in-meta entries beside each sender's payload
+WEIGHT = "weight"  # what the sender trained on (its examples; the hub: the total)
+ORIGIN = "origin"  # ORIGIN_HUB or ORIGIN_PEER: must agree with the sender's record name
+ORIGIN_HUB = "hub"
+ORIGIN_PEER = "peer"
 
 
 def in_payload_name(sender: int | str) -> str:
@@ -46,8 +55,8 @@ def add_incoming(
     (its sender sat out since; see ``participation``): a ``made-in-round`` entry in the
     description, which the node side reads past."""
     content[in_payload_name(sender)] = payload
-    origin = "hub" if sender == HUB else "peer"
-    meta = ConfigRecord({"weight": float(weight), "origin": origin})
+    origin = ORIGIN_HUB if sender == HUB else ORIGIN_PEER
+    meta = ConfigRecord({WEIGHT: float(weight), ORIGIN: origin})
     if made_in_round is not None:
         meta[MADE_IN_ROUND] = int(made_in_round)
     content[in_meta_name(sender)] = meta

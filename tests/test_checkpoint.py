@@ -9,10 +9,9 @@ import torch
 from flwr.app import Context, RecordDict
 
 from drdfl_flwr import data as data_module
-from drdfl_flwr.checkpoint import RUN_KEY
 from drdfl_flwr.client_app import train
 from drdfl_flwr.config import RunConfig
-from strategies.wire import CONFIG, METRICS
+from strategies.wire import CONFIG, METRICS, RUN_KEY
 from tests.test_client_app import RUN, train_message
 
 

@@ -119,6 +119,10 @@ def test_what_arrives_says_who_sent_it_with_what_weight_and_from_where():
     content[f"{IN_META_PREFIX}4"] = ConfigRecord({"weight": -3.0, "origin": "peer"})
     (only_hub,), rejections = decode_received(content)
     assert only_hub.from_hub and "invalid weight" in rejections["4"]
+    # a peer's record that says it is the hub's aggregate is refused, not believed
+    content[f"{IN_META_PREFIX}4"] = ConfigRecord({"weight": 3.0, "origin": "hub"})
+    (only_hub,), rejections = decode_received(content)
+    assert only_hub.from_hub and "origin 'hub'" in rejections["4"]
 
 
 def test_isolated_node_absorbs_nothing_and_sends_nothing():

@@ -9,13 +9,13 @@ import json
 import pytest
 from flwr.app import ConfigRecord
 
-from drdfl_flwr.checkpoint import RUN_KEY
 from drdfl_flwr.config import ConfigError, RunConfig
 from drdfl_flwr.results import ResultsWriter
 from strategies.relay import Relay
 from strategies.rounds import RoundLoop
 from strategies.topology import Ring
 from strategies.wire import CONFIG as CONFIG_RECORD
+from strategies.wire import RUN_KEY
 from tests.fake_grid import FakeGrid
 
 CONFIG = {"method": "drdfl", "run-name": "trial", "resume": False}
