@@ -22,8 +22,9 @@ from logging import WARNING
 from flwr.app import Array, ArrayRecord, RecordDict
 from flwr.common import log
 
+from strategies.membership import Member
 from strategies.reducers import Arrays, Contribution, Reducer, reduce_screened
-from strategies.rounds import Member, Reply, Router
+from strategies.rounds import Reply, Router
 from strategies.wire import HUB, add_incoming
 
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 from flwr.app import ArrayRecord, RecordDict
 
+from strategies.membership import Member
 from strategies.reducers import EXAMPLES
-from strategies.rounds import Member, Reply, Router
+from strategies.rounds import Reply, Router
 from strategies.topology import Topology
 from strategies.wire import add_incoming
 

@@ -11,24 +11,15 @@ Two schedules:
   another in ring order, each on what its predecessor sent moments before, so a payload
   travels the whole ring once per round.
 
-A node that errors or misses the round timeout is skipped for that round and leaves
-``alive`` until it answers again; one failed node never ends a run.
-
-Ring positions are partition ids 0..M-1 (M = the nodes' ``num-partitions``). With
-``min-nodes`` below M the run starts once that many have answered; a partition not yet
-seen holds an absent slot that every topology bypasses like a dead node, and its node
-joins the ring when it appears (the node side of joining late: DRDFL Algorithm 2, see
-``Learner.receive``).
-
-Partial participation (``participation`` below 1, FedAvg's client sampling): each round
-``max(1, round(participation * M))`` of the M ring positions are drawn without
-replacement from the run seed and the round alone (:func:`sample_participants`), so
-re-runs and resumed runs draw the same, whoever is alive. Only the drawn take part: the
-others are not messaged (their state stays as it is, their ``rounds_trained`` does not
-advance), are neither failed nor suspended, and the router routes around them as around
-a dead node (the relay hands a participant its nearest participating in-neighbours'
-latest payloads; the hub reduces the participants' replies and sends its aggregate to
-participants only). Sequential rounds take the participants in ring order.
+Who is messaged, routed from and failed is the membership's to say
+(:mod:`strategies.membership`): ring positions are partition ids; a node that errors or
+misses the round timeout is failed for that round and suspended until it answers again
+(one failed node never ends a run); a partition not yet seen joins when it appears;
+with ``participation`` below 1 only the round's drawn positions take part, the others
+are not messaged (their state stays as it is) and the router routes around them as
+around a dead node (the relay hands a participant its nearest participating
+in-neighbours' latest payloads; the hub reduces the participants' replies and sends its
+aggregate to participants only). Sequential rounds take the participants in ring order.
 """
 
 from __future__ import annotations
@@ -44,11 +35,11 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
-from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.result import Result
 
+from strategies.membership import UNREACHABLE, Member, Membership
 from strategies.wire import (
     ARTIFACTS,
     CONFIG,
@@ -90,25 +81,7 @@ class NothingTrainedError(RuntimeError):
     """Every node asked in a round failed: nothing trained (see RoundLoop)."""
 
 
-@dataclass(frozen=True)
-class Member:
-    node_id: int
-    partition_id: int
-
-    @property
-    def present(self) -> bool:
-        return self.node_id != ABSENT
-
-
-# Flower's error codes that say a node or its message could not be reached, not that the
-# node's ClientApp failed: a query answered so is asked again rather than held against it
-UNREACHABLE = (
-    ErrorCode.NODE_UNAVAILABLE,
-    ErrorCode.MESSAGE_UNAVAILABLE,
-    ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
-)
 AGGREGATE_PREFIX = "aggregate_"  # metrics of the hub's fresh aggregate (Router.scores_aggregate)
-ABSENT = -1  # the node id of a ring slot whose partition has not appeared yet
 
 
 @dataclass
@@ -246,21 +219,6 @@ def exchange(
     return replies
 
 
-def sample_participants(
-    seed: int, server_round: int, num_nodes: int, participation: float
-) -> list[int]:
-    """The ring positions that take part in ``server_round``, in ring order:
-    ``max(1, round(participation * num_nodes))`` of ``0..num_nodes-1`` drawn without
-    replacement by ``numpy.random.default_rng([seed, server_round])``; everyone at 1."""
-    if not 0.0 < participation <= 1.0:
-        raise ValueError(f"participation must lie in (0, 1], got {participation}")
-    if participation == 1.0 or num_nodes == 0:
-        return list(range(num_nodes))
-    size = max(1, round(participation * num_nodes))
-    rng = np.random.default_rng([seed % 2**64, server_round])
-    return sorted(int(p) for p in rng.choice(num_nodes, size=size, replace=False))
-
-
 RoundCallback = Callable[[dict], None]
 ArtifactsCallback = Callable[[int, dict[str, np.ndarray]], None]
 
@@ -289,10 +247,7 @@ class RoundLoop(Strategy):
         self.router = router
         self.mode = mode
         self.round_timeout = round_timeout
-        self.node_wait_timeout = node_wait_timeout
-        if min_nodes < 0:
-            raise ValueError(f"min-nodes must be >= 0 (0 = all), got {min_nodes}")
-        self.min_nodes = min_nodes
+        self.membership = Membership(node_wait_timeout, min_nodes)
         if not 0.0 < participation <= 1.0:
             raise ValueError(f"participation must lie in (0, 1], got {participation}")
         self.participation = participation
@@ -304,16 +259,6 @@ class RoundLoop(Strategy):
         self.num_rounds = 0  # set by start()
         self.on_round = on_round
         self.on_artifacts = on_artifacts
-        self.members: list[Member] = []
-        self.alive: set[int] = set()
-        self.position_of: dict[int, int] = {}
-        self.suspended: set[int] = set()  # positions not messaged until they answer a query
-        # this round's drawn positions (sample_participants); None: every position
-        self.participants: list[int] | None = None
-        # positions admitted by a query's answer and not messaged since (they sat out):
-        # neither failed nor suspended again for not having trained
-        self.admitted: set[int] = set()
-        self.asked: dict[str, int] = {}  # pending description queries: message id -> node id
         self.report = RoundReport(0, mode, router.topology_name)
 
     def summary(self) -> None:
@@ -326,194 +271,12 @@ class RoundLoop(Strategy):
             self.round_timeout,
         )
 
-    # -- membership -------------------------------------------------------------------
-    def _ask(self, grid: Grid, node_ids: list[int]) -> None:
-        """Send each node one description query; its answer is collected whenever it comes
-        (a node asked is never asked again while its answer is pending)."""
-        pending = set(self.asked.values())
-        node_ids = [n for n in dict.fromkeys(node_ids) if n not in pending]
-        if not node_ids:
-            return
-        queries = [
-            Message(RecordDict({}), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids
-        ]
-        for node_id, message_id in zip(node_ids, grid.push_messages(queries), strict=True):
-            self.asked[message_id] = node_id
-
-    def _answers(self, grid: Grid, strict: bool) -> list[tuple[int, int, int]]:
-        """(node id, partition-id, num-partitions) of every answer that has arrived. A node
-        that cannot describe itself is an error while the ring forms (``strict``), a
-        warning afterwards (the ring goes on without it). A node Flower could not reach
-        (no heartbeat lately: a device that froze, a SuperLink that restarted moments
-        ago) is neither: it is asked again."""
-        if not self.asked:
-            return []
-        answers = []
-        for reply in grid.pull_messages(list(self.asked)):
-            node_id = self.asked.pop(reply.metadata.reply_to_message_id, None)
-            if node_id is None:
-                continue
-            if reply.has_error() and reply.error.code in UNREACHABLE:
-                # the network's doing, not the node config's: asked again on the next look
-                log(INFO, "node %d not reachable yet: %s", node_id, reply.error.reason)
-                continue
-            if reply.has_error():
-                reason = (
-                    f"node {node_id} could not describe itself (is its node config right?): "
-                    f"{reply.error.reason}"
-                )
-                if strict:
-                    raise RuntimeError(reason)
-                log(WARNING, reason)
-                continue
-            info = reply.content[CONFIG]
-            answers.append((node_id, int(info["partition-id"]), int(info["num-partitions"])))
-        return answers
-
-    def discover(self, grid: Grid) -> list[Member]:
-        """Ask every node for its partition id until enough have answered.
-
-        Nodes may register after the ServerApp starts, and may answer slowly (a fresh
-        ClientApp process per message): each node is asked once, answers are collected
-        as they come, until all ``num-partitions`` (announced by the nodes themselves), or
-        ``min-nodes`` of them when set, have answered, or ``node-wait-timeout`` passes.
-        The partitions still missing get absent slots and join when they appear.
-        """
-        deadline = time.monotonic() + self.node_wait_timeout
-        known: dict[int, int] = {}  # partition id -> node id
-        expected: int | None = None
-        shown = None  # the last waiting state logged: a line when it changes, not per second
-        while True:
-            self._ask(grid, [n for n in grid.get_node_ids() if n not in known.values()])
-            for node_id, partition_id, num_partitions in self._answers(grid, strict=True):
-                if expected is not None and num_partitions != expected:
-                    raise ValueError(
-                        f"node {node_id} says num-partitions={num_partitions}, others "
-                        f"said {expected}: every node config must name the same"
-                    )
-                if not 0 <= partition_id < num_partitions:
-                    raise ValueError(
-                        f"node {node_id} says partition-id={partition_id}, outside "
-                        f"0..{num_partitions - 1} (num-partitions={num_partitions})"
-                    )
-                if partition_id in known:
-                    raise ValueError(
-                        f"nodes {known[partition_id]} and {node_id} both say "
-                        f"partition-id={partition_id}"
-                    )
-                if self.min_nodes > num_partitions:
-                    raise ValueError(
-                        f"min-nodes={self.min_nodes} exceeds the nodes' "
-                        f"num-partitions={num_partitions}"
-                    )
-                known[partition_id] = node_id
-                expected = num_partitions
-            if expected is not None and len(known) >= (self.min_nodes or expected):
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"only {len(known)} of {expected or '?'} nodes answered within "
-                    f"node-wait-timeout={self.node_wait_timeout}s"
-                    + (f" (min-nodes={self.min_nodes})" if self.min_nodes else "")
-                )
-            if shown != (len(known), expected):
-                shown = (len(known), expected)
-                log(INFO, "Waiting for nodes: %d of %s answered", len(known), expected or "?")
-            time.sleep(1.0)
-        assert expected is not None
-        self.members = [Member(known.get(p, ABSENT), p) for p in range(expected)]
-        self.position_of = {m.node_id: m.partition_id for m in self.members if m.present}
-        self.alive = set(self.position_of.values())
-        self.suspended = set(range(expected)) - self.alive
-        missing = sorted(self.suspended)
-        log(
-            INFO,
-            "%d nodes ordered by partition-id%s",
-            len(known),
-            f"; partitions {missing} join when they appear" if missing else "",
-        )
-        return self.members
-
-    def taking_part(self) -> set[int]:
-        """This round's participants (every position unless ``participation`` < 1)."""
-        if self.participants is None:
-            return set(range(len(self.members)))
-        return set(self.participants)
-
-    def active(self) -> list[int]:
-        """Ring positions that get this round's messages, in ring order: the participants
-        but the suspended."""
-        taking_part = self.taking_part()
-        return [p for p in range(len(self.members)) if p not in self.suspended and p in taking_part]
-
-    def routable(self) -> set[int]:
-        """The positions a router may route from: the living participants (a node that
-        sits out is bypassed like a dead one)."""
-        if self.participants is None:
-            return self.alive
-        return self.alive & set(self.participants)
-
-    def refresh(self, grid: Grid, server_round: int) -> None:
-        """Between rounds: admit nodes by partition-id, without waiting for anyone.
-
-        A node that gave no answer is suspended (not messaged, so a dead node costs one
-        round timeout, not one per round). Every node Flower lists that is not a current
-        member, and every suspended member still listed, is asked once who it is; an
-        answer naming a ring position admits that position under the answering node id:
-        a restarted SuperNode comes back with a new id and resumes its private state
-        from its own checkpoint; a node whose partition was absent joins the ring."""
-        self.suspended |= set(range(len(self.members))) - self.alive - self.admitted
-        listed = set(grid.get_node_ids())
-        suspended_ids = {self.members[p].node_id for p in self.suspended}
-        strangers = [n for n in listed if n not in self.position_of]
-        self._ask(grid, strangers + sorted(suspended_ids & listed))
-        for node_id, partition_id, num_partitions in self._answers(grid, strict=False):
-            if num_partitions != len(self.members) or not 0 <= partition_id < num_partitions:
-                log(
-                    WARNING,
-                    "round %d: node %d says partition-id=%d num-partitions=%d, not a place "
-                    "in this ring of %d; ignored (check its node config)",
-                    server_round,
-                    node_id,
-                    partition_id,
-                    num_partitions,
-                    len(self.members),
-                )
-                continue
-            position = partition_id  # ring positions are partition ids 0..M-1
-            old = self.members[position]
-            if old.node_id != node_id:
-                self.position_of.pop(old.node_id, None)
-                self.members[position] = Member(node_id, partition_id)
-                self.position_of[node_id] = position
-                if old.present:
-                    log(
-                        INFO,
-                        "round %d: partition %d rejoins as node %d (was node %d)",
-                        server_round,
-                        partition_id,
-                        node_id,
-                        old.node_id,
-                    )
-                else:
-                    log(
-                        INFO,
-                        "round %d: partition %d joins as node %d",
-                        server_round,
-                        partition_id,
-                        node_id,
-                    )
-            if position in self.suspended:
-                self.suspended.discard(position)
-                self.admitted.add(position)
-                (self.report.rejoined if old.present else self.report.joined).append(partition_id)
-
     # -- training ----------------------------------------------------------------------
     def message_for(
         self, position: int, server_round: int, config: ConfigRecord, evaluate: bool = False
     ) -> Message:
         content, senders = self.router.content_for(
-            position, server_round, self.members, self.routable()
+            position, server_round, self.membership.members, self.membership.routable()
         )
         round_config = ConfigRecord(dict(config))
         round_config[SERVER_ROUND] = server_round
@@ -522,7 +285,8 @@ class RoundLoop(Strategy):
         if server_round == self.num_rounds and self.on_artifacts is not None:
             round_config[ARTIFACTS] = True
         content[CONFIG] = round_config
-        partition = self.members[position].partition_id
+        member = self.membership.members[position]
+        partition = member.partition_id
         self.report.received_from[partition] = senders
         stale = {
             name.removeprefix(IN_META_PREFIX): int(meta[MADE_IN_ROUND])
@@ -532,15 +296,15 @@ class RoundLoop(Strategy):
         if stale:
             self.report.stale[partition] = stale
         self.report.node(partition)["bytes_received"] = content_bytes(content)
-        return Message(
-            content, dst_node_id=self.members[position].node_id, message_type=MessageType.TRAIN
-        )
+        return Message(content, dst_node_id=member.node_id, message_type=MessageType.TRAIN)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         evaluate = self._evaluation_due(server_round)
-        return [self.message_for(p, server_round, config, evaluate) for p in self.active()]
+        return [
+            self.message_for(p, server_round, config, evaluate) for p in self.membership.active()
+        ]
 
     def _evaluation_due(self, server_round: int) -> bool:
         return server_round % self.eval_every == 0 or server_round == self.num_rounds
@@ -551,10 +315,10 @@ class RoundLoop(Strategy):
         """Count what each node sent and hand the replies to the router."""
         collected: dict[int, Reply] = {}
         for reply in replies:
-            position = self.position_of.get(reply.metadata.src_node_id)
+            position = self.membership.position_of(reply.metadata.src_node_id)
             if position is None:
                 continue
-            partition = self.members[position].partition_id
+            partition = self.membership.members[position].partition_id
             if reply.has_error():
                 log(
                     WARNING,
@@ -588,7 +352,7 @@ class RoundLoop(Strategy):
             if ARTIFACTS in reply.content.array_records:
                 images = reply.content.array_records[ARTIFACTS]
                 self.report.artifacts[partition] = {k: a.numpy() for k, a in images.items()}
-            self.alive.add(position)
+            self.membership.answered(position)
             collected[position] = Reply(partition, payload, metrics)
         for partition, reason in self.router.collect(server_round, collected).items():
             self.report.left_out[partition] = reason
@@ -604,9 +368,7 @@ class RoundLoop(Strategy):
         the log and the round record's ``unanswered`` say the true cause and how long it
         took, instead of "no answer"."""
         for message in messages:
-            position = self.position_of[message.metadata.dst_node_id]
-            self.alive.discard(position)
-            self.admitted.discard(position)
+            self.membership.messaged(self.membership.position_of(message.metadata.dst_node_id))
         self.report.asked += len(messages)
         started = time.monotonic()
         replies = exchange(grid, messages, self.round_timeout, self.max_in_flight)
@@ -619,7 +381,7 @@ class RoundLoop(Strategy):
             if node_id is None:
                 continue
             answered.add(node_id)
-            if reply.metadata.src_node_id in self.position_of:
+            if self.membership.position_of(reply.metadata.src_node_id) is not None:
                 from_nodes.append(reply)
             else:  # the SuperLink's own error reply for an unreachable node
                 self._unanswered(
@@ -638,7 +400,7 @@ class RoundLoop(Strategy):
         return from_nodes
 
     def _unanswered(self, server_round: int, node_id: int, why: str) -> None:
-        partition = self.members[self.position_of[node_id]].partition_id
+        partition = self.membership.members[self.membership.position_of(node_id)].partition_id
         self.report.unanswered[partition] = why
         log(
             WARNING,
@@ -655,7 +417,7 @@ class RoundLoop(Strategy):
             self.aggregate_train(server_round, self._send(grid, messages, server_round))
             return
         evaluate = self._evaluation_due(server_round)
-        for position in self.active():
+        for position in self.membership.active():
             message = self.message_for(position, server_round, config, evaluate)
             self.aggregate_train(server_round, self._send(grid, [message], server_round))
 
@@ -680,9 +442,9 @@ class RoundLoop(Strategy):
         round_config = ConfigRecord(dict(config))
         round_config[SERVER_ROUND] = server_round
         messages = []
-        for position in self.active():
-            member = self.members[position]
-            content = self.router.evaluation_content(position, self.members)
+        for position in self.membership.active():
+            member = self.membership.members[position]
+            content = self.router.evaluation_content(position, self.membership.members)
             content[CONFIG] = round_config
             messages.append(
                 Message(content, dst_node_id=member.node_id, message_type=MessageType.EVALUATE)
@@ -695,10 +457,10 @@ class RoundLoop(Strategy):
         """The fresh aggregate's scores, each key prefixed ``aggregate_`` so that they
         never stand in for the after-training Local-T / Global-T of the tables."""
         for reply in replies:
-            if reply.has_error() or reply.metadata.src_node_id not in self.position_of:
+            position = self.membership.position_of(reply.metadata.src_node_id)
+            if reply.has_error() or position is None:
                 continue
-            position = self.position_of[reply.metadata.src_node_id]
-            partition = self.members[position].partition_id
+            partition = self.membership.members[position].partition_id
             scores = {AGGREGATE_PREFIX + k: v for k, v in dict(reply.content[METRICS]).items()}
             self.report.node(partition).update(scores)
         mean, _ = mean_std(self.report.nodes)
@@ -721,30 +483,24 @@ class RoundLoop(Strategy):
         round carries no payloads, like round 1)."""
         self.summary()
         self.num_rounds = num_rounds
-        self.discover(grid)
+        self.membership.discover(grid)
         result = Result()
         train_config = train_config or ConfigRecord()
         evaluate_config = evaluate_config or ConfigRecord()
         for server_round in range(first_round, num_rounds + 1):
             started = time.time()
             self.report = RoundReport(server_round, self.mode, self.router.topology_name)
-            self.participants = sample_participants(
-                self.seed, server_round, len(self.members), self.participation
+            self.report.participants = self.membership.draw(
+                self.seed, server_round, self.participation
             )
-            self.report.participants = [self.members[p].partition_id for p in self.participants]
             if server_round > first_round:
-                self.refresh(grid, server_round)
+                joined, rejoined = self.membership.refresh(grid, server_round)
+                self.report.joined, self.report.rejoined = joined, rejoined
             self.train_round(grid, server_round, train_config)
             self.stop_if_nothing_trained(server_round)
-            self.report.node_ids = {m.partition_id: m.node_id for m in self.members if m.present}
-            self.report.absent = [m.partition_id for m in self.members if not m.present]
-            self.report.failed = [
-                m.partition_id
-                for m in self.members
-                if m.present
-                and m.partition_id not in self.alive
-                and m.partition_id not in self.admitted
-            ]
+            self.report.node_ids = self.membership.node_ids()
+            self.report.absent = self.membership.absent()
+            self.report.failed = self.membership.failed()
             if self._evaluation_due(server_round) and self.router.scores_aggregate:
                 messages = list(
                     self.configure_evaluate(server_round, ArrayRecord(), evaluate_config, grid)

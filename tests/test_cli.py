@@ -156,7 +156,7 @@ def test_waiting_for_nodes_is_logged_when_the_count_changes(monkeypatch, caplog)
     grid.mute, grid.unmute_at_pull = {2}, 6  # partition 2 answers on the sixth look
     monkeypatch.setattr("strategies.rounds.time.sleep", lambda seconds: None)
     with caplog.at_level(logging.INFO, logger="flwr"):
-        RoundLoop(Relay(Ring()), node_wait_timeout=60).discover(grid)
+        RoundLoop(Relay(Ring()), node_wait_timeout=60).membership.discover(grid)
     waiting = [r.getMessage() for r in caplog.records if "Waiting for nodes" in r.getMessage()]
     assert grid.pulls >= 6 and len(waiting) == len(set(waiting)) <= 2
 

@@ -29,7 +29,7 @@ def test_discovery_waits_for_a_slow_node_without_asking_it_again():
     grid = FakeGrid(3)
     grid.mute, grid.unmute_at_pull = {2}, 3  # partition 2 answers on the third look
     loop, _ = run(grid, rounds=1)
-    assert [m.partition_id for m in loop.members] == [0, 1, 2]
+    assert [m.partition_id for m in loop.membership.members] == [0, 1, 2]
     assert sorted(grid.asked) == sorted(grid.partition_of)  # each node asked exactly once
 
 
@@ -105,7 +105,7 @@ def test_a_restarted_node_rejoins_under_its_new_id_and_gets_its_predecessors_pay
     assert records[1]["node_ids"]["1"] == old and records[2]["node_ids"]["1"] == new
     assert [r for p, r in grid.order if p == 1] == [1, 3, 4]
     assert records[2]["received_from"]["1"] == [0]
-    assert loop.members[1].node_id == new and old not in loop.position_of
+    assert loop.membership.members[1].node_id == new and loop.membership.position_of(old) is None
 
 
 def test_a_node_that_appears_late_joins_the_ring_at_its_partition():
@@ -130,7 +130,7 @@ def test_a_node_that_appears_late_joins_the_ring_at_its_partition():
     assert records[2]["received_from"]["2"] == [1]  # the joiner gets its predecessor's
     assert records[3]["received_from"]["3"] == [2]  # and its successor gets the joiner's
     assert "2" not in records[0]["nodes"] and "2" in records[2]["nodes"]
-    assert [m.partition_id for m in loop.members] == [0, 1, 2, 3]
+    assert [m.partition_id for m in loop.membership.members] == [0, 1, 2, 3]
 
 
 def test_without_min_nodes_discovery_waits_for_every_partition():
@@ -138,7 +138,7 @@ def test_without_min_nodes_discovery_waits_for_every_partition():
     grid.hidden = {1}
     loop = RoundLoop(Relay(Ring()), node_wait_timeout=1.5)
     with pytest.raises(TimeoutError, match="only 2 of 3 nodes"):
-        loop.discover(grid)
+        loop.membership.discover(grid)
 
 
 @pytest.mark.parametrize(
@@ -162,12 +162,12 @@ def test_inconsistent_node_configs_are_named(answers, message):
 
     grid.pull_messages = lying_pull
     with pytest.raises(ValueError, match=message):
-        RoundLoop(Relay(Ring()), node_wait_timeout=5).discover(grid)
+        RoundLoop(Relay(Ring()), node_wait_timeout=5).membership.discover(grid)
 
 
 def test_min_nodes_above_num_partitions_is_named():
     with pytest.raises(ValueError, match="min-nodes=5 exceeds the nodes' num-partitions=3"):
-        RoundLoop(Relay(Ring()), node_wait_timeout=5, min_nodes=5).discover(FakeGrid(3))
+        RoundLoop(Relay(Ring()), node_wait_timeout=5, min_nodes=5).membership.discover(FakeGrid(3))
 
 
 def test_a_late_node_with_another_num_partitions_is_not_admitted():
@@ -214,7 +214,7 @@ def test_a_node_flower_could_not_reach_during_discovery_is_asked_again_not_an_er
     grid = FakeGrid(3)
     refused = unreachable_once(grid, 2, ErrorCode.NODE_UNAVAILABLE)
     loop, records = run(grid, rounds=1)
-    assert refused and [m.partition_id for m in loop.members] == [0, 1, 2]
+    assert refused and [m.partition_id for m in loop.membership.members] == [0, 1, 2]
     assert grid.asked.count(node_of(grid, 2)) == 2 and records[0]["failed"] == []
 
 

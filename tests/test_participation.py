@@ -18,9 +18,10 @@ from drdfl_flwr.records import decode_received
 from drdfl_flwr.server_app import app as SERVER_APP
 from drdfl_flwr.server_app import round_events
 from strategies.hub import Hub
+from strategies.membership import ACTIVE, sample_participants
 from strategies.reducers import weighted_mean
 from strategies.relay import Relay
-from strategies.rounds import RoundLoop, sample_participants
+from strategies.rounds import RoundLoop
 from strategies.topology import Ring
 from strategies.wire import MADE_IN_ROUND, add_incoming, in_meta_name
 from tests.fake_grid import FakeGrid
@@ -119,7 +120,7 @@ def test_a_node_that_sits_out_is_not_messaged_failed_or_suspended(mode):
         assert sorted(record["nodes"]) == sorted(str(p) for p in participants)
         assert sorted(record["received_from"]) == sorted(str(p) for p in participants)
         assert f"3/6 taking part {participants}" in round_events(record)
-    assert loop.suspended == set() and loop.alive == set(range(6))
+    assert loop.membership.states == [ACTIVE] * 6
 
 
 def test_a_node_back_from_the_dead_that_sits_out_is_not_failed_again():

@@ -67,7 +67,7 @@ def test_relay_forwards_payload_unchanged():
     loop = RoundLoop(Relay(build_topology("ring")), node_wait_timeout=5)
     loop.start(grid, num_rounds=2)
     # what the relay holds is exactly what each node sent last: no averaging
-    for position, member in enumerate(loop.members):
+    for position, member in enumerate(loop.membership.members):
         bulk = loop.router.payloads[position]["bulk"].numpy()
         np.testing.assert_array_equal(bulk, np.full(100 + member.partition_id, 2, np.float32))
 
