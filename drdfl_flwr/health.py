@@ -11,6 +11,7 @@ summary keeps the last round's health means.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 HEALTH_PREFIX = "health_"
 ALARM_PREFIX = "alarm_"
@@ -46,13 +47,13 @@ def health_view(metrics: Mapping[str, float]) -> dict[str, float]:
     }
 
 
-def raised_alarms(per_node: Mapping[str, Mapping[str, float]]) -> dict[str, list[str]]:
-    """alarm key -> the nodes that raised it this round."""
+def raised_alarms(per_node: Mapping[Any, Mapping[str, float]]) -> dict[str, list[str]]:
+    """alarm key -> the nodes that raised it this round (by partition, as text)."""
     raised: dict[str, list[str]] = {}
     for node, metrics in per_node.items():
         for key, value in metrics.items():
             if key.startswith(ALARM_PREFIX) and float(value) > 0:
-                raised.setdefault(key, []).append(node)
+                raised.setdefault(key, []).append(str(node))
     return raised
 
 
@@ -69,7 +70,7 @@ class AlarmTracker:
         self.active: dict[str, list[str]] = {}
 
     def update(
-        self, round_index: int, per_node: Mapping[str, Mapping[str, float]], last: bool
+        self, round_index: int, per_node: Mapping[Any, Mapping[str, float]], last: bool
     ) -> list[tuple[bool, str]]:
         """(is_warning, message) pairs for this round."""
         raised = raised_alarms(per_node)

@@ -29,8 +29,9 @@ from drdfl_flwr.learner import Learner
 from drdfl_flwr.node import Stopwatch, evaluation_metrics, node_round
 from drdfl_flwr.payload import Incoming, PayloadError, from_hub, peers
 from drdfl_flwr.registry import build_learner, check_run_config, hub_reducer
+from strategies.membership import sample_participants
 from strategies.reducers import Arrays, Contribution, reduce_screened
-from strategies.rounds import AGGREGATE_PREFIX, sample_participants
+from strategies.rounds import AGGREGATE_PREFIX
 from strategies.topology import Ring
 
 RING = Ring()

@@ -23,7 +23,7 @@ from drdfl_flwr.health import health_view
 from drdfl_flwr.provenance import write_provenance
 from drdfl_flwr.scoring import GLOBAL_T, LOCAL_T, SCORE_KEYS
 from drdfl_flwr.tracking import make_tracker
-from strategies.rounds import AGGREGATE_PREFIX
+from strategies.rounds import AGGREGATE_PREFIX, RoundReport
 
 ACCURACY_KEYS = (LOCAL_T, GLOBAL_T)  # the paper's two: the best rounds are picked by them
 # a hub method's fresh aggregate, scored apart from the after-training accuracies
@@ -102,7 +102,12 @@ class ResultsWriter:
     def completed_rounds(self) -> int:
         return len(self.rounds)
 
+    def log_report(self, report: RoundReport) -> None:
+        """A finished round, written as its one serialization (``RoundReport.to_record``)."""
+        self.log_round(report.to_record())
+
     def log_round(self, record: dict[str, Any]) -> None:
+        """One line of ``metrics.jsonl`` as it is read back (a round's record)."""
         self.rounds.append(record)
         append_line(self.metrics_path, json.dumps(record))
         if self.tracker is not None:

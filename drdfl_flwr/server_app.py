@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any
 
 from flwr.app import ConfigRecord, Context
 from flwr.common import log
@@ -30,7 +29,7 @@ from drdfl_flwr.registry import (
 from drdfl_flwr.results import ResultsWriter
 from strategies.hub import Hub
 from strategies.relay import Relay
-from strategies.rounds import RoundLoop, Router
+from strategies.rounds import RoundLoop, RoundReport, Router, mean_std
 from strategies.topology import build_topology
 from strategies.wire import RUN_KEY
 
@@ -44,9 +43,9 @@ def run_dir_for(cfg: RunConfig) -> Path:
     return (Path(cfg.results_dir).expanduser() / name).resolve()
 
 
-def progress_line(record: dict, num_rounds: int) -> str:
-    mean, std = record["mean"], record["std"]
-    parts = [f"[round {record['round']}/{num_rounds}] {record['seconds']:.1f}s"]
+def progress_line(report: RoundReport, num_rounds: int) -> str:
+    mean, std = mean_std(report.nodes)
+    parts = [f"[round {report.round}/{num_rounds}] {report.seconds:.1f}s"]
     for key, label in (("local_t_acc", "Local-T"), ("global_t_acc", "Global-T")):
         if key in mean:
             parts.append(f"{label} {100 * mean[key]:.2f}±{100 * std[key]:.2f}%")
@@ -55,26 +54,30 @@ def progress_line(record: dict, num_rounds: int) -> str:
     shown = [f"{k} {v:.3g}" for k, v in health.items() if "." not in k and "alarm" not in k]
     if shown:
         parts.append("health: " + ", ".join(shown))
-    return " | ".join(parts + round_events(record))
+    return " | ".join(parts + round_events(report))
 
 
-def round_events(record: dict) -> list[str]:
+def round_events(report: RoundReport) -> list[str]:
     """What happened to the nodes in a round, for its progress line: the partitions
     drawn to take part when not all are (``participation``), those skipped (a node
     failed or timed out), those that joined, rejoined or went absent, and those whose
     contribution the hub left out of its aggregate."""
     events = []
-    participants = record.get("participants")
-    ring = len(record.get("node_ids", {})) + len(record.get("absent", []))
-    if participants is not None and len(participants) < ring:
+    participants = report.participants
+    ring = len(report.node_ids) + len(report.absent)
+    if len(participants) < ring:
         events.append(f"{len(participants)}/{ring} taking part {participants}")
-    if record.get("failed"):
-        events.append(f"skipped partitions {record['failed']}")
-    for change in ("joined", "rejoined", "absent"):
-        if record.get(change):
-            events.append(f"{change} {record[change]}")
-    if record.get("left_out"):
-        events.append(f"hub left out partitions {sorted(map(int, record['left_out']))}")
+    if report.failed:
+        events.append(f"skipped partitions {report.failed}")
+    for change, partitions in (
+        ("joined", report.joined),
+        ("rejoined", report.rejoined),
+        ("absent", report.absent),
+    ):
+        if partitions:
+            events.append(f"{change} {partitions}")
+    if report.left_out:
+        events.append(f"hub left out partitions {sorted(report.left_out)}")
     return events
 
 
@@ -90,13 +93,13 @@ def build_router(cfg: RunConfig) -> Router:
 def run_job(
     grid: Grid,
     cfg: RunConfig,
-    on_round: Callable[[dict[str, Any]], None] | None = None,
+    on_round: Callable[[RoundReport], None] | None = None,
     run_key: str | None = None,
     log_rounds: bool = True,
     max_in_flight: int = 0,
 ) -> dict:
     """Run the configured job on ``grid``; returns the summary that was written.
-    ``on_round`` also gets every round's record (the grid runner's progress). ``run_key``
+    ``on_round`` also gets every round's report (the grid runner's progress). ``run_key``
     files the nodes' checkpoints (Flower's run id; a resumed run keeps the first one's).
     ``log_rounds`` off leaves the per-round progress line to the caller (the grid
     runner prints its own); alarms are logged either way. ``max_in_flight`` bounds the
@@ -118,15 +121,15 @@ def run_job(
 
     alarms = AlarmTracker()
 
-    def record_round(record: dict) -> None:
-        writer.log_round(record)
+    def record_round(report: RoundReport) -> None:
+        writer.log_report(report)
         if log_rounds:
-            log(INFO, progress_line(record, cfg.num_server_rounds))
-        last = record["round"] == cfg.num_server_rounds
-        for is_warning, message in alarms.update(record["round"], record["nodes"], last):
+            log(INFO, progress_line(report, cfg.num_server_rounds))
+        last = report.round == cfg.num_server_rounds
+        for is_warning, message in alarms.update(report.round, report.nodes, last):
             log(WARNING if is_warning else INFO, message)
         if on_round is not None:
-            on_round(record)
+            on_round(report)
 
     loop = RoundLoop(
         build_router(cfg),

@@ -29,6 +29,7 @@ from drdfl_flwr.config import RunConfig
 from drdfl_flwr.data import check_partition_plan
 from drdfl_flwr.registry import check_run_config
 from drdfl_flwr.server_app import run_job
+from strategies.rounds import RoundReport
 
 LOCAL = "local"  # Ray's address for "start a fresh instance on this machine"
 
@@ -162,7 +163,7 @@ def simulate(
     cpus_per_client: float = 1.0,
     gpus_per_client: float = 0.0,
     verbose: bool = False,
-    on_round: Callable[[dict[str, Any]], None] | None = None,
+    on_round: Callable[[RoundReport], None] | None = None,
     log_rounds: bool = True,
     ray_address: str | None = None,
     mods: Sequence[Mod] = (),
@@ -175,7 +176,7 @@ def simulate(
     ``ray_address`` (default ``RAY_ADDRESS``, else a fresh local Ray) attaches to a Ray
     cluster: the ClientApp actors then run on its nodes, the ServerApp here; a node that
     leaves the cluster during the run stops it with :class:`NodeLostError`.
-    ``on_round`` gets every round's record as it is written (progress bars,
+    ``on_round`` gets every round's report as it is written (progress bars,
     benchmarks); ``log_rounds`` off leaves the per-round progress line to it (see
     :func:`run_job`). ``mods`` are further client mods, run inside the run-config one
     (instrumentation: the scale tests record where each ClientApp ran).
@@ -193,11 +194,11 @@ def simulate(
     failures: list[Exception] = []
     watch = NodeWatch() if address != LOCAL else None
 
-    def round_done(record: dict[str, Any]) -> None:
+    def round_done(report: RoundReport) -> None:
         if watch is not None:
-            watch(int(record["round"]))
+            watch(report.round)
         if on_round is not None:
-            on_round(record)
+            on_round(report)
 
     server_app = ServerApp()
 

@@ -33,11 +33,9 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
-from flwr.serverapp.strategy.result import Result
 
 from strategies.membership import UNREACHABLE, Member, Membership
 from strategies.wire import (
@@ -87,7 +85,9 @@ AGGREGATE_PREFIX = "aggregate_"  # metrics of the hub's fresh aggregate (Router.
 @dataclass
 class RoundReport:
     """What one round did: per node metrics (training, evaluation, bytes), who each node
-    received from, who failed. ``to_record()`` is the line in ``metrics.jsonl``."""
+    received from, who failed. Its readers (the progress line, the alarms, the grid
+    runner, the in-process ring) take it as it is; ``to_record()`` is its one
+    serialization, the line in ``metrics.jsonl``."""
 
     round: int
     mode: str
@@ -121,6 +121,15 @@ class RoundReport:
 
     def node(self, partition_id: int) -> dict[str, float]:
         return self.nodes.setdefault(partition_id, {})
+
+    @property
+    def mean(self) -> dict[str, float]:
+        """Every metric's unweighted mean over the nodes that reported it."""
+        return mean_std(self.nodes)[0]
+
+    @property
+    def std(self) -> dict[str, float]:
+        return mean_std(self.nodes)[1]
 
     def to_record(self) -> dict[str, Any]:
         mean, std = mean_std(self.nodes)
@@ -219,11 +228,16 @@ def exchange(
     return replies
 
 
-RoundCallback = Callable[[dict], None]
+RoundCallback = Callable[[RoundReport], None]
 ArtifactsCallback = Callable[[int, dict[str, np.ndarray]], None]
 
 
-class RoundLoop(Strategy):
+class RoundLoop:
+    """Runs a job's rounds over a Flower :class:`~flwr.serverapp.Grid` with one router;
+    every finished round's :class:`RoundReport` goes to ``on_round``. Not a Flower
+    ``Strategy``: it drives the grid itself (the relay's routing and the sequential
+    schedule fit no strategy's configure/aggregate pair) and returns nothing."""
+
     def __init__(
         self,
         router: Router,
@@ -298,9 +312,8 @@ class RoundLoop(Strategy):
         self.report.node(partition)["bytes_received"] = content_bytes(content)
         return Message(content, dst_node_id=member.node_id, message_type=MessageType.TRAIN)
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
+    def train_messages(self, server_round: int, config: ConfigRecord) -> list[Message]:
+        """One train message for every active position, in ring order."""
         evaluate = self._evaluation_due(server_round)
         return [
             self.message_for(p, server_round, config, evaluate) for p in self.membership.active()
@@ -309,9 +322,7 @@ class RoundLoop(Strategy):
     def _evaluation_due(self, server_round: int) -> bool:
         return server_round % self.eval_every == 0 or server_round == self.num_rounds
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def take_train_replies(self, server_round: int, replies: Iterable[Message]) -> None:
         """Count what each node sent and hand the replies to the router."""
         collected: dict[int, Reply] = {}
         for reply in replies:
@@ -356,8 +367,6 @@ class RoundLoop(Strategy):
             collected[position] = Reply(partition, payload, metrics)
         for partition, reason in self.router.collect(server_round, collected).items():
             self.report.left_out[partition] = reason
-        mean, _ = mean_std(self.report.nodes)
-        return None, MetricRecord(mean) if mean else None
 
     def _send(self, grid: Grid, messages: list[Message], server_round: int) -> list[Message]:
         """Send train messages; nodes that fail or time out leave ``alive`` for now.
@@ -413,13 +422,13 @@ class RoundLoop(Strategy):
 
     def train_round(self, grid: Grid, server_round: int, config: ConfigRecord) -> None:
         if self.mode == "synchronous":
-            messages = list(self.configure_train(server_round, ArrayRecord(), config, grid))
-            self.aggregate_train(server_round, self._send(grid, messages, server_round))
+            messages = self.train_messages(server_round, config)
+            self.take_train_replies(server_round, self._send(grid, messages, server_round))
             return
         evaluate = self._evaluation_due(server_round)
         for position in self.membership.active():
             message = self.message_for(position, server_round, config, evaluate)
-            self.aggregate_train(server_round, self._send(grid, [message], server_round))
+            self.take_train_replies(server_round, self._send(grid, [message], server_round))
 
     def stop_if_nothing_trained(self, server_round: int) -> None:
         """A round in which every node asked answered with an error (its ClientApp raised:
@@ -436,9 +445,9 @@ class RoundLoop(Strategy):
             )
 
     # -- evaluation --------------------------------------------------------------------
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
+    def evaluation_messages(self, server_round: int, config: ConfigRecord) -> list[Message]:
+        """The router's evaluation message for every active position (the hub's fresh
+        aggregate)."""
         round_config = ConfigRecord(dict(config))
         round_config[SERVER_ROUND] = server_round
         messages = []
@@ -451,9 +460,7 @@ class RoundLoop(Strategy):
             )
         return messages
 
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
+    def take_evaluation_replies(self, replies: Iterable[Message]) -> None:
         """The fresh aggregate's scores, each key prefixed ``aggregate_`` so that they
         never stand in for the after-training Local-T / Global-T of the tables."""
         for reply in replies:
@@ -463,28 +470,22 @@ class RoundLoop(Strategy):
             partition = self.membership.members[position].partition_id
             scores = {AGGREGATE_PREFIX + k: v for k, v in dict(reply.content[METRICS]).items()}
             self.report.node(partition).update(scores)
-        mean, _ = mean_std(self.report.nodes)
-        return MetricRecord(mean) if mean else None
 
     # -- the loop ----------------------------------------------------------------------
     def start(
         self,
         grid: Grid,
-        initial_arrays: ArrayRecord | None = None,
         num_rounds: int = 3,
-        timeout: float = 3600,
         train_config: ConfigRecord | None = None,
         evaluate_config: ConfigRecord | None = None,
-        evaluate_fn: Callable | None = None,
         first_round: int = 1,
-    ) -> Result:
+    ) -> None:
         """Rounds ``first_round`` .. ``num_rounds`` (a resumed run starts after its last
         completed round; what the relay held for the next round is gone, so that first
         round carries no payloads, like round 1)."""
         self.summary()
         self.num_rounds = num_rounds
         self.membership.discover(grid)
-        result = Result()
         train_config = train_config or ConfigRecord()
         evaluate_config = evaluate_config or ConfigRecord()
         for server_round in range(first_round, num_rounds + 1):
@@ -502,17 +503,12 @@ class RoundLoop(Strategy):
             self.report.absent = self.membership.absent()
             self.report.failed = self.membership.failed()
             if self._evaluation_due(server_round) and self.router.scores_aggregate:
-                messages = list(
-                    self.configure_evaluate(server_round, ArrayRecord(), evaluate_config, grid)
-                )
+                messages = self.evaluation_messages(server_round, evaluate_config)
                 replies = exchange(grid, messages, self.round_timeout, self.max_in_flight)
-                self.aggregate_evaluate(server_round, replies)
+                self.take_evaluation_replies(replies)
             self.report.seconds = time.time() - started
-            record = self.report.to_record()
-            result.train_metrics_clientapp[server_round] = MetricRecord(record["mean"])
             if self.on_round:
-                self.on_round(record)
+                self.on_round(self.report)
             if self.on_artifacts:
                 for partition, images in sorted(self.report.artifacts.items()):
                     self.on_artifacts(partition, images)
-        return result

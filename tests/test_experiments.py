@@ -18,6 +18,7 @@ from drdfl_flwr.experiments.runner import run_grid
 from drdfl_flwr.methods.drdfl import DRDFLOptions
 from drdfl_flwr.results import ResultsWriter
 from drdfl_flwr.server_app import run_dir_for
+from strategies.rounds import RoundReport
 
 CONF = """
 method = "drdfl"
@@ -60,7 +61,10 @@ class FakeSimulation:
                 "std": {"local_t_acc": 0.01, "global_t_acc": 0.02},
             }
             writer.log_round(record)
-            kwargs["on_round"](record)
+            # the progress line reads the typed report: one node holding the means
+            kwargs["on_round"](
+                RoundReport(rnd, "synchronous", "ring", 1.0, nodes={0: record["mean"]})
+            )
         return writer.finish()
 
 

@@ -84,9 +84,9 @@ def test_hub_round_loop_sends_every_node_the_same_aggregate():
 
     grid = FakeGrid(3, payload_fn=payload)
     records: list[dict] = []
-    RoundLoop(Hub(weighted_mean), node_wait_timeout=5, on_round=records.append).start(
-        grid, num_rounds=2
-    )
+    RoundLoop(
+        Hub(weighted_mean), node_wait_timeout=5, on_round=lambda r: records.append(r.to_record())
+    ).start(grid, num_rounds=2)
     examples = [10.0, 20.0, 30.0]  # FakeGrid: 10 * (partition + 1)
     want = sum(e * (p + 1) for p, e in enumerate(examples)) / sum(examples)
     for p in range(3):
@@ -112,9 +112,9 @@ def test_hub_methods_are_scored_after_local_training_and_the_aggregate_apart():
     scores come from the evaluation message, under their own ``aggregate_`` names."""
     grid = FakeGrid(3)
     records: list[dict] = []
-    RoundLoop(Hub(weighted_mean), node_wait_timeout=5, on_round=records.append).start(
-        grid, num_rounds=2
-    )
+    RoundLoop(
+        Hub(weighted_mean), node_wait_timeout=5, on_round=lambda r: records.append(r.to_record())
+    ).start(grid, num_rounds=2)
     assert sorted(grid.evaluated_in_training) == [(p, r) for p in range(3) for r in (1, 2)]
     for record in records:
         for node in record["nodes"].values():
@@ -127,7 +127,9 @@ def test_hub_methods_are_scored_after_local_training_and_the_aggregate_apart():
 def test_relay_methods_send_no_aggregate_evaluation():
     grid = FakeGrid(3)
     records: list[dict] = []
-    RoundLoop(Relay(Ring()), node_wait_timeout=5, on_round=records.append).start(grid, num_rounds=2)
+    RoundLoop(
+        Relay(Ring()), node_wait_timeout=5, on_round=lambda r: records.append(r.to_record())
+    ).start(grid, num_rounds=2)
     assert grid.eval_contents == {}
     assert not any(k.startswith("aggregate_") for k in records[-1]["mean"])
 
@@ -163,9 +165,9 @@ def test_the_round_record_names_a_contribution_the_hub_left_out():
 
     grid = FakeGrid(3, payload_fn=payload)
     records: list[dict] = []
-    RoundLoop(Hub(weighted_mean), node_wait_timeout=5, on_round=records.append).start(
-        grid, num_rounds=2
-    )
+    RoundLoop(
+        Hub(weighted_mean), node_wait_timeout=5, on_round=lambda r: records.append(r.to_record())
+    ).start(grid, num_rounds=2)
     assert list(records[0]["left_out"]) == ["1"] and "NaN" in records[0]["left_out"]["1"]
     assert records[0]["contributions_left_out"] == 1
     want = (10.0 * 1 + 30.0 * 3) / 40.0  # partitions 0 and 2 of round 1
@@ -202,7 +204,9 @@ def test_a_round_in_which_every_node_failed_stops_the_run_naming_the_error():
 
     records: list[dict] = []
     some = raising(FakeGrid(3), lambda p, r: p == 1)
-    RoundLoop(Relay(Ring()), node_wait_timeout=5, on_round=records.append).start(some, num_rounds=2)
+    RoundLoop(
+        Relay(Ring()), node_wait_timeout=5, on_round=lambda r: records.append(r.to_record())
+    ).start(some, num_rounds=2)
     assert len(records) == 2 and list(records[0]["errors"]) == ["1"]
     every = raising(FakeGrid(3), lambda p, r: r == 2)
     with pytest.raises(NothingTrainedError, match="round 2: none of the 3 nodes asked trained"):

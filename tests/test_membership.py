@@ -15,7 +15,11 @@ from tests.fake_grid import FakeGrid
 def run(grid: FakeGrid, rounds: int, **loop_args) -> tuple[RoundLoop, list[dict]]:
     records: list[dict] = []
     loop = RoundLoop(
-        Relay(Ring()), node_wait_timeout=20, round_timeout=1, on_round=records.append, **loop_args
+        Relay(Ring()),
+        node_wait_timeout=20,
+        round_timeout=1,
+        on_round=lambda r: records.append(r.to_record()),
+        **loop_args,
     )
     loop.start(grid, num_rounds=rounds)
     return loop, records

@@ -21,7 +21,7 @@ from strategies.hub import Hub
 from strategies.membership import ACTIVE, sample_participants
 from strategies.reducers import weighted_mean
 from strategies.relay import Relay
-from strategies.rounds import RoundLoop
+from strategies.rounds import RoundLoop, RoundReport
 from strategies.topology import Ring
 from strategies.wire import MADE_IN_ROUND, add_incoming, in_meta_name
 from tests.fake_grid import FakeGrid
@@ -29,16 +29,23 @@ from tests.inprocess_grid import ClientAppGrid
 
 
 def run(grid: FakeGrid, rounds: int, router=None, **loop_args) -> tuple[RoundLoop, list[dict]]:
-    records: list[dict] = []
+    loop, reports = run_reports(grid, rounds, router, **loop_args)
+    return loop, [report.to_record() for report in reports]
+
+
+def run_reports(
+    grid: FakeGrid, rounds: int, router=None, **loop_args
+) -> tuple[RoundLoop, list[RoundReport]]:
+    reports: list[RoundReport] = []
     loop = RoundLoop(
         router or Relay(Ring()),
         node_wait_timeout=5,
         round_timeout=1,
-        on_round=records.append,
+        on_round=reports.append,
         **loop_args,
     )
     loop.start(grid, num_rounds=rounds)
-    return loop, records
+    return loop, reports
 
 
 # -- the draw ----------------------------------------------------------------------------
@@ -89,12 +96,13 @@ def test_participation_defaults_to_everyone_and_accepts_a_fraction():
 @pytest.mark.parametrize("mode", ["synchronous", "sequential"])
 def test_default_participation_leaves_every_node_training_every_round(mode):
     grid = FakeGrid(4)
-    _, records = run(grid, 3, mode=mode)
+    _, reports = run_reports(grid, 3, mode=mode)
+    records = [report.to_record() for report in reports]
     assert sorted(grid.sent) == [(p, r) for p in range(4) for r in (1, 2, 3)]
-    for record in records:
+    for record, report in zip(records, reports, strict=True):
         assert record["participants"] == [0, 1, 2, 3]
         assert record["stale"] == {} and record["failed"] == []
-        assert round_events(record) == []  # the progress line says nothing more
+        assert round_events(report) == []  # the progress line says nothing more
     explicit = FakeGrid(4)
     _, same = run(explicit, 3, mode=mode, participation=1.0, seed=99)
     assert explicit.order == grid.order
@@ -107,19 +115,20 @@ def test_default_participation_leaves_every_node_training_every_round(mode):
 @pytest.mark.parametrize("mode", ["synchronous", "sequential"])
 def test_a_node_that_sits_out_is_not_messaged_failed_or_suspended(mode):
     grid = FakeGrid(6)
-    loop, records = run(grid, 5, mode=mode, participation=0.5, seed=42)
+    loop, reports = run_reports(grid, 5, mode=mode, participation=0.5, seed=42)
+    records = [report.to_record() for report in reports]
     drawn = {r: sample_participants(42, r, 6, 0.5) for r in range(1, 6)}
     assert sorted(grid.sent) == sorted((p, r) for r, ps in drawn.items() for p in ps)
     if mode == "sequential":  # participants one after another, in ring order
         assert grid.order == [(p, r) for r in range(1, 6) for p in drawn[r]]
-    for record in records:
+    for record, report in zip(records, reports, strict=True):
         participants = drawn[record["round"]]
         assert record["participants"] == participants
         assert record["failed"] == [] and record["rejoined"] == []
         # the round's means are over the participants: only they are in the record
         assert sorted(record["nodes"]) == sorted(str(p) for p in participants)
         assert sorted(record["received_from"]) == sorted(str(p) for p in participants)
-        assert f"3/6 taking part {participants}" in round_events(record)
+        assert f"3/6 taking part {participants}" in round_events(report)
     assert loop.membership.states == [ACTIVE] * 6
 
 

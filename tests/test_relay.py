@@ -22,7 +22,11 @@ from tests.fake_grid import FakeGrid
 def run(grid: FakeGrid, mode: str, rounds: int = 3) -> list[dict]:
     records: list[dict] = []
     loop = RoundLoop(
-        Relay(Ring()), mode=mode, node_wait_timeout=5, round_timeout=1, on_round=records.append
+        Relay(Ring()),
+        mode=mode,
+        node_wait_timeout=5,
+        round_timeout=1,
+        on_round=lambda r: records.append(r.to_record()),
     )
     loop.start(grid, num_rounds=rounds)
     return records
@@ -133,7 +137,11 @@ def test_relay_nodes_evaluate_in_the_train_message_on_evaluation_rounds(mode):
     the accuracies still reach the round's record, on the rounds eval-every names."""
     grid, records = FakeGrid(3), []
     loop = RoundLoop(
-        Relay(Ring()), mode=mode, node_wait_timeout=5, eval_every=2, on_round=records.append
+        Relay(Ring()),
+        mode=mode,
+        node_wait_timeout=5,
+        eval_every=2,
+        on_round=lambda r: records.append(r.to_record()),
     )
     loop.start(grid, num_rounds=3)
     assert grid.eval_contents == {}

@@ -64,9 +64,9 @@ def test_resume_needs_a_run_name():
 def test_the_loop_starts_after_the_last_completed_round():
     grid = FakeGrid(3)
     records: list[dict] = []
-    RoundLoop(Relay(Ring()), node_wait_timeout=5, on_round=records.append).start(
-        grid, num_rounds=4, first_round=3
-    )
+    RoundLoop(
+        Relay(Ring()), node_wait_timeout=5, on_round=lambda r: records.append(r.to_record())
+    ).start(grid, num_rounds=4, first_round=3)
     assert [r["round"] for r in records] == [3, 4]
     assert sorted({r for _, r in grid.sent}) == [3, 4]
     # the relay's payloads of round 2 are gone: round 3 carries none, round 4 the ring's

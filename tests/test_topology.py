@@ -127,9 +127,9 @@ def test_relay_routes_what_the_topology_says_and_records_it(name):
     grid = FakeGrid(5)
     records: list[dict] = []
     topology = build_topology(name, k=2, seed=3)
-    RoundLoop(Relay(topology), node_wait_timeout=5, on_round=records.append).start(
-        grid, num_rounds=3
-    )
+    RoundLoop(
+        Relay(topology), node_wait_timeout=5, on_round=lambda r: records.append(r.to_record())
+    ).start(grid, num_rounds=3)
     for rnd in (2, 3):
         record = records[rnd - 1]
         assert record["topology"] == name

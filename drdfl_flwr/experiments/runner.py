@@ -28,6 +28,7 @@ from drdfl_flwr.experiments.outcomes import (
 )
 from drdfl_flwr.registry import recorded_run_config
 from drdfl_flwr.server_app import round_events
+from strategies.rounds import RoundReport
 
 Echo = Callable[[str], None]
 
@@ -52,25 +53,25 @@ class Progress:
             f"{run.partition.label} | seed {run.seed} -> {run.run_id}"
         )
 
-    def round_done(self, record: dict[str, Any]) -> None:
+    def round_done(self, report: RoundReport) -> None:
         """The round's one line (the simulation's own per-round log is off): mean
         accuracies where the round evaluated, seconds, time left, and what happened to
         the nodes (skipped, joined, absent)."""
         self.rounds_done += 1
         run = self.runs[self.index]
-        mean = record["mean"]
+        mean = report.mean
         shown = [
             f"{label} {100 * mean[key]:.2f}%"
             for key, label in (("local_t_acc", "Local-T"), ("global_t_acc", "Global-T"))
             if key in mean
         ] or ["training"]
         parts = [
-            f"  [run {self.index + 1}/{len(self.runs)} | round {record['round']}/"
+            f"  [run {self.index + 1}/{len(self.runs)} | round {report.round}/"
             f"{run.cfg.num_server_rounds}] {shown[0]}",
             *shown[1:],
-            f"{record['seconds']:.1f}s",
+            f"{report.seconds:.1f}s",
             f"elapsed {_clock(self.elapsed)}, about {_clock(self.left)} left",
-            *round_events(record),
+            *round_events(report),
         ]
         self.echo(" | ".join(parts))
 
