@@ -16,6 +16,7 @@ from drdfl_flwr.experiments.plots import (
     headline_plot,
     last_node_accuracies,
     ordered_variants,
+    report_figures,
     tradeoff_plots,
     variant_styles,
 )
@@ -102,14 +103,13 @@ def test_last_node_accuracies_are_the_last_evaluated_rounds(small_grid):
 
 def test_the_report_writes_headline_and_tradeoff_pngs_without_pyplot(tmp_path, small_grid):
     had_pyplot = "matplotlib.pyplot" in sys.modules
-    paths = write_report(small_grid, tmp_path, "t")
+    paths = write_report(small_grid, tmp_path, "t") + report_figures(small_grid, tmp_path)
     names = [p.name for p in paths]
     assert "headline.png" in names
     assert "tradeoff_cifar10_dirichlet-0.1.png" in names
     assert "tradeoff_cifar10_shard-4.png" in names
-    one_column = write_report(
-        [o for o in small_grid if o.run.partition == DIR01], tmp_path / "1", "t"
-    )
+    (tmp_path / "1").mkdir()
+    one_column = report_figures([o for o in small_grid if o.run.partition == DIR01], tmp_path / "1")
     assert "tradeoff.png" in [p.name for p in one_column]  # one column: no dataset in the name
     for name in ("headline.png", "tradeoff_cifar10_dirichlet-0.1.png"):
         data = (tmp_path / name).read_bytes()

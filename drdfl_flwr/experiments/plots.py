@@ -25,6 +25,17 @@ import numpy as np
 from drdfl_flwr.experiments.grid import GridRun, Partition
 from drdfl_flwr.experiments.names import base_variant, display_name, is_isolated
 from drdfl_flwr.experiments.outcomes import DONE, FAILED, RunOutcome
+from drdfl_flwr.experiments.report import (
+    VALUE,
+    aggregate,
+    columns,
+    floor_cell,
+    kinds,
+    present_metrics,
+    runs_in,
+    seed_result,
+)
+from drdfl_flwr.experiments.stats import t_interval_half_width
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -246,12 +257,18 @@ def _convergence_figure(
     return save_png(fig, path)
 
 
+def report_figures(outcomes: Sequence[RunOutcome], out_dir: Path) -> list[Path]:
+    """The figures of ``tables.md``'s numbers (``report.write_report``): ``headline.png``
+    (the last-round table as bars, over seeds) and ``tradeoff.png`` (every client's
+    Local-T against its Global-T; one ``tradeoff_<dataset>_<partition>.png`` per column
+    where there are several); returns the paths written."""
+    return headline_plot(outcomes, out_dir) + tradeoff_plots(outcomes, out_dir)
+
+
 # -- headline: accuracy per variant, over seeds ------------------------------------------
 
 
 def _accuracy_columns(outcomes: Sequence[RunOutcome]) -> list[Any]:
-    from drdfl_flwr.experiments.report import columns, kinds
-
     return [column for kind in kinds(outcomes) for column in columns(outcomes, kind)]
 
 
@@ -264,15 +281,6 @@ def headline_plot(outcomes: Sequence[RunOutcome], out_dir: Path) -> list[Path]:
     ± std over clients. Each shared variant sits right above its hatched ``+isolated``
     twin; a dotted line marks Local. One row of panels per (dataset, partition setting).
     No file while no run has finished."""
-    from drdfl_flwr.experiments.report import (
-        VALUE,
-        aggregate,
-        floor_cell,
-        present_metrics,
-        runs_in,
-        seed_result,
-    )
-    from drdfl_flwr.experiments.stats import t_interval_half_width
 
     columns_ = _accuracy_columns(outcomes)
     if not any(o.status == DONE and o.summary for o in outcomes):

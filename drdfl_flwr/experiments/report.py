@@ -806,18 +806,12 @@ def write_report(
     outcomes: Sequence[RunOutcome],
     out_dir: Path,
     title: str,
-    plots: bool = True,
     primary: Sequence[PrimaryComparison] = (),
 ) -> list[Path]:
     """Write ``tables.md``, one CSV per (partition kind, last|best), ``communication.csv``,
-    ``runs.csv`` and ``timing.md`` into ``out_dir``, and the figures of the same numbers:
-    ``headline.png`` (the last-round table as bars, over seeds) and ``tradeoff.png``
-    (every client's Local-T against its Global-T; one
-    ``tradeoff_<dataset>_<partition>.png`` per column where there are several); returns
-    the paths written (the figures only with ``plots``). ``outcomes`` come in grid order,
-    which fixes the order of rows and columns."""
-    from drdfl_flwr.experiments.plots import headline_plot, tradeoff_plots
-
+    ``runs.csv`` and ``timing.md`` into ``out_dir``; returns the paths written (the
+    figures of the same numbers are :func:`drdfl_flwr.experiments.plots.report_figures`).
+    ``outcomes`` come in grid order, which fixes the order of rows and columns."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"tables.md": tables_markdown(outcomes, title, primary)}
@@ -832,6 +826,4 @@ def write_report(
         path = out_dir / name
         path.write_text(text, encoding="utf-8", newline="\n")
         paths.append(path)
-    if not plots:
-        return paths
-    return paths + headline_plot(outcomes, out_dir) + tradeoff_plots(outcomes, out_dir)
+    return paths

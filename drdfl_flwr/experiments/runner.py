@@ -167,13 +167,18 @@ def write_all(
     """Tables, communication table and, with ``plots``, the figures (headline, trade-off,
     convergence, label distributions: most of the time a report takes, since drawing the
     label distributions reads the dataset)."""
-    from drdfl_flwr.experiments.plots import convergence_plots, label_distribution_plots
+    from drdfl_flwr.experiments.plots import (
+        convergence_plots,
+        label_distribution_plots,
+        report_figures,
+    )
     from drdfl_flwr.experiments.report import write_report
 
     written = write_report(
-        outcomes, out, title=grid.name, plots=plots, primary=grid.options.primary_comparisons()
+        outcomes, out, title=grid.name, primary=grid.options.primary_comparisons()
     )
     if plots:
+        written += report_figures(outcomes, out)
         written += convergence_plots(outcomes, out)
         written += label_distribution_plots(list(grid.runs), out, grid.options.clients)
     done = sum(o.status == DONE for o in outcomes)
