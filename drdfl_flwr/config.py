@@ -23,9 +23,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar
 
+from strategies.topology import MODES, STAR, TOPOLOGY_NAMES
+
 DATASETS = ("digits", "cifar10", "cifar100", "svhn")
-MODES = ("synchronous", "sequential")
-TOPOLOGIES = ("auto", "ring", "bi-ring", "full", "random-k", "fixed-random", "star")
+TOPOLOGIES = ("auto", *TOPOLOGY_NAMES, STAR)  # the routers' catalogue, and auto
 PARTITIONERS = ("dirichlet", "shard", "iid")
 SHARD_ASSIGNMENTS = ("balanced", "random")
 CLASSIFIERS = ("small-cnn", "resnet8", "resnet18", "alexnet-dslth")

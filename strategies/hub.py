@@ -25,11 +25,12 @@ from flwr.common import log
 from strategies.membership import Member
 from strategies.reducers import Arrays, Contribution, Reducer, reduce_screened
 from strategies.rounds import Reply, Router
+from strategies.topology import STAR
 from strategies.wire import HUB, add_incoming
 
 
 class Hub(Router):
-    topology_name = "star"
+    topology_name = STAR
     modes = ("synchronous",)
     scores_aggregate = True  # and, apart, the fresh aggregate (``aggregate_*`` metrics)
 

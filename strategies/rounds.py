@@ -38,6 +38,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from strategies.membership import UNREACHABLE, Member, Membership
+from strategies.topology import MODES
 from strategies.wire import (
     ARTIFACTS,
     CONFIG,
@@ -161,7 +162,7 @@ class Router(ABC):
     """Decides what each node receives; knows nothing about the method's maths."""
 
     topology_name: str
-    modes: tuple[str, ...] = ("synchronous", "sequential")
+    modes: tuple[str, ...] = MODES
     # Every method is scored at one point of the round, for the tables' Local-T /
     # Global-T: after the node's local training, asked for in the train message itself
     # (one restore of private state, one message and one barrier fewer per node and
@@ -252,8 +253,8 @@ class RoundLoop:
         seed: int = 0,
         max_in_flight: int = 0,
     ) -> None:
-        if mode not in ("synchronous", "sequential"):
-            raise ValueError(f"mode must be 'synchronous' or 'sequential', got {mode!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if mode not in router.modes:
             raise ValueError(
                 f"{type(router).__name__} runs {' or '.join(router.modes)} rounds only"

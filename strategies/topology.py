@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 
 class Topology(ABC):
@@ -147,20 +148,26 @@ class FixedRandom(Topology):
         return sorted(p for p in self.adjacency(num_nodes)[position] if p in alive)
 
 
-TOPOLOGY_NAMES = ("ring", "bi-ring", "full", "random-k", "fixed-random")  # the relay's
+# The one catalogue of the relay's topologies: name -> builder(k, seed). The config's
+# choices (drdfl_flwr.config.TOPOLOGIES) are these, the hub's STAR, and "auto".
+TOPOLOGIES: dict[str, Callable[[int, int], Topology]] = {
+    "ring": lambda k, seed: Ring(),
+    "bi-ring": lambda k, seed: BidirectionalRing(),
+    "full": lambda k, seed: FullyConnected(),
+    "random-k": RandomK,
+    "fixed-random": FixedRandom,
+}
+TOPOLOGY_NAMES = tuple(TOPOLOGIES)  # the relay's
+STAR = "star"  # the hub's (strategies.hub): no graph the relay routes on
+
+# The schedules a round runs on (strategies.rounds): synchronous, every node on what was
+# routed the previous round; sequential, one node after another in ring order.
+MODES = ("synchronous", "sequential")
 
 
 def build_topology(name: str, k: int = 2, seed: int = 0) -> Topology:
     """The topology called ``name`` (``k`` and ``seed`` are used by random-k, as the
     number of in-neighbours, and fixed-random, as the mean degree, only)."""
-    if name == "ring":
-        return Ring()
-    if name == "bi-ring":
-        return BidirectionalRing()
-    if name == "full":
-        return FullyConnected()
-    if name == "random-k":
-        return RandomK(k, seed)
-    if name == "fixed-random":
-        return FixedRandom(k, seed)
-    raise ValueError(f"unknown topology {name!r}; choose one of {', '.join(TOPOLOGY_NAMES)}")
+    if name not in TOPOLOGIES:
+        raise ValueError(f"unknown topology {name!r}; choose one of {', '.join(TOPOLOGY_NAMES)}")
+    return TOPOLOGIES[name](k, seed)
