@@ -25,9 +25,8 @@ from drdfl_flwr.checkpoint import (
 )
 from drdfl_flwr.config import ConfigError, RunConfig
 from drdfl_flwr.data import ClientData, load_client_data
-from drdfl_flwr.intake import Intake, take_in
 from drdfl_flwr.learner import Learner
-from drdfl_flwr.node import Stopwatch, evaluation_metrics, node_round
+from drdfl_flwr.node import Stopwatch, node_evaluation, node_round
 from drdfl_flwr.records import decode_received, to_array_record
 from drdfl_flwr.registry import build_learner
 from drdfl_flwr.warm import WARM
@@ -201,11 +200,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     clock = Stopwatch()
     data, learner, _ = restore(context, run_key(msg, context))
     clock.lap("time_eval_restore")
-    if learner.cfg.isolated:
-        intake = Intake()
-    else:
-        incoming, undecodable = decode_received(msg.content)
-        intake = take_in(learner, incoming, server_round(msg), undecodable)
+    incoming, undecodable = decode_received(msg.content)
+    metrics, intake = node_evaluation(
+        learner, incoming, data, server_round(msg), undecodable, clock=clock
+    )
     for sender, reason in intake.rejections.items():
         log(
             WARNING,
@@ -214,12 +212,8 @@ def evaluate(msg: Message, context: Context) -> Message:
             sender,
             reason,
         )
-    incoming = intake.accepted
-    metrics = evaluation_metrics(learner, data)
-    clock.lap("time_evaluate")
-    metrics.update(clock.laps)
     saved = context.state.config_records.get(STATE_KEY)
-    if not incoming and saved is not None:  # unchanged: still the saved state
+    if not intake.accepted and saved is not None:  # unchanged: still the saved state
         keep_warm(context, learner, str(saved["token"]), len(saved["blob"]))
     return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
 

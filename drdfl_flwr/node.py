@@ -52,6 +52,36 @@ def evaluation_metrics(learner: Learner, data: ClientData) -> dict[str, float]:
     return metrics
 
 
+def round_intake(
+    learner: Learner,
+    incoming: Sequence[Incoming],
+    server_round: int,
+    undecodable: Mapping[str, str] | None = None,
+) -> Intake:
+    """What the node takes in: nothing at all when ``isolated``, else :func:`take_in`."""
+    if learner.cfg.isolated:
+        return Intake()
+    return take_in(learner, incoming, server_round, undecodable)
+
+
+def node_evaluation(
+    learner: Learner,
+    incoming: Sequence[Incoming],
+    data: ClientData,
+    server_round: int,
+    undecodable: Mapping[str, str] | None = None,
+    clock: Stopwatch | None = None,
+) -> tuple[dict[str, float], Intake]:
+    """Score the model the node holds once it has taken in ``incoming`` (a hub's fresh
+    aggregate: the model it trains from next), without training; the metrics, with the
+    seconds it took (``time_evaluate``), and what was taken in and refused."""
+    clock = clock or Stopwatch()
+    intake = round_intake(learner, incoming, server_round, undecodable)
+    metrics = evaluation_metrics(learner, data)
+    clock.lap("time_evaluate")
+    return {**metrics, **clock.laps}, intake
+
+
 def node_round(
     learner: Learner,
     incoming: Sequence[Incoming],
@@ -73,7 +103,7 @@ def node_round(
         # SuperLink asks again): answer from that round's record, never train it twice.
         metrics = {**learner.last_metrics, "replayed_round": 1.0}
         return NodeRound({} if isolated else learner.shared_payload(), metrics, Intake())
-    intake = Intake() if isolated else take_in(learner, incoming, server_round, undecodable)
+    intake = round_intake(learner, incoming, server_round, undecodable)
     clock.lap("time_absorb")
     torch.manual_seed(learner.round_seed)  # the same draws wherever the round runs
     hostile = attacking(learner.cfg, learner.partition_id)
