@@ -1,11 +1,12 @@
 """What one hostile neighbour costs, and what a defence saves (issue 30, item 2).
 
-Every (method, attack, defence) runs the same in-process ring (``run_ring``, tested to
-score what the apps score) on the same partitions and seed; the run without an attacker
-is the reference. One attacker among the clients (``--attacker``). Per run: the honest
-nodes' final expected Local-T against the reference, how many of them lost more than
-``--harm`` points, the mean loss, and in how many rounds the honest mean was more than
-``--harm`` below the reference's; and the payloads the defence refused. The defence's
+Every (method, attack, defence) runs the same in-process federation (``run_ring``: the
+server's own round loop over the app's ClientApp) on the same partitions and seed; the
+run without an attacker is the reference. One attacker among the clients
+(``--attacker``). Per run: the honest nodes' final expected Local-T against the
+reference, how many of them lost more than ``--harm`` points, the mean loss, and in how
+many rounds the honest mean was more than ``--harm`` below the reference's; and the
+payloads the defence refused. The defence's
 cost with no attacker is the reference's own row with the defence on.
 
     python benchmarks/attacks.py                      # digits, 10 clients, 8 rounds

@@ -11,10 +11,12 @@ For each method and number of clients, in one process, one after the other:
    process's ``smaps_rollup``, which makes the kernel walk its page tables: 0.17 s of a
    core per sample with 100 clients' actors at 2-3 GiB each; sampled every second, that
    was 8 % of these 2 cores taken from the job it measures);
-2. the same work as a plain single-process PyTorch loop
-   (:func:`drdfl_flwr.inprocess.run_ring`, checked to score what the apps score): the
-   same learners, data, seeds, ring payloads or hub aggregates, training and evaluation,
-   one thread, nodes one after another, state kept in memory. Its steady seconds per
+2. the same work as a plain single-process PyTorch loop (:func:`plain_loop`, this
+   benchmark's own: the library's in-process federation runs the real round loop and
+   ClientApp, wire format included, and is no floor): the same learners, data, seeds,
+   node rounds (:func:`drdfl_flwr.node.node_round`), ring payloads or hub aggregates
+   (the method's reducer) and evaluation, one thread, nodes one after another, state
+   kept in memory, the drawn nodes taking part (``--participation``). Its steady seconds per
    round are the serial cost; divided by the cores the simulation used, the parallel
    floor (perfect scaling, zero overhead). The plain loop is pinned to one core.
 
@@ -40,6 +42,7 @@ simulation's time goes is shown from the per-message timings the ClientApp repor
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -51,9 +54,15 @@ import numpy as np
 import torch
 
 from drdfl_flwr.config import RunConfig
-from drdfl_flwr.inprocess import run_ring
+from drdfl_flwr.data import load_client_data
+from drdfl_flwr.intake import take_in
 from drdfl_flwr.models.classifiers import SmallCNN, norm_layer
+from drdfl_flwr.node import evaluation_metrics, node_round
+from drdfl_flwr.payload import from_hub, peers
+from drdfl_flwr.registry import build_learner, hub_reducer
 from drdfl_flwr.simulation import simulate
+from strategies.membership import sample_participants
+from strategies.reducers import Contribution, reduce_screened
 from strategies.rounds import AGGREGATE_PREFIX
 
 # Each method as the comparison runs it: DSLTH trains local-epochs epochs of its steps
@@ -152,6 +161,42 @@ def simulated_rounds(cfg: RunConfig, clients: int) -> tuple[list[float], dict, f
     )
 
 
+def plain_loop(cfg: RunConfig, clients: int, on_round) -> None:
+    """The apps' work with nothing around it: each round the drawn nodes, in ring order,
+    take in their nearest drawn predecessor's last payload (a hub method: the previous
+    aggregate), train and score (:func:`node_round`); a hub method's replies are reduced
+    by its reducer and every drawn node scores the fresh aggregate on a copy, as the
+    hub's evaluation message has it done. Ring and star only; no joins, no failures."""
+    data = [load_client_data(cfg, k, clients) for k in range(clients)]
+    learners = [build_learner(cfg, d.input_shape, d.num_classes, k) for k, d in enumerate(data)]
+    reducer, reduced, aggregate, weight = hub_reducer(cfg), None, None, 0.0
+    outbox: dict[int, dict] = {}
+    for r in range(1, cfg.num_server_rounds + 1):
+        drawn = sample_participants(cfg.seed, r, clients, cfg.participation)
+        sent = {}
+        for i, k in enumerate(drawn):
+            before = outbox.get(drawn[i - 1]) if len(drawn) > 1 else None
+            incoming = aggregate or (peers(before) if before and reducer is None else [])
+            sent[k] = node_round(learners[k], incoming, data[k], r)
+        outbox.update({k: result.payload for k, result in sent.items()})
+        if reducer is not None:
+            replies = [
+                Contribution(k, {n: t.numpy() for n, t in res.payload.items()}, res.metrics)
+                for k, res in sent.items()
+                if res.payload
+            ]
+            reduction = reduce_screened(reducer, replies, reduced)
+            if reduction.aggregate is not None:
+                reduced, weight = reduction.aggregate, reduction.weight
+            tensors = {n: torch.from_numpy(np.array(a)) for n, a in (reduced or {}).items()}
+            aggregate = from_hub(tensors, weight) if reduced else None
+            for k in drawn if reduced else []:  # the hub's evaluation message, not kept
+                trial = copy.deepcopy(learners[k])
+                take_in(trial, aggregate, r)
+                evaluation_metrics(trial, data[k])
+        on_round(r)
+
+
 def plain_rounds(cfg: RunConfig, clients: int, core: int) -> tuple[list[float], float]:
     """The same rounds in a plain loop, one thread, pinned to ``core`` (so that the
     calibration below knows which core's speed it ran at): per-round seconds and the
@@ -162,12 +207,7 @@ def plain_rounds(cfg: RunConfig, clients: int, core: int) -> tuple[list[float], 
     os.sched_setaffinity(0, {core})
     try:
         with PeakMemory() as memory:
-            run_ring(
-                cfg,
-                clients,
-                cfg.num_server_rounds,
-                on_round=lambda _: marks.append(time.perf_counter()),
-            )
+            plain_loop(cfg, clients, on_round=lambda _: marks.append(time.perf_counter()))
     finally:
         os.sched_setaffinity(0, allowed)
     return list(np.diff(marks)), memory.peak_mib

@@ -1,40 +1,162 @@
-"""A ring of learners in one Python process, for looking inside the models and for
-timing the same work without a framework.
+"""A federation in one Python process: the app's own server round over nodes that are the
+app's own ClientApp, without Ray, processes or sockets.
 
-:func:`drdfl_flwr.simulation.simulate` runs the real thing (ServerApp, ClientApps, Ray,
-byte accounting) but the trained modules stay in the simulated nodes. A notebook that
-wants to project a node's codes or draw its reconstructions needs the learner objects;
-:func:`run_ring` trains them here, each round in the same order a ClientApp does (absorb
-the predecessor's last payload, seed with the round seed, fit), passing each payload to
-the ring successor only; a hub method's payloads are reduced by its reducer and the
-aggregate goes to every node, which also scores it, as on the hub. It is for inspection
-and for the benchmarks' plain-loop floor (``benchmarks/overhead.py``): no Flower
-messages, no timeouts, no bytes counted, and only the ring topology or the star.
+:class:`InProcessGrid` is a :class:`flwr.serverapp.Grid` that answers every message by
+calling the ClientApp (``drdfl_flwr.client_app.app``, the one ``flwr run`` loads) with one
+persistent :class:`flwr.app.Context` per node, as a SuperNode would: its node config names
+the partition, its run config is the run's, its ``state`` lives from message to message.
+Every message and every reply goes through Flower's wire format, so nothing is shared by
+reference between the server and the nodes.
+
+Over it, :func:`run_ring` runs the real :class:`~strategies.rounds.RoundLoop` and router
+(the relay on the configured topology, or the hub): the same routing, participation,
+joins, reduction and evaluation as a deployment, in seconds. It hands back the trained
+learners (a notebook projects their codes, draws their reconstructions) and every round's
+metrics. :func:`simulate_in_process` runs a whole job (``run_job``, results folder and all)
+the same way: the grid runner's stand-in for the Ray engine, which must give the same
+``runs.csv`` (tests/test_every_method.py).
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable, Mapping
+import itertools
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-import torch
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
 
+from drdfl_flwr.client_app import app as CLIENT_APP
+from drdfl_flwr.client_app import restore
 from drdfl_flwr.config import RunConfig
-from drdfl_flwr.data import ClientData, load_client_data
-from drdfl_flwr.intake import take_in
+from drdfl_flwr.data import ClientData
 from drdfl_flwr.learner import Learner
-from drdfl_flwr.node import Stopwatch, evaluation_metrics, node_round
-from drdfl_flwr.payload import Incoming, PayloadError, from_hub, peers
-from drdfl_flwr.registry import build_learner, check_run_config, hub_reducer
-from strategies.membership import sample_participants
-from strategies.reducers import Arrays, Contribution, reduce_screened
-from strategies.rounds import AGGREGATE_PREFIX
-from strategies.topology import Ring
+from drdfl_flwr.payload import PayloadError
+from drdfl_flwr.registry import check_run_config
+from drdfl_flwr.server_app import build_router, run_job
+from strategies.rounds import RoundLoop, RoundReport
+from strategies.wire import NUM_PARTITIONS, PARTITION_ID
 
-RING = Ring()
+_RUN_IDS = itertools.count(1_000_001)  # each in-process run its own warm learners
+
+
+@contextmanager
+def server_identity(run_id: int) -> Iterator[None]:
+    """The task identity Flower's ServerApp process has (``Message(...)`` reads it), for
+    as long as an in-process run lasts; whatever was set before is put back."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, run_id
+    try:
+        yield
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def over_the_wire(message: Message) -> Message:
+    """The message as the other side receives it: serialized and parsed again."""
+    return message_from_proto(message_to_proto(message))
+
+
+class InProcessGrid(Grid):
+    """``num_nodes`` SuperNodes in this process, each answering with ``client_app``.
+
+    ``joins`` maps a partition to the round its node appears in: Flower does not list it
+    before (the round loop's membership holds an absent slot for it and it joins when it
+    appears, as a late SuperNode does). ``round`` is the round about to run, set by
+    whoever drives the loop (:func:`run_ring`). A handler that raises raises here, with
+    its own traceback (Flower would turn it into an error reply and the round loop would
+    skip the node)."""
+
+    def __init__(
+        self,
+        run_config: dict,
+        num_nodes: int,
+        run_id: int = 1,
+        client_app: ClientApp = CLIENT_APP,
+        joins: Mapping[int, int] | None = None,
+    ):
+        self.run_id = run_id
+        self.client_app = client_app
+        self.joins = dict(joins or {})
+        self.round = 1
+        # node ids deliberately not in partition order, as Flower's are not
+        self.contexts = {
+            5000 + 11 * (num_nodes - p): Context(
+                run_id=run_id,
+                node_id=5000 + 11 * (num_nodes - p),
+                node_config={PARTITION_ID: p, NUM_PARTITIONS: num_nodes},
+                state=RecordDict(),
+                run_config=dict(run_config),
+            )
+            for p in range(num_nodes)
+        }
+        self.pending: dict[str, Message] = {}
+        self.pushed = 0
+        self.handled: Counter[str] = Counter()  # message type -> messages answered
+
+    def get_node_ids(self) -> Iterable[int]:
+        return [
+            node_id
+            for node_id, context in self.contexts.items()
+            if self.joins.get(int(context.node_config[PARTITION_ID]), 1) <= self.round
+        ]
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        ids = []
+        for message in messages:
+            self.pushed += 1
+            message_id = f"m{self.pushed}"
+            message.metadata.__dict__["_message_id"] = message_id
+            message.metadata.__dict__["_run_id"] = self.run_id
+            self.pending[message_id] = over_the_wire(message)
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        """Every pending message asked for is answered now, by its node's ClientApp."""
+        replies = []
+        for message_id in message_ids:
+            message = self.pending.pop(message_id, None)
+            if message is None:
+                continue
+            context = self.contexts[message.metadata.dst_node_id]
+            run_config = dict(context.run_config)
+            reply = self.client_app(message, context)
+            if dict(context.run_config) != run_config:
+                raise RuntimeError("a handler changed the run config")
+            self.handled[message.metadata.message_type] += 1
+            reply = over_the_wire(reply)
+            reply.metadata.__dict__["_reply_to_message_id"] = message_id
+            replies.append(reply)
+        return replies
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.pull_messages(self.push_messages(messages))
+
+    def node_state(self, partition_id: int) -> tuple[ClientData, Learner]:
+        """A node's data and its learner as its saved state holds it now."""
+        context = next(
+            c for c in self.contexts.values() if c.node_config[PARTITION_ID] == partition_id
+        )
+        data, learner, _ = restore(context, str(context.run_id))
+        return data, learner
+
+    # the round loop never uses these
+    def set_run(self, run_id):  # pragma: no cover
+        self.run_id = run_id
+
+    @property
+    def run(self):  # pragma: no cover
+        raise NotImplementedError
+
+    def create_message(self, *args, **kwargs):  # pragma: no cover
+        raise NotImplementedError
 
 
 @dataclass
@@ -42,6 +164,7 @@ class InProcessRing:
     learners: list[Learner]
     data: list[ClientData]
     # one record per round: {"round", "mean": {metric: mean over nodes}, "nodes": [...]}
+    # ("nodes" by partition; None for a node not there yet or sitting out)
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -52,17 +175,17 @@ def run_ring(
     on_round: Callable[[dict[str, Any]], None] | None = None,
     joins: Mapping[int, int] | None = None,
 ) -> InProcessRing:
-    """Train ``cfg`` for ``rounds`` rounds on a ring of ``num_clients`` nodes, in process.
+    """Train ``cfg`` for ``rounds`` rounds on ``num_clients`` nodes in process: the real
+    round loop and router (relay on ``cfg``'s topology, or hub) over an
+    :class:`InProcessGrid` of the real ClientApp, so participation, joins, the hub's
+    reduction and the evaluation of its aggregate are the server's own.
 
-    Node ``k`` receives only the last payload of its nearest predecessor taking part in
-    the round (a hub method: the aggregate of the previous round's participants); the
-    round's participants are the relay's (``cfg.participation``,
-    :func:`strategies.rounds.sample_participants`); ``cfg.isolated`` cuts every link.
-    ``joins`` maps a node to the round it appears in (absent before, bypassed by the ring;
-    it then joins as a node that appears late on SuperNodes does, through
-    ``Learner.receive``). Every round records the nodes' training metrics, their
-    Local-T / Global-T evaluation and the seconds of each step (``time_*``, as the
-    ClientApp reports them) (``None`` for a node not there yet or sitting out)."""
+    ``joins`` maps a node to the round it appears in (absent before, bypassed; it then
+    joins as a node that appears late on SuperNodes does, through ``Learner.receive``).
+    Every round's record (``history``, and ``on_round``) holds the nodes' metrics as the
+    ClientApp reports them (``None`` for a node not there yet or sitting out) and their
+    mean. A payload refused, by a node or the hub, raises :class:`PayloadError` unless
+    an attack or a defence is being measured: in process, it is a bug."""
     if num_clients < 2:
         raise ValueError(f"num_clients={num_clients}: a ring needs at least 2 nodes")
     if rounds < 1:
@@ -73,84 +196,62 @@ def run_ring(
             raise ValueError(
                 f"joins={{{k}: {first}}}: a node 0..{num_clients - 1} joining in round 1..{rounds}"
             )
+    there_first = num_clients - sum(first > 1 for first in joins.values())
+    if there_first < 1:
+        raise ValueError(f"joins={joins}: at least one node must be there in round 1")
     check_run_config(cfg)
-    data = [load_client_data(cfg, k, num_clients) for k in range(num_clients)]
-    learners = [
-        build_learner(cfg, d.input_shape, d.num_classes, partition_id=k) for k, d in enumerate(data)
-    ]
-    ring = InProcessRing(learners, data)
-    reducer = hub_reducer(cfg)  # a hub method: reduce, send to everyone
-    reduced: Arrays | None = None
-    weight = 0.0  # the training examples the aggregate was reduced from (the hub's weight)
-    outbox: list[dict[str, torch.Tensor] | None] = [None] * num_clients
-    for round_number in range(1, rounds + 1):
-        drawn = set(sample_participants(cfg.seed, round_number, num_clients, cfg.participation))
-        present = [k for k in range(num_clients) if joins.get(k, 1) <= round_number and k in drawn]
-        sent: list[dict[str, torch.Tensor] | None] = [None] * num_clients
-        nodes: list[dict[str, float] | None] = [None] * num_clients
-        for k in present:
-            learner, node_data = learners[k], data[k]
-            if reducer is not None:
-                incoming = _aggregate(reduced, weight)
-            else:
-                senders = RING.in_neighbours(k, num_clients, set(present), round_number)
-                received = outbox[senders[0]] if senders else None
-                incoming = peers(received) if received else []
-            clock = Stopwatch()
-            result = node_round(learner, incoming, node_data, round_number, clock=clock)
-            # in process, a refusal is a bug, unless an attack or a defence is measured
-            measured = cfg.attack != "none" or cfg.ring_defence != "none"
-            if result.intake.rejections and not measured:
-                raise PayloadError(
-                    f"round {round_number}: node {k} refused {result.intake.rejections}"
-                )
-            nodes[k] = {**result.metrics, **clock.laps}
-            sent[k] = result.payload or None
-        if reducer is not None:
-            contributions = [
-                Contribution(k, {n: t.numpy() for n, t in sent[k].items()}, nodes[k])
-                for k in present
-                if sent[k] is not None and nodes[k] is not None
-            ]
-            reduction = reduce_screened(reducer, contributions, reduced)
-            if reduction.refused and cfg.attack == "none":  # a bug unless attacked
-                raise PayloadError(f"round {round_number}: the hub refused {reduction.refused}")
-            if reduction.aggregate is not None:
-                reduced, weight = reduction.aggregate, reduction.weight
-                aggregate = _aggregate(reduced, weight)
-                for k in present:  # the hub's evaluation message: the fresh aggregate
-                    scores = _score_aggregate(learners[k], aggregate, data[k], round_number)
-                    nodes[k].update(scores)  # type: ignore[union-attr]
-        for k in present:  # a node that sat out keeps its last payload on offer
-            outbox[k] = sent[k]
-        there = [n for n in nodes if n is not None]
-        keys = sorted(set().union(*there))
-        mean = {k: sum(n.get(k, 0.0) for n in there) / len(there) for k in keys}
-        record = {"round": round_number, "mean": mean, "nodes": nodes}
-        ring.history.append(record)
+    grid = InProcessGrid(cfg.to_run_config(), num_clients, run_id=next(_RUN_IDS), joins=joins)
+    history: list[dict[str, Any]] = []
+    measured = cfg.attack != "none" or cfg.ring_defence != "none"
+
+    def record_round(report: RoundReport) -> None:
+        refused = {p: r for p, r in report.rejections.items() if r}
+        if refused and not measured:
+            raise PayloadError(f"round {report.round}: nodes refused {refused}")
+        if report.left_out and cfg.attack == "none":
+            raise PayloadError(f"round {report.round}: the hub refused {report.left_out}")
+        record = {
+            "round": report.round,
+            "mean": report.mean,
+            "nodes": [report.nodes.get(k) for k in range(num_clients)],
+        }
+        history.append(record)
+        grid.round = report.round + 1  # who Flower lists when the next round starts
         if on_round is not None:
             on_round(record)
-    return ring
+
+    loop = RoundLoop(
+        build_router(cfg),
+        mode=cfg.mode,
+        min_nodes=there_first,
+        participation=cfg.participation,
+        seed=cfg.seed,
+        eval_every=cfg.eval_every,
+        on_round=record_round,
+    )
+    with server_identity(grid.run_id):
+        loop.start(grid, num_rounds=rounds)
+    states = [grid.node_state(k) for k in range(num_clients)]
+    return InProcessRing(
+        learners=[learner for _, learner in states],
+        data=[data for data, _ in states],
+        history=history,
+    )
 
 
-def _aggregate(reduced: Arrays | None, weight: float) -> list[Incoming]:
-    """What every node receives from the hub: the aggregate, with the weight the hub
-    gives it (the training examples of the replies it was reduced from)."""
-    if reduced is None:
-        return []
-    tensors = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in reduced.items()}
-    return from_hub(tensors, weight)
-
-
-def _score_aggregate(
-    learner: Learner, aggregate: list[Incoming], data: ClientData, round_number: int
-) -> dict[str, float]:
-    """Local-T and Global-T of the fresh aggregate on this node, without keeping it (the
-    hub's evaluation message: the ClientApp restores the node's saved state to do it),
-    and the seconds it took (``aggregate_time_evaluate``, as the hub records them)."""
-    clock = Stopwatch()
-    trial = copy.deepcopy(learner)
-    take_in(trial, aggregate, round_number)
-    scores = evaluation_metrics(trial, data)
-    clock.lap("time_evaluate")
-    return {AGGREGATE_PREFIX + k: v for k, v in {**scores, **clock.laps}.items()}
+def simulate_in_process(
+    cfg: RunConfig,
+    num_clients: int,
+    on_round: Callable[[RoundReport], None] | None = None,
+    log_rounds: bool = True,
+    **_resources: Any,
+) -> dict[str, Any]:
+    """``drdfl_flwr.simulation.simulate`` without Ray: the whole job (``run_job``: the
+    ServerApp's round loop, results folder and summary) over an :class:`InProcessGrid`.
+    Takes the same arguments (the Ray resources are ignored); returns the summary."""
+    if num_clients < 2:
+        raise ValueError(f"num_clients={num_clients}: a ring needs at least 2 nodes")
+    check_run_config(cfg)
+    grid = InProcessGrid(cfg.to_run_config(), num_clients, run_id=next(_RUN_IDS))
+    with server_identity(grid.run_id):
+        return run_job(grid, cfg, on_round=on_round, log_rounds=log_rounds)

@@ -14,6 +14,7 @@ from drdfl_flwr import registry
 from drdfl_flwr.experiments.grid import load_grid
 from drdfl_flwr.experiments.outcomes import DONE
 from drdfl_flwr.experiments.runner import run_grid
+from drdfl_flwr.inprocess import simulate_in_process
 from tests.smoke_checks import NODES, TOPOLOGY_CASES, check_routing
 
 pytestmark = pytest.mark.ray  # tests/test_every_method_inprocess.py: the same without Ray
@@ -124,3 +125,12 @@ def test_the_same_seed_gives_the_same_numbers(smoke, tmp_path):
     first = {r["run_id"]: r for r in csv.DictReader((out / "runs.csv").open())}
     for row in csv.DictReader((tmp_path / "runs.csv").open()):
         assert row == first[row["run_id"]]
+
+
+def test_the_in_process_federation_gives_the_same_runs_csv(smoke, tmp_path):
+    """drdfl_flwr.inprocess (the notebooks' and benchmarks' run_ring, the grid runner's
+    --in-process) runs the server's own round loop over the app's own ClientApp: the
+    same smoke grid gives the very same runs.csv as Flower's Ray engine."""
+    grid, _, out = smoke
+    run_grid(grid, tmp_path, simulate_fn=simulate_in_process, plots=False)
+    assert (tmp_path / "runs.csv").read_text() == (out / "runs.csv").read_text()

@@ -1,7 +1,7 @@
 """Every registered method end to end in seconds, without Ray: the app's ServerApp (its
 registered main, as ``flwr run`` calls it) drives the real round loop, relay or hub, over
 a Grid that hands every message to the app's real ClientApp in this process
-(tests/inprocess_grid.py). The runs are those of the ``cpu-smoke`` preset (embedded
+(drdfl_flwr/inprocess.py). The runs are those of the ``cpu-smoke`` preset (embedded
 digits, 3 nodes, two rounds; the variants' own keys from the same file), so this and
 tests/test_every_method.py (the same grid through Flower's Ray engine, marked ``ray``)
 cannot drift apart."""
@@ -19,8 +19,8 @@ from flwr.app import Context, MessageType, RecordDict
 from drdfl_flwr import registry
 from drdfl_flwr.config import RunConfig
 from drdfl_flwr.experiments.grid import GridRun
+from drdfl_flwr.inprocess import InProcessGrid
 from drdfl_flwr.server_app import app as SERVER_APP
-from tests.inprocess_grid import ClientAppGrid
 from tests.smoke_checks import NODES, SMOKE, TOPOLOGY_CASES, check_routing
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ class Finished:
     run_dir: Path
     rounds: list[dict]
     summary: dict
-    grid: ClientAppGrid
+    grid: InProcessGrid
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def finished(tmp_path_factory):
                 results_dir=str(results), run_name="run", **SMALLER, **changes
             )
             run_id = zlib.crc32(key.encode())  # its own warm learners (drdfl_flwr.warm)
-            grid = ClientAppGrid(cfg.to_run_config(), NODES, run_id=run_id)
+            grid = InProcessGrid(cfg.to_run_config(), NODES, run_id=run_id)
             server = Context(
                 run_id=run_id,
                 node_id=0,
@@ -150,36 +150,3 @@ def test_drdfl_gen_shares_its_decoder_and_leaves_its_sample_grids(finished):
     for partition in range(NODES):
         assert (gen.run_dir / "artifacts" / f"generated_partition{partition}.png").is_file()
     assert not (paper.run_dir / "artifacts").exists()
-
-
-@pytest.mark.parametrize(
-    ("method", "participation"),
-    [
-        ("drdfl", 1.0),
-        ("fedavg", 1.0),
-        ("fednova", 1.0),
-        ("dslth", 1.0),
-        ("drdfl", 0.6),
-        ("fedavg", 0.6),
-    ],
-)
-def test_the_in_process_loop_scores_what_the_apps_score(method, participation, finished):
-    """drdfl_flwr.inprocess.run_ring (the notebooks' models, the benchmarks' plain-loop
-    floor) does the apps' work: the same per-node scores every round, on the ring and on
-    the hub (there, the fresh aggregate's too), with every node or a sample taking part."""
-    from drdfl_flwr.inprocess import run_ring
-
-    run = finished(first_run_of(method).variant, participation=participation)
-    ring = run_ring(run.cfg, NODES, run.cfg.num_server_rounds)
-    keys = ["local_t_acc", "global_t_acc"]
-    if registry.method_spec(method).centralized:
-        keys += ["aggregate_local_t_acc", "aggregate_global_t_acc"]
-    for record, mine in zip(run.rounds, ring.history, strict=True):
-        assert sorted(record["nodes"]) == [str(k) for k, n in enumerate(mine["nodes"]) if n]
-        for partition, node in record["nodes"].items():
-            for key in keys:
-                assert mine["nodes"][int(partition)][key] == pytest.approx(node[key]), (
-                    record["round"],
-                    partition,
-                    key,
-                )

@@ -63,3 +63,23 @@ def test_a_node_that_joins_later_is_bypassed_until_then_and_joins_by_algorithm_2
     assert ring.history[1]["nodes"][1]["priors_frozen"] == 1.0  # joined in round 2
     assert ring.history[1]["nodes"][0]["priors_frozen"] == 0.0
     assert ring.learners[1].rounds_trained == 2 and ring.learners[0].rounds_trained == 3
+
+
+def test_the_ring_runs_the_servers_participation_and_hub():
+    """run_ring is the server's own round: the hub's reduction and the evaluation of its
+    aggregate, the relay's participation draw, the trained learners handed back."""
+    from strategies.membership import sample_participants
+
+    cfg = RunConfig(
+        dataset="digits", device="cpu", method="fedavg", local_epochs=1, participation=0.5
+    )
+    ring = run_ring(cfg, num_clients=4, rounds=3)
+    for record in ring.history:
+        drawn = sample_participants(cfg.seed, record["round"], 4, 0.5)
+        assert [k for k, n in enumerate(record["nodes"]) if n] == drawn
+        assert "aggregate_local_t_acc" in record["mean"]
+    trained = [
+        sum(k in sample_participants(cfg.seed, r, 4, 0.5) for r in (1, 2, 3)) for k in range(4)
+    ]
+    assert [learner.rounds_trained for learner in ring.learners] == trained
+    assert [d.num_classes for d in ring.data] == [10] * 4

@@ -14,6 +14,7 @@ from flwr.app import Array, ArrayRecord, Context, MessageType, RecordDict
 
 from drdfl_flwr.client_app import STATE_KEY
 from drdfl_flwr.config import ConfigError, RunConfig
+from drdfl_flwr.inprocess import InProcessGrid
 from drdfl_flwr.records import decode_received
 from drdfl_flwr.server_app import app as SERVER_APP
 from drdfl_flwr.server_app import round_events
@@ -25,7 +26,6 @@ from strategies.rounds import RoundLoop, RoundReport
 from strategies.topology import Ring
 from strategies.wire import MADE_IN_ROUND, add_incoming, in_meta_name
 from tests.fake_grid import FakeGrid
-from tests.inprocess_grid import ClientAppGrid
 
 
 def run(grid: FakeGrid, rounds: int, router=None, **loop_args) -> tuple[RoundLoop, list[dict]]:
@@ -237,7 +237,7 @@ def test_hub_aggregates_over_participants_only_and_sends_it_to_participants_only
 
 
 # -- real nodes --------------------------------------------------------------------------
-class TokenGrid(ClientAppGrid):
+class TokenGrid(InProcessGrid):
     """Notes every node's saved-state token after each train reply."""
 
     def __init__(self, *args, **kwargs):

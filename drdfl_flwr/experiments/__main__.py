@@ -60,6 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--keep-failed", action="store_true", help="do not retry runs that failed before"
     )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every node's ClientApp in this process, one message after another, "
+        "instead of in Flower's Ray engine (drdfl_flwr.inprocess: the same round loop "
+        "and results; for small grids and checks)",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     try:
@@ -94,14 +101,24 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         write_all(grid, outcomes, out, plots=not args.no_plots)
         return 0
-    from drdfl_flwr.simulation import NoGpuError, check_gpus, ray_address_for
+    simulate_fn = None
+    if args.in_process:
+        from drdfl_flwr.inprocess import simulate_in_process as simulate_fn
+    else:
+        from drdfl_flwr.simulation import NoGpuError, check_gpus, ray_address_for
 
-    try:  # once for the grid, not once per run: every run would fail the same way
-        check_gpus(grid.options.gpus_per_client, ray_address_for(None))
-    except NoGpuError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    outcomes = run_grid(grid, out, retry_failed=not args.keep_failed, plots=not args.no_plots)
+        try:  # once for the grid, not once per run: every run would fail the same way
+            check_gpus(grid.options.gpus_per_client, ray_address_for(None))
+        except NoGpuError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    outcomes = run_grid(
+        grid,
+        out,
+        retry_failed=not args.keep_failed,
+        plots=not args.no_plots,
+        simulate_fn=simulate_fn,
+    )
     return 1 if any(o.status == FAILED for o in outcomes) else 0
 
 
