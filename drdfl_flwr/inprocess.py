@@ -186,19 +186,8 @@ def run_ring(
     ClientApp reports them (``None`` for a node not there yet or sitting out) and their
     mean. A payload refused, by a node or the hub, raises :class:`PayloadError` unless
     an attack or a defence is being measured: in process, it is a bug."""
-    if num_clients < 2:
-        raise ValueError(f"num_clients={num_clients}: a ring needs at least 2 nodes")
-    if rounds < 1:
-        raise ValueError(f"rounds={rounds}: run at least one round")
     joins = dict(joins or {})
-    for k, first in joins.items():
-        if not 0 <= k < num_clients or not 1 <= first <= rounds:
-            raise ValueError(
-                f"joins={{{k}: {first}}}: a node 0..{num_clients - 1} joining in round 1..{rounds}"
-            )
-    there_first = num_clients - sum(first > 1 for first in joins.values())
-    if there_first < 1:
-        raise ValueError(f"joins={joins}: at least one node must be there in round 1")
+    there_first = _nodes_in_round_1(num_clients, rounds, joins)
     check_run_config(cfg)
     grid = InProcessGrid(cfg.to_run_config(), num_clients, run_id=next(_RUN_IDS), joins=joins)
     history: list[dict[str, Any]] = []
@@ -237,6 +226,24 @@ def run_ring(
         data=[data for data, _ in states],
         history=history,
     )
+
+
+def _nodes_in_round_1(num_clients: int, rounds: int, joins: Mapping[int, int]) -> int:
+    """How many nodes are there from round 1; a clear error for arguments that make no
+    ring."""
+    if num_clients < 2:
+        raise ValueError(f"num_clients={num_clients}: a ring needs at least 2 nodes")
+    if rounds < 1:
+        raise ValueError(f"rounds={rounds}: run at least one round")
+    for k, first in joins.items():
+        if not 0 <= k < num_clients or not 1 <= first <= rounds:
+            raise ValueError(
+                f"joins={{{k}: {first}}}: a node 0..{num_clients - 1} joining in round 1..{rounds}"
+            )
+    there_first = num_clients - sum(first > 1 for first in joins.values())
+    if there_first < 1:
+        raise ValueError(f"joins={dict(joins)}: at least one node must be there in round 1")
+    return there_first
 
 
 def simulate_in_process(
