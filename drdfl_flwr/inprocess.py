@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.serde import message_from_proto, message_to_proto
@@ -249,16 +250,24 @@ def _nodes_in_round_1(num_clients: int, rounds: int, joins: Mapping[int, int]) -
 def simulate_in_process(
     cfg: RunConfig,
     num_clients: int,
+    cpus_per_client: float = 1.0,
     on_round: Callable[[RoundReport], None] | None = None,
     log_rounds: bool = True,
-    **_resources: Any,
+    **_ray: Any,
 ) -> dict[str, Any]:
     """``drdfl_flwr.simulation.simulate`` without Ray: the whole job (``run_job``: the
-    ServerApp's round loop, results folder and summary) over an :class:`InProcessGrid`.
-    Takes the same arguments (the Ray resources are ignored); returns the summary."""
+    ServerApp's round loop, results folder and summary) over an :class:`InProcessGrid`;
+    returns the summary. Takes the same arguments; of the Ray resources, torch runs on
+    ``cpus_per_client`` threads, as Ray has a ClientApp actor do (its
+    ``OMP_NUM_THREADS``), so that every float comes out as it does there."""
     if num_clients < 2:
         raise ValueError(f"num_clients={num_clients}: a ring needs at least 2 nodes")
     check_run_config(cfg)
     grid = InProcessGrid(cfg.to_run_config(), num_clients, run_id=next(_RUN_IDS))
-    with server_identity(grid.run_id):
-        return run_job(grid, cfg, on_round=on_round, log_rounds=log_rounds)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(cpus_per_client)))
+    try:
+        with server_identity(grid.run_id):
+            return run_job(grid, cfg, on_round=on_round, log_rounds=log_rounds)
+    finally:
+        torch.set_num_threads(threads)
