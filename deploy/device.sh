@@ -23,7 +23,8 @@
 # SuperLink's one HTTPS port, where devices, flwr run and flwr supernode connect),
 # BIND (0.0.0.0: the SuperLink's listening address), CA (the CA certificate a device
 # trusts; default DEPLOY_DIR/certs/ca.crt), FEDERATION (drdfl: the flwr config entry),
-# NODE_THREADS (torch threads per ClientApp process; unset: torch decides).
+# NODE_THREADS (torch threads per ClientApp process; unset: torch decides), FOREGROUND
+# (1: run the Flower process in place of this script, for systemd: deploy/systemd/).
 # Needs bash, Python with this project installed (docs/devices.md), openssl and
 # ssh-keygen for keys; no setsid (macOS has none).
 set -euo pipefail
@@ -41,7 +42,7 @@ PYTHON=${PYTHON:-python3}
 . "$(dirname "$0")/processes.sh"
 
 usage() {
-    sed -n '2,28p' "$0"
+    sed -n '2,29p' "$0"
     exit 2
 }
 
