@@ -33,7 +33,7 @@ DENSE_CLASSIFIERS = ("small-cnn", "resnet8", "resnet18")  # alexnet-dslth is DSL
 NORMS = ("auto", "none", "batch", "group")
 DEVICES = ("auto", "cpu", "cuda")
 # a hostile neighbour, for measuring what one costs (drdfl_flwr/adversary.py)
-ATTACKS = ("none", "sign-flip", "scale", "noise", "label-flip")
+ATTACKS = ("none", "sign-flip", "scale", "noise", "label-flip", "stale")
 RING_DEFENCES = ("none", "outlier")
 HUB_REDUCTIONS = ("mean", "median", "trimmed-mean", "krum")
 TRACKINGS = ("none", "tensorboard")

@@ -79,6 +79,8 @@ class Learner(ABC):
         self.last_metrics: dict[str, float] = {}
         # relative distances of the peer payloads the ring defence accepted (intake.py)
         self.accepted_distances: list[float] = []
+        # attack = "stale": the payload of the attacker's first round, sent ever after
+        self.stale_payload: dict[str, torch.Tensor] | None = None
         self.examples_drawn = 0  # local training examples drawn (see measured_fit)
         self.setup()
 
@@ -200,6 +202,7 @@ class Learner(ABC):
         state["last_round"] = self.last_round
         state["last_metrics"] = dict(self.last_metrics)
         state["accepted_distances"] = list(self.accepted_distances)
+        state["stale_payload"] = self.stale_payload
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -207,6 +210,7 @@ class Learner(ABC):
         self.last_round = int(state.pop("last_round", 0))
         self.last_metrics = dict(state.pop("last_metrics", {}))
         self.accepted_distances = list(state.pop("accepted_distances", []))
+        self.stale_payload = state.pop("stale_payload", None)
         for name, obj in self.modules().items():
             obj.load_state_dict(state[name])
 
