@@ -30,7 +30,8 @@ from drdfl_flwr.intake import Intake, take_in
 from drdfl_flwr.learner import Learner
 from drdfl_flwr.node import Stopwatch, evaluation_metrics, node_round
 from drdfl_flwr.records import decode_received, to_array_record
-from drdfl_flwr.registry import build_learner
+from drdfl_flwr.registry import build_learner, recorded_run_config
+from drdfl_flwr.saved_models import RUN_FOLDER, model_path, save_node_model
 from drdfl_flwr.warm import WARM
 from strategies.wire import (
     ARTIFACTS,
@@ -138,6 +139,20 @@ def save(context: Context, learner: Learner, key: str) -> None:
         write_checkpoint(path, blob)
 
 
+def keep_model(
+    learner: Learner, data: ClientData, round_config: ConfigRecord, trained_round: int
+) -> None:
+    """``save-models``: the node's model, on its own disk, filed with the run's records."""
+    run_folder = str(round_config.get(RUN_FOLDER, ""))
+    if not run_folder:
+        log(WARNING, "save-models: the message names no run-folder; the model is not saved")
+        return
+    path = model_path(learner.cfg.results_dir, run_folder, learner.partition_id)
+    save_node_model(
+        path, learner, trained_round, data.input_shape, recorded_run_config(learner.cfg)
+    )
+
+
 def keep_warm(context: Context, learner: Learner, token: str, nbytes: int) -> None:
     WARM.put(warm_key(context), token, learner, nbytes, learner.cfg.warm_cache_mib * 2**20)
 
@@ -177,6 +192,8 @@ def train(msg: Message, context: Context) -> Message:
             reason,
         )
     save(context, learner, key)
+    if learner.cfg.save_models:
+        keep_model(learner, data, round_config, server_round(msg))
     clock.lap("time_save")
     metrics = {**result.metrics, "warm_start": float(warm), **clock.laps}
     content = RecordDict(

@@ -148,6 +148,7 @@ class RunConfig:
     ring_defence_bound: float = 1.0
     hub_reduction: str = "mean"
     tracking: str = "none"
+    save_models: bool = False
     sections: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
