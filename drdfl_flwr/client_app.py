@@ -29,6 +29,7 @@ from drdfl_flwr.data import ClientData, load_client_data
 from drdfl_flwr.intake import Intake, take_in
 from drdfl_flwr.learner import Learner
 from drdfl_flwr.node import Stopwatch, evaluation_metrics, node_round
+from drdfl_flwr.own_data import load_own_data, own_data_folders
 from drdfl_flwr.records import decode_received, to_array_record
 from drdfl_flwr.registry import build_learner, recorded_run_config
 from drdfl_flwr.saved_models import RUN_FOLDER, model_path, save_node_model
@@ -104,7 +105,11 @@ def restore(
     node's checkpoint of run ``key``. The flag says whether it was warm."""
     cfg = node_run_config(context)
     partition_id, num_partitions = node_partition(context)
-    data = load_client_data(cfg, partition_id, num_partitions, data_cache_dir(context))
+    own, common_test = own_data_folders(context.node_config)
+    if own is not None:  # the device's own files, whole
+        data = load_own_data(cfg, own, partition_id, common_test)
+    else:
+        data = load_client_data(cfg, partition_id, num_partitions, data_cache_dir(context))
     if clock is not None:
         clock.lap("time_load_data")
     saved = context.state.config_records.get(STATE_KEY)
