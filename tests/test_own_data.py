@@ -104,12 +104,14 @@ def test_a_missing_or_malformed_folder_names_the_node_and_the_path(tmp_path, mak
     assert "partition-id 4" in str(raised.value) and str(folder) in str(raised.value)
 
 
-def test_each_node_trains_on_its_own_folder_through_the_apps(devices, tmp_path):
+@pytest.mark.parametrize("common_test", [True, False])
+def test_each_node_trains_on_its_own_folder_through_the_apps(devices, tmp_path, common_test):
     """Three nodes, three different folders (different sizes and classes): the ServerApp
     over the ClientApps in process; every node's reported training examples are its
-    folder's, and each is scored on its own test split and the common Global-T."""
+    folder's, and each is scored on its own test split and, where one is given, the
+    common Global-T (without it the run reports Local-T alone, and finishes)."""
     cfg = RunConfig(
-        method="fedavg",
+        method="fedavg" if common_test else "dfml",
         dataset="digits",
         num_server_rounds=1,
         local_epochs=1,
@@ -117,13 +119,14 @@ def test_each_node_trains_on_its_own_folder_through_the_apps(devices, tmp_path):
         run_name="own",
         device="cpu",
     )
-    run_id = zlib.crc32(b"own-data")
+    run_id = zlib.crc32(f"own-data {common_test}".encode())
     grid = ClientAppGrid(cfg.to_run_config(), 3, run_id=run_id)
     sizes = {}
     for context in grid.contexts.values():
         partition = int(context.node_config["partition-id"])
         context.node_config[OWN_DATA_KEY] = str(devices / f"node-{partition}")
-        context.node_config[GLOBAL_TEST_KEY] = str(devices / GLOBAL_TEST_KEY)
+        if common_test:
+            context.node_config[GLOBAL_TEST_KEY] = str(devices / GLOBAL_TEST_KEY)
         sizes[str(partition)] = len(load_client_data(SPLIT, partition, 3).y_train)
     server = Context(
         run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_run_config()
@@ -132,4 +135,7 @@ def test_each_node_trains_on_its_own_folder_through_the_apps(devices, tmp_path):
     record = json.loads((tmp_path / "own" / "metrics.jsonl").read_text().splitlines()[-1])
     assert {p: n["num-examples"] for p, n in record["nodes"].items()} == sizes
     assert len(set(sizes.values())) == 3
-    assert all("global_t_acc" in n for n in record["nodes"].values())
+    assert all(("global_t_acc" in n) == common_test for n in record["nodes"].values())
+    summary = json.loads((tmp_path / "own" / "summary.json").read_text())
+    assert ("best_by_global_t_acc" in summary) == common_test
+    assert summary["last"]["local_t_acc"]["mean"] > 0

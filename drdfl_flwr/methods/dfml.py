@@ -370,8 +370,9 @@ class DFMLLearner(Learner):
                 peak = super().evaluate(data)
             finally:
                 self.predict_with = predict_with
-            metrics["peak_local_t_acc"] = peak["local_t_acc"]
-            metrics["peak_global_t_acc"] = peak["global_t_acc"]
+            for key in ("local_t_acc", "global_t_acc"):  # no Global-T on own data alone
+                if key in peak:
+                    metrics[f"peak_{key}"] = peak[key]
         return metrics
 
     @torch.no_grad()
