@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Self, TypeVar
 DATASETS = ("digits", "cifar10", "cifar100", "svhn")
 MODES = ("synchronous", "sequential")
 TOPOLOGIES = ("auto", "ring", "bi-ring", "full", "random-k", "fixed-random", "star")
-PARTITIONERS = ("dirichlet", "shard", "iid")
+PARTITIONERS = ("dirichlet", "dirichlet-client", "shard", "iid")
 SHARD_ASSIGNMENTS = ("balanced", "random")
 CLASSIFIERS = ("small-cnn", "resnet8", "resnet18", "alexnet-dslth")
 DENSE_CLASSIFIERS = ("small-cnn", "resnet8", "resnet18")  # alexnet-dslth is DSLTH-only

@@ -34,6 +34,7 @@ import torch
 
 from drdfl_flwr.config import DATASETS, ConfigError, RunConfig
 from drdfl_flwr.logs import log
+from drdfl_flwr.partitioners import client_dirichlet_partitioner
 
 if TYPE_CHECKING:
     # Imported where used: they take ~4 s to import (scipy, seaborn, pandas), and a
@@ -231,8 +232,9 @@ def _partition_hint(cfg: RunConfig) -> str:
     if cfg.partitioner == "dirichlet":
         return (
             f"With many clients and a small dirichlet-beta ({cfg.dirichlet_beta:g}) some "
-            "clients draw no sample: raise dirichlet-beta, use fewer clients, or use "
-            'partitioner = "shard" (classes-per-client), which gives every client data.'
+            'clients draw no sample: use partitioner = "dirichlet-client" (each client '
+            "draws its own class mix at the same beta and holds N/M samples), raise "
+            'dirichlet-beta, use fewer clients, or use partitioner = "shard".'
         )
     return "Use fewer clients or more data (subset-train = 0: all of it)."
 
@@ -269,6 +271,10 @@ def make_partitioner(cfg: RunConfig, num_partitions: int, spec: DatasetSpec) -> 
         # IidPartitioner takes no seed: it cuts the split in order, and the split was
         # shuffled with the run's seed (_splits), so the seed still decides who gets what.
         return IidPartitioner(num_partitions)
+    if cfg.partitioner == "dirichlet-client":
+        return client_dirichlet_partitioner(
+            num_partitions, spec.label_column, cfg.dirichlet_beta, cfg.seed
+        )
     if cfg.partitioner == "dirichlet":
         return DirichletPartitioner(
             num_partitions,

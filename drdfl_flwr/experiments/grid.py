@@ -15,8 +15,9 @@ config holds scalars only:
                ``drdfl{drdfl.ablation=no-pr}``; empty = the file's ``method``.
 ``datasets``   dataset names; with ``data-root`` set, ``<data-root>/<name>`` is used when
                that folder exists, otherwise the hub. Empty = the file's dataset.
-``partitions`` ``dirichlet:<beta>``, ``shard:<classes per client>``, ``iid``, each
-               optionally scoped to one dataset (``cifar100/shard:20``). Empty = the file's.
+``partitions`` ``dirichlet:<beta>``, ``dirichlet-client:<beta>``, ``shard:<classes per
+               client>``, ``iid``, each optionally scoped to one dataset
+               (``cifar100/shard:20``). Empty = the file's.
 ``seeds``      integers; empty = the file's ``seed``.
 ``clients``, ``cpus-per-client``, ``gpus-per-client``: the simulated federation.
 ``primary``    the comparisons declared before the runs, ``a - b @ metric``, comma
@@ -59,7 +60,8 @@ PRIMARY = re.compile(r"^(?P<a>.+?)\s+-\s+(?P<b>.+?)\s*@\s*(?P<metric>[a-z_]+)$")
 # what a primary comparison may be made on: the scores, not their standard errors
 PRIMARY_METRICS = (LOCAL_T, EXPECTED_LOCAL_T, GLOBAL_T, GLOBAL_T_BALANCED, ABSENT_CLASS)
 PARTITION = re.compile(
-    r"^(?:(?P<dataset>[a-z0-9]+)/)?(?P<kind>dirichlet|shard|iid)(?::(?P<value>.+))?$"
+    r"^(?:(?P<dataset>[a-z0-9]+)/)?"
+    r"(?P<kind>dirichlet-client|dirichlet|shard|iid)(?::(?P<value>.+))?$"
 )
 
 
@@ -98,7 +100,8 @@ class GridOptions(MethodOptions):
             if not PARTITION.match(item):
                 self.fail(
                     "partitions",
-                    f"{item!r} is not dirichlet:<beta>, shard:<classes>, iid "
+                    f"{item!r} is not dirichlet:<beta>, dirichlet-client:<beta>, "
+                    "shard:<classes>, iid "
                     "(optionally <dataset>/ in front)",
                 )
         for item in _items(self.seeds):
@@ -144,7 +147,7 @@ KEY_SOURCES.append(lambda: GridOptions().to_section())  # for the did-you-mean o
 class Partition:
     """One partition setting, as the paper's column headers name it."""
 
-    kind: str  # dirichlet | shard | iid
+    kind: str  # dirichlet | dirichlet-client | shard | iid
     value: float | int | None = None
 
     @property
@@ -157,21 +160,23 @@ class Partition:
         """The paper's notation: β = 0.1, s = 4, IID."""
         if self.kind == "dirichlet":
             return f"β = {self.value:g}"
+        if self.kind == "dirichlet-client":
+            return f"β = {self.value:g} per client"
         if self.kind == "shard":
             return f"s = {self.value}"
         return "IID"
 
     def run_config(self) -> dict[str, Any]:
-        if self.kind == "dirichlet":
-            return {"partitioner": "dirichlet", "dirichlet-beta": float(self.value)}
+        if self.kind in ("dirichlet", "dirichlet-client"):
+            return {"partitioner": self.kind, "dirichlet-beta": float(self.value)}
         if self.kind == "shard":
             return {"partitioner": "shard", "classes-per-client": int(self.value)}
         return {"partitioner": "iid"}
 
     @classmethod
     def of(cls, cfg: RunConfig) -> Partition:
-        if cfg.partitioner == "dirichlet":
-            return cls("dirichlet", cfg.dirichlet_beta)
+        if cfg.partitioner in ("dirichlet", "dirichlet-client"):
+            return cls(cfg.partitioner, cfg.dirichlet_beta)
         if cfg.partitioner == "shard":
             return cls("shard", cfg.classes_per_client)
         return cls("iid")
@@ -313,7 +318,7 @@ def _partitions(options: GridOptions, dataset: str, base: RunConfig) -> list[Par
             chosen.append(Partition("iid"))
             continue
         try:
-            number = float(value) if kind == "dirichlet" else int(value)
+            number = float(value) if kind.startswith("dirichlet") else int(value)
         except (TypeError, ValueError):
             raise ConfigError("grid.partitions", item, f"{kind} needs a number") from None
         chosen.append(Partition(kind, number))
