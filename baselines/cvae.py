@@ -226,6 +226,9 @@ class CVAELearner(Learner):
 
 SPEC = MethodSpec(
     name="cvae",
+    title="CVAE",
+    sends="the CVAE encoder",
+    keeps="CVAE decoder, classifier",
     personalized="decoder + classifier (encoder shared)",
     learner=CVAELearner,
 )

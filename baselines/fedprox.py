@@ -48,6 +48,9 @@ class FedProxLearner(ClassifierLearner):
 
 SPEC = MethodSpec(
     name="fedprox",
+    title="FedProx",
+    sends="the whole classifier (hub: weighted mean; proximal term in local training)",
+    keeps="nothing: one global model",
     personalized="none (one global model)",
     learner=FedProxLearner,
     reducer=weighted_mean,

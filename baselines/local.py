@@ -23,4 +23,11 @@ class LocalLearner(ClassifierLearner):
         return {}
 
 
-SPEC = MethodSpec(name="local", personalized="full model (nothing shared)", learner=LocalLearner)
+SPEC = MethodSpec(
+    name="local",
+    title="Local",
+    sends="nothing",
+    keeps="everything",
+    personalized="full model (nothing shared)",
+    learner=LocalLearner,
+)

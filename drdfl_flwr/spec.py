@@ -18,17 +18,27 @@ from strategies.reducers import Reducer
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """``learner`` is the method's :class:`~drdfl_flwr.learner.Learner` class (its
-    ``OPTIONS`` is the method's config section). ``reducer`` is the hub's reduction for a
-    centralized method; ``None`` means decentralized: peers' payloads are routed by the
-    relay and never averaged by anyone but the receiving node. ``personalized`` says in
-    words which part stays on the node (the paper's Table 1 column), for the experiment
-    runner's communication table. ``reads`` names other methods' sections the method also
-    reads (an extension configured on top of its base)."""
+    """A method's facts, in one place. ``learner`` is the method's
+    :class:`~drdfl_flwr.learner.Learner` class (its ``OPTIONS`` is the method's config
+    section). ``reducer`` is the hub's reduction for a centralized method; ``None`` means
+    decentralized: peers' payloads are routed by the relay and never averaged by anyone but
+    the receiving node. ``reads`` names other methods' sections the method also reads (an
+    extension configured on top of its base).
+
+    What the method is called and what it shares, as the figures and tables print it:
+    ``title`` is its name as the papers write it (``FedBN``), in every figure
+    (:mod:`drdfl_flwr.experiments.names`); ``sends`` is what leaves the node each round (to
+    its ring successor or to the hub) and ``keeps`` what never does, the two columns of
+    the architecture figure (:mod:`drdfl_flwr.experiments.architecture`); ``personalized``
+    says in a few words which part stays on the node (the paper's Table 1 column), for the
+    experiment report's communication table."""
 
     name: str
+    title: str  # the papers' spelling, in every figure: "FedBN"
     learner: type
     personalized: str  # what stays on the node, for the communication table (Table 1)
+    sends: str  # each round, to the ring successor (relay) or to the hub
+    keeps: str  # what never leaves the node
     reducer: Reducer | None = None
     classifiers: tuple[str, ...] = DENSE_CLASSIFIERS
     check: Callable[[RunConfig], None] | None = None  # cross-key checks beyond the section

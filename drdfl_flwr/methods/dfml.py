@@ -403,6 +403,12 @@ class DFMLLearner(Learner):
 
 SPEC = MethodSpec(
     name="dfml",
+    title="DFML",
+    sends="its whole model (state dict, BatchNorm statistics included) + architecture id",
+    keeps=(
+        "the received models: teachers in mutual learning (KL on their logits), never returned; "
+        "the peak-round snapshot it predicts with"
+    ),
     personalized="full model (own architecture)",
     learner=DFMLLearner,
 )

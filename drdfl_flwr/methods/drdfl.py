@@ -444,6 +444,9 @@ class DRDFLLearner(Learner):
 
 SPEC = MethodSpec(
     name="drdfl",
+    title="DRDFL",
+    sends="Learngene encoder + per-class Gaussian statistics (mean, variance)",
+    keeps="PersonaNet, decoder, classifier (and the adversarial head)",
     personalized="PersonaNet + decoder + classifier",
     learner=DRDFLLearner,
 )

@@ -262,6 +262,9 @@ def image_grid(images: torch.Tensor, columns: int) -> torch.Tensor:
 
 SPEC = MethodSpec(
     name="drdfl-gen",
+    title="DRDFL-Gen",
+    sends="Learngene + decoder + class statistics (our extension)",
+    keeps="PersonaNet, classifier",
     personalized="PersonaNet + classifier (decoder shared: our extension)",
     learner=DRDFLGenLearner,
     reads=(DRDFLOptions.SECTION,),

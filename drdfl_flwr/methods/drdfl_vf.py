@@ -327,6 +327,12 @@ class DRDFLVFLearner(DRDFLLearner):
 
 SPEC = MethodSpec(
     name="drdfl-vf",
+    title="DRDFL-VF",
+    sends=(
+        "Learngene + class statistics + the shared trunk + per-class feature moments (count, "
+        "mean, variance; our extension)"
+    ),
+    keeps="PersonaNet, decoder, the linear head over the trunk",
     personalized="PersonaNet + decoder + linear head (over the shared trunk)",
     learner=DRDFLVFLearner,
     reads=("drdfl",),

@@ -356,6 +356,12 @@ class DSLTHLearner(Learner):
 
 SPEC = MethodSpec(
     name="dslth",
+    title="DSLTH",
+    sends="binary top-r mask of every layer, bit-packed (1 bit per weight)",
+    keeps=(
+        "real-valued scores z the mask is cut from; the fixed random weights are built from the "
+        "run seed on every node and never sent"
+    ),
     personalized="binary mask (scores)",
     learner=DSLTHLearner,
     classifiers=("small-cnn", "alexnet-dslth"),
