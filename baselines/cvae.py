@@ -104,6 +104,7 @@ class ConditionalEncoder(nn.Module):
 
 class CVAELearner(Learner):
     OPTIONS = CVAEOptions
+    PRIVATE = ("decoder", "classifier")
 
     def setup(self) -> None:
         opts = self.opts

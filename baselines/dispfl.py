@@ -326,4 +326,5 @@ SPEC = MethodSpec(
     keeps="its own sparse mask: received weights are averaged only where that mask is on",
     personalized="sparse mask and its weights",
     learner=DisPFLLearner,
+    exempt={"private": "its own mask and the weights under it are what it sends"},
 )

@@ -9,8 +9,8 @@ halves live in one file, as in Flower's baselines.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from drdfl_flwr.config import DENSE_CLASSIFIERS, MethodOptions, RunConfig
 from strategies.reducers import Reducer
@@ -31,7 +31,12 @@ class MethodSpec:
     its ring successor or to the hub) and ``keeps`` what never does, the two columns of
     the architecture figure (:mod:`drdfl_flwr.experiments.architecture`); ``personalized``
     says in a few words which part stays on the node (the paper's Table 1 column), for the
-    experiment report's communication table."""
+    experiment report's communication table.
+
+    ``exempt`` names the checks of the contract every method keeps
+    (tests/test_method_contract.py) that cannot hold for this one, each with the reason
+    (``{"bad-payload": "it takes nothing: ..."}``); an exemption that no longer applies
+    fails the suite."""
 
     name: str
     title: str  # the papers' spelling, in every figure: "FedBN"
@@ -43,6 +48,7 @@ class MethodSpec:
     classifiers: tuple[str, ...] = DENSE_CLASSIFIERS
     check: Callable[[RunConfig], None] | None = None  # cross-key checks beyond the section
     reads: tuple[str, ...] = ()  # other methods' sections this one also reads (drdfl-gen)
+    exempt: Mapping[str, str] = field(default_factory=dict, compare=False)  # check -> why
 
     @property
     def options(self) -> type[MethodOptions] | None:

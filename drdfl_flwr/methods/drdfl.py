@@ -196,6 +196,7 @@ def sample_latent(mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
 
 class DRDFLLearner(Learner):
     OPTIONS = DRDFLOptions
+    PRIVATE = ("persona", "decoder", "classifier", "adversary")
 
     def setup(self) -> None:
         cfg, opts, input_shape, num_classes = (

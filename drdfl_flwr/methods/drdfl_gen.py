@@ -117,6 +117,7 @@ def class_mix_probabilities(mix: str, label_counts: torch.Tensor) -> torch.Tenso
 
 class DRDFLGenLearner(DRDFLLearner):
     OPTIONS = DRDFLGenOptions
+    PRIVATE = ("persona", "classifier", "adversary")  # the decoder travels
 
     def setup(self) -> None:
         # Learner.__init__ put this method's own section ([drdfl-gen]) in self.opts; the
