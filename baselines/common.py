@@ -52,6 +52,15 @@ class ClassifierLearner(Learner):
         """State entries that stay on the node (none for FedAvg)."""
         return set()
 
+    def private_state(self) -> Tensors:
+        """The classifier's :meth:`private_names` entries (and any module in ``PRIVATE``)."""
+        private = self.private_names()
+        state = self.classifier.state_dict()
+        return {
+            **super().private_state(),
+            **{f"classifier.{k}": v for k, v in state.items() if k in private},
+        }
+
     def shared_names(self) -> list[str]:
         private = self.private_names()
         return [

@@ -104,6 +104,7 @@ class ConditionalEncoder(nn.Module):
 
 class CVAELearner(Learner):
     OPTIONS = CVAEOptions
+    PRIVATE = ("decoder", "classifier")
 
     def setup(self) -> None:
         opts = self.opts
@@ -226,6 +227,9 @@ class CVAELearner(Learner):
 
 SPEC = MethodSpec(
     name="cvae",
+    title="CVAE",
+    sends="the CVAE encoder",
+    keeps="CVAE decoder, classifier",
     personalized="decoder + classifier (encoder shared)",
     learner=CVAELearner,
 )

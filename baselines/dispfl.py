@@ -321,6 +321,10 @@ class DisPFLLearner(Learner):
 
 SPEC = MethodSpec(
     name="dispfl",
+    title="DisPFL",
+    sends="its masked weights + the mask (bit-packed)",
+    keeps="its own sparse mask: received weights are averaged only where that mask is on",
     personalized="sparse mask and its weights",
     learner=DisPFLLearner,
+    exempt={"private": "its own mask and the weights under it are what it sends"},
 )

@@ -587,8 +587,12 @@ def fedfed_reduce(contributions: Sequence[Contribution], previous: Arrays | None
 
 SPEC = MethodSpec(
     name="fedfed",
+    title="FedFed",
+    sends="generator + classifier; once, noisy performance-sensitive features (hub: pool)",
+    keeps="nothing: one global model (it trains on the received pool)",
     personalized="none (one global model)",
     learner=FedFedLearner,
     reducer=fedfed_reduce,
     check=check_rounds,
+    exempt={"private": "one global model: nothing stays on the node"},
 )

@@ -53,6 +53,9 @@ class Learner(ABC):
     # payload key prefixes that differ between freshly built nodes by design (a node's
     # own sparse mask): excluded from :meth:`common_start`
     NODE_SPECIFIC: ClassVar[tuple[str, ...]] = ()
+    # the modules that never leave the node, by attribute name (DRDFL's ``persona``):
+    # what :meth:`private_state` holds unless a method says more
+    PRIVATE: ClassVar[tuple[str, ...]] = ()
     OPTIONS: ClassVar[type[MethodOptions] | None] = None
 
     def __init__(
@@ -99,10 +102,21 @@ class Learner(ABC):
 
     def common_start(self) -> Tensors:
         """What every freshly built node of a run holds alike: the payload less the
-        :attr:`NODE_SPECIFIC` entries (tests/test_common_start.py checks it for every
+        :attr:`NODE_SPECIFIC` entries (tests/test_method_contract.py checks it for every
         registered method)."""
         return {
             k: v for k, v in self.shared_payload().items() if not k.startswith(self.NODE_SPECIFIC)
+        }
+
+    def private_state(self) -> Tensors:
+        """What never leaves the node, by name (attribute, then the module's state-dict
+        key: ``persona.net.0.weight``): the modules named in :attr:`PRIVATE`.
+        tests/test_method_contract.py checks, for every registered method, that no payload
+        carries any of it, by key or by value."""
+        return {
+            f"{name}.{key}": value
+            for name in self.PRIVATE
+            for key, value in getattr(self, name).state_dict().items()
         }
 
     @abstractmethod

@@ -187,6 +187,7 @@ def payload_template(arch: str, input_shape: tuple[int, int, int], num_classes: 
 
 class DFMLLearner(Learner):
     OPTIONS = DFMLOptions
+    PRIVATE = ("peers",)  # the received models teach here and are never passed back
 
     def setup(self) -> None:
         cfg, input_shape, num_classes = self.cfg, self.input_shape, self.num_classes
@@ -404,6 +405,12 @@ class DFMLLearner(Learner):
 
 SPEC = MethodSpec(
     name="dfml",
+    title="DFML",
+    sends="its whole model (state dict, BatchNorm statistics included) + architecture id",
+    keeps=(
+        "the received models: teachers in mutual learning (KL on their logits), never returned; "
+        "the peak-round snapshot it predicts with"
+    ),
     personalized="full model (own architecture)",
     learner=DFMLLearner,
 )

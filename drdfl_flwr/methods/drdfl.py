@@ -196,6 +196,7 @@ def sample_latent(mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
 
 class DRDFLLearner(Learner):
     OPTIONS = DRDFLOptions
+    PRIVATE = ("persona", "decoder", "classifier", "adversary")
 
     def setup(self) -> None:
         cfg, opts, input_shape, num_classes = (
@@ -444,6 +445,9 @@ class DRDFLLearner(Learner):
 
 SPEC = MethodSpec(
     name="drdfl",
+    title="DRDFL",
+    sends="Learngene encoder + per-class Gaussian statistics (mean, variance)",
+    keeps="PersonaNet, decoder, classifier (and the adversarial head)",
     personalized="PersonaNet + decoder + classifier",
     learner=DRDFLLearner,
 )
