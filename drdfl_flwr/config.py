@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar
 
 DATASETS = ("digits", "cifar10", "cifar100", "svhn")
+OPTIMIZERS = ("adam", "adamw", "sgd")  # the generic optimizer (drdfl_flwr/optim.py)
+LR_SCHEDULES = ("constant", "cosine", "step")
 MODES = ("synchronous", "sequential")
 TOPOLOGIES = ("auto", "ring", "bi-ring", "full", "random-k", "fixed-random", "star")
 PARTITIONERS = ("dirichlet", "shard", "iid")
@@ -132,6 +134,13 @@ class RunConfig:
     local_epochs: int = 2
     batch_size: int = 64
     learning_rate: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"
+    lr_step_rounds: int = 10
+    lr_step_factor: float = 0.1
+    lr_min_factor: float = 0.0
     classifier: str = "small-cnn"
     classifier_norm: str = "auto"
     isolated: bool = False
@@ -166,6 +175,7 @@ class RunConfig:
         _choice("ring-defence", self.ring_defence, RING_DEFENCES)
         _choice("hub-reduction", self.hub_reduction, HUB_REDUCTIONS)
         _choice("tracking", self.tracking, TRACKINGS)
+        self._check_optimizer()
         self.attackers()  # raises on malformed entries
         if self.resume and not self.run_name:
             raise ConfigError("resume", self.resume, "needs a run-name: the run to resume")
@@ -212,6 +222,25 @@ class RunConfig:
                 raise ConfigError(
                     "data-dir", self.data_dir, "must hold train.parquet and test.parquet"
                 )
+
+    def _check_optimizer(self) -> None:
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError("momentum", self.momentum, "must lie in [0, 1)")
+        if self.momentum and self.optimizer != "sgd":
+            raise ConfigError(
+                "momentum",
+                self.momentum,
+                f"is SGD's; {self.optimizer} has none (optimizer = sgd to use it)",
+            )
+        if self.weight_decay < 0:
+            raise ConfigError("weight-decay", self.weight_decay, "must be >= 0")
+        _positive("lr-step-rounds", self.lr_step_rounds)
+        if not 0.0 < self.lr_step_factor <= 1.0:
+            raise ConfigError("lr-step-factor", self.lr_step_factor, "must lie in (0, 1]")
+        if not 0.0 <= self.lr_min_factor <= 1.0:
+            raise ConfigError("lr-min-factor", self.lr_min_factor, "must lie in [0, 1]")
 
     def attackers(self) -> frozenset[int]:
         """``attack-partitions`` as partition ids: the nodes that attack (with ``attack``
