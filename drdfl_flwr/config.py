@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar
 
-DATASETS = ("digits", "cifar10", "cifar100", "svhn")
+DATASETS = ("digits", "cifar10", "cifar100", "svhn")  # built in: columns and classes known
+# any other dataset: a hub name (``owner/name``, as flwr-datasets' FederatedDataset takes
+# it), or with ``data-dir`` a name for that parquet folder; its columns named in the config
+DATASET_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 OPTIMIZERS = ("adam", "adamw", "sgd")  # the generic optimizer (drdfl_flwr/optim.py)
 LR_SCHEDULES = ("constant", "cosine", "step")
 MODES = ("synchronous", "sequential")
@@ -124,6 +128,9 @@ class RunConfig:
     participation: float = 1.0
     dataset: str = "digits"
     data_dir: str = ""
+    image_column: str = ""
+    label_column: str = ""
+    dataset_subset: str = ""
     partitioner: str = "dirichlet"
     dirichlet_beta: float = 0.4
     classes_per_client: int = 4
@@ -163,7 +170,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.method, str) or not self.method:
             raise ConfigError("method", self.method, "must name a method")
-        _choice("dataset", self.dataset, DATASETS)
+        self._check_dataset()
         _choice("mode", self.mode, MODES)
         _choice("topology", self.topology, TOPOLOGIES)
         _choice("partitioner", self.partitioner, PARTITIONERS)
@@ -222,6 +229,40 @@ class RunConfig:
                 raise ConfigError(
                     "data-dir", self.data_dir, "must hold train.parquet and test.parquet"
                 )
+
+    def _check_dataset(self) -> None:
+        """A built-in name, or any other dataset by name with its columns named."""
+        if self.dataset in DATASETS:
+            pass
+        elif not isinstance(self.dataset, str) or not DATASET_NAME.match(self.dataset):
+            raise ConfigError(
+                "dataset",
+                self.dataset,
+                f"must be one of {', '.join(DATASETS)}, a hub name (owner/name) or, with "
+                "data-dir, a name for that folder",
+            )
+        elif "/" not in self.dataset and not self.data_dir:
+            close = difflib.get_close_matches(self.dataset, DATASETS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                "dataset",
+                self.dataset,
+                f"is not built in ({', '.join(DATASETS)}): a dataset on the hub is named "
+                f"owner/name (ylecun/mnist), a local parquet folder needs data-dir{hint}",
+            )
+        else:
+            for key in ("image-column", "label-column"):
+                if not getattr(self, _attr(key)):
+                    raise ConfigError(
+                        key,
+                        "",
+                        f"dataset {self.dataset!r} is not built in: name the column that "
+                        f"holds its {key.split('-')[0]}s",
+                    )
+        if self.image_column and self.image_column == self.label_column:
+            raise ConfigError(
+                "label-column", self.label_column, "is the image-column too: name two columns"
+            )
 
     def _check_optimizer(self) -> None:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
