@@ -46,7 +46,7 @@ class ClassifierLearner(Learner):
     def setup(self) -> None:
         with self.common_init():
             self.classifier = self.new_classifier()
-        self.optimizer = torch.optim.Adam(self.classifier.parameters(), lr=self.cfg.learning_rate)
+        self.optimizer = self.new_optimizer(self.classifier.parameters())
 
     def private_names(self) -> set[str]:
         """State entries that stay on the node (none for FedAvg)."""
@@ -135,9 +135,8 @@ class HeadBodyLearner(ClassifierLearner):
         named = dict(self.classifier.named_parameters())
         self.head_params = [p for n, p in named.items() if n in head]
         self.body_params = [p for n, p in named.items() if n not in head]
-        lr = self.cfg.learning_rate
-        self.head_optimizer = torch.optim.Adam(self.head_params, lr=lr)
-        self.body_optimizer = torch.optim.Adam(self.body_params, lr=lr)
+        self.head_optimizer = self.new_optimizer(self.head_params)
+        self.body_optimizer = self.new_optimizer(self.body_params)
 
     def private_names(self) -> set[str]:
         """The head never leaves the node."""

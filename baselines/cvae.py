@@ -118,7 +118,7 @@ class CVAELearner(Learner):
         parameters = [
             p for m in (self.encoder, self.decoder, self.classifier) for p in m.parameters()
         ]
-        self.optimizer = torch.optim.Adam(parameters, lr=self.cfg.learning_rate)
+        self.optimizer = self.new_optimizer(parameters)
 
     # -- communication -------------------------------------------------------------------
     def shared_payload(self) -> Tensors:

@@ -236,7 +236,7 @@ class DisPFLLearner(Learner):
         }
         self.masks = MaskBank(list(self.shapes), masks).to(self.device)
         self.apply_mask(self.masks.current())
-        self.optimizer = torch.optim.Adam(self.classifier.parameters(), lr=cfg.learning_rate)
+        self.optimizer = self.new_optimizer(self.classifier.parameters())
 
     @torch.no_grad()
     def apply_mask(self, masks: Mapping[str, torch.Tensor]) -> None:

@@ -300,7 +300,7 @@ class FedFedLearner(Learner):
         with self.common_init("generator"):
             self.generator = Generator(self.input_shape, self.opts.latent_dim).to(self.device)
         params = [*self.generator.parameters(), *self.classifier.parameters()]
-        self.optimizer = torch.optim.Adam(params, lr=self.cfg.learning_rate)
+        self.optimizer = self.new_optimizer(params)
         self.pool = FeaturePool(self.input_shape)
         self.outbox = FeaturePool(self.input_shape)
         self.share_health = ShareHealth()

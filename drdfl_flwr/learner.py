@@ -12,9 +12,9 @@ from __future__ import annotations
 import hashlib
 import io
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from drdfl_flwr.config import ConfigError, MethodOptions, RunConfig
 from drdfl_flwr.data import ClientData
+from drdfl_flwr.optim import build_optimizer, schedule
 from drdfl_flwr.payload import Incoming, PayloadError, Tensors
 from drdfl_flwr.scoring import score_logits
 
@@ -160,8 +161,10 @@ class Learner(ABC):
             )
 
     def fit(self, data: ClientData) -> dict[str, float]:
-        """One round of local training (:meth:`train_round`), counted, then the method's
-        health read on the trained state (:meth:`health`)."""
+        """One round of local training (:meth:`train_round`) at the round's learning rates
+        (``lr-schedule``), counted, then the method's health read on the trained state
+        (:meth:`health`)."""
+        self.schedule_learning_rates()
         metrics = self.train_round(data)
         self.rounds_trained += 1
         metrics.update(self.health(data))
@@ -201,6 +204,25 @@ class Learner(ABC):
         return build_classifier(
             self.cfg.classifier, self.input_shape, self.num_classes, self.cfg.classifier_norm
         ).to(self.device)
+
+    def new_optimizer(
+        self, params: Iterable[Any], lr: float | None = None
+    ) -> torch.optim.Optimizer:
+        """The run's generic optimizer (``optimizer``, ``momentum``, ``weight-decay``) over
+        ``params`` at ``lr`` (default ``learning-rate``; parameter groups may carry their
+        own), at this round's point of ``lr-schedule`` (:mod:`drdfl_flwr.optim`). Kept as an
+        attribute, it is rescheduled before every round; built inside a round, it starts
+        at that round's rate."""
+        optimizer = build_optimizer(self.cfg, params, lr)
+        schedule(optimizer, self.cfg, self.rounds_trained)
+        return optimizer
+
+    def schedule_learning_rates(self) -> None:
+        """Every generic optimizer the learner keeps at the rate of the round about to be
+        trained (``rounds_trained`` rounds done); a paper's own optimizer is left alone."""
+        for obj in self.modules().values():
+            if isinstance(obj, torch.optim.Optimizer):
+                schedule(obj, self.cfg, self.rounds_trained)
 
     def modules(self) -> dict[str, nn.Module | torch.optim.Optimizer]:
         """Every stateful attribute (modules and optimizers) by name: the private state."""

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from drdfl_flwr.config import RunConfig
-from drdfl_flwr.data import ClientData, DatasetSpec, dataset_spec, decode_images
+from drdfl_flwr.data import ClientData, DatasetSpec, dataset_spec, decode_images, num_classes
 
 OWN_DATA_KEY = "own-data"  # node config: the device's own folder
 GLOBAL_TEST_KEY = "global-test"  # node config: a common test set (optional)
@@ -48,6 +48,18 @@ def load_own_data(
     """The node's ClientData from its own ``folder`` (and ``global_test``), decoded once
     per process."""
     spec = dataset_spec(cfg)
+    if not spec.num_classes:  # a dataset by name: its class count is read from its data
+        import dataclasses
+
+        try:
+            spec = dataclasses.replace(spec, num_classes=num_classes(cfg))
+        except Exception as err:  # noqa: BLE001 - named below, with what to do
+            raise OwnDataError(
+                partition_id,
+                Path(folder),
+                f"the run's dataset {cfg.dataset!r} gives no class count here ({err}); "
+                "own data needs a built-in dataset or the named dataset reachable",
+            ) from None
     return _own_data(
         spec,
         Path(folder).expanduser().resolve(),

@@ -204,7 +204,7 @@ class DFMLLearner(Learner):
         self.peak_round = -1  # round whose end the peak snapshot was taken at; -1 = none yet
         self.peers = nn.ModuleDict()
         self.peer_archs: list[str] = []
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.learning_rate)
+        self.optimizer = self.new_optimizer(self.model.parameters())
 
     # -- schedule ---------------------------------------------------------------------
     def alpha(self, round: int | None = None) -> float:
@@ -309,11 +309,7 @@ class DFMLLearner(Learner):
         self.peers.eval()  # teachers predict in eval mode
         for model in students:
             model.train()
-        peer_opt = (
-            torch.optim.Adam(students[1].parameters(), lr=self.cfg.learning_rate)
-            if len(students) > 1
-            else None
-        )
+        peer_opt = self.new_optimizer(students[1].parameters()) if len(students) > 1 else None
         losses = LossMeans()
         for x, y in self.batches(data, self.round_generator()):
             parts = self.mutual_losses(x, y, alpha, proportions)

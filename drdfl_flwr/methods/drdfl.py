@@ -199,8 +199,7 @@ class DRDFLLearner(Learner):
     PRIVATE = ("persona", "decoder", "classifier", "adversary")
 
     def setup(self) -> None:
-        cfg, opts, input_shape, num_classes = (
-            self.cfg,
+        opts, input_shape, num_classes = (
             self.opts,
             self.input_shape,
             self.num_classes,
@@ -224,8 +223,8 @@ class DRDFLLearner(Learner):
             self.adversary,
         ):
             module.to(self.device)
-        self.main_opt = torch.optim.Adam(self.main_parameters(), lr=cfg.learning_rate)
-        self.adversary_opt = torch.optim.Adam(self.adversary.parameters(), lr=cfg.learning_rate)
+        self.main_opt = self.new_optimizer(self.main_parameters())
+        self.adversary_opt = self.new_optimizer(self.adversary.parameters())
 
     def main_parameters(self) -> list[nn.Parameter]:
         """Everything the min step updates: all modules but the adversarial head.

@@ -195,15 +195,14 @@ class DRDFLVFLearner(DRDFLLearner):
         # the ring's moments received this round, merged after training (train_round)
         self.received_moments: tuple[torch.Tensor, ...] | None = None
         trunk = set(map(id, self.classifier.trunk.parameters()))
-        self.main_opt = torch.optim.Adam(
+        self.main_opt = self.new_optimizer(
             [
                 {"params": [p for p in self.main_parameters() if id(p) not in trunk]},
                 {
                     "params": list(self.classifier.trunk.parameters()),
                     "lr": self.cfg.learning_rate * vf.trunk_lr_scale,
                 },
-            ],
-            lr=self.cfg.learning_rate,
+            ]
         )
 
     @property
