@@ -46,11 +46,20 @@ class ClassifierLearner(Learner):
     def setup(self) -> None:
         with self.common_init():
             self.classifier = self.new_classifier()
-        self.optimizer = torch.optim.Adam(self.classifier.parameters(), lr=self.cfg.learning_rate)
+        self.optimizer = self.new_optimizer(self.classifier.parameters())
 
     def private_names(self) -> set[str]:
         """State entries that stay on the node (none for FedAvg)."""
         return set()
+
+    def private_state(self) -> Tensors:
+        """The classifier's :meth:`private_names` entries (and any module in ``PRIVATE``)."""
+        private = self.private_names()
+        state = self.classifier.state_dict()
+        return {
+            **super().private_state(),
+            **{f"classifier.{k}": v for k, v in state.items() if k in private},
+        }
 
     def shared_names(self) -> list[str]:
         private = self.private_names()
@@ -126,9 +135,8 @@ class HeadBodyLearner(ClassifierLearner):
         named = dict(self.classifier.named_parameters())
         self.head_params = [p for n, p in named.items() if n in head]
         self.body_params = [p for n, p in named.items() if n not in head]
-        lr = self.cfg.learning_rate
-        self.head_optimizer = torch.optim.Adam(self.head_params, lr=lr)
-        self.body_optimizer = torch.optim.Adam(self.body_params, lr=lr)
+        self.head_optimizer = self.new_optimizer(self.head_params)
+        self.body_optimizer = self.new_optimizer(self.body_params)
 
     def private_names(self) -> set[str]:
         """The head never leaves the node."""

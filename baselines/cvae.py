@@ -104,6 +104,7 @@ class ConditionalEncoder(nn.Module):
 
 class CVAELearner(Learner):
     OPTIONS = CVAEOptions
+    PRIVATE = ("decoder", "classifier")
 
     def setup(self) -> None:
         opts = self.opts
@@ -117,7 +118,7 @@ class CVAELearner(Learner):
         parameters = [
             p for m in (self.encoder, self.decoder, self.classifier) for p in m.parameters()
         ]
-        self.optimizer = torch.optim.Adam(parameters, lr=self.cfg.learning_rate)
+        self.optimizer = self.new_optimizer(parameters)
 
     # -- communication -------------------------------------------------------------------
     def shared_payload(self) -> Tensors:
@@ -226,6 +227,9 @@ class CVAELearner(Learner):
 
 SPEC = MethodSpec(
     name="cvae",
+    title="CVAE",
+    sends="the CVAE encoder",
+    keeps="CVAE decoder, classifier",
     personalized="decoder + classifier (encoder shared)",
     learner=CVAELearner,
 )

@@ -144,6 +144,9 @@ class DFedPGPLearner(HeadBodyLearner):
 
 SPEC = MethodSpec(
     name="dfedpgp",
+    title="DFedPGP",
+    sends="the body (all but the last layer)",
+    keeps="the head (last linear layer)",
     personalized="output layer (head)",
     learner=DFedPGPLearner,
 )

@@ -236,7 +236,7 @@ class DisPFLLearner(Learner):
         }
         self.masks = MaskBank(list(self.shapes), masks).to(self.device)
         self.apply_mask(self.masks.current())
-        self.optimizer = torch.optim.Adam(self.classifier.parameters(), lr=cfg.learning_rate)
+        self.optimizer = self.new_optimizer(self.classifier.parameters())
 
     @torch.no_grad()
     def apply_mask(self, masks: Mapping[str, torch.Tensor]) -> None:
@@ -321,6 +321,10 @@ class DisPFLLearner(Learner):
 
 SPEC = MethodSpec(
     name="dispfl",
+    title="DisPFL",
+    sends="its masked weights + the mask (bit-packed)",
+    keeps="its own sparse mask: received weights are averaged only where that mask is on",
     personalized="sparse mask and its weights",
     learner=DisPFLLearner,
+    exempt={"private": "its own mask and the weights under it are what it sends"},
 )

@@ -14,6 +14,9 @@ from strategies.reducers import weighted_mean
 
 SPEC = MethodSpec(
     name="drdfl-cfl",
+    title="DRDFL-CFL",
+    sends="Learngene + class statistics (hub: mean weighted by training examples)",
+    keeps="PersonaNet, decoder, classifier",
     personalized="PersonaNet + decoder + classifier",
     learner=DRDFLLearner,
     reducer=weighted_mean,

@@ -16,7 +16,11 @@ class FedAvgLearner(ClassifierLearner):
 
 SPEC = MethodSpec(
     name="fedavg",
+    title="FedAvg",
+    sends="the whole classifier (hub: weighted mean)",
+    keeps="nothing: one global model",
     personalized="none (one global model)",
     learner=FedAvgLearner,
     reducer=weighted_mean,
+    exempt={"private": "one global model: nothing stays on the node"},
 )

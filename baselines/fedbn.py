@@ -62,6 +62,9 @@ class FedBNLearner(ClassifierLearner):
 
 SPEC = MethodSpec(
     name="fedbn",
+    title="FedBN",
+    sends="every parameter but BatchNorm (hub: weighted mean)",
+    keeps="BatchNorm scale, shift and running statistics",
     personalized="BatchNorm layers",
     learner=FedBNLearner,
     reducer=weighted_mean,

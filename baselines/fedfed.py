@@ -300,7 +300,7 @@ class FedFedLearner(Learner):
         with self.common_init("generator"):
             self.generator = Generator(self.input_shape, self.opts.latent_dim).to(self.device)
         params = [*self.generator.parameters(), *self.classifier.parameters()]
-        self.optimizer = torch.optim.Adam(params, lr=self.cfg.learning_rate)
+        self.optimizer = self.new_optimizer(params)
         self.pool = FeaturePool(self.input_shape)
         self.outbox = FeaturePool(self.input_shape)
         self.share_health = ShareHealth()
@@ -587,8 +587,12 @@ def fedfed_reduce(contributions: Sequence[Contribution], previous: Arrays | None
 
 SPEC = MethodSpec(
     name="fedfed",
+    title="FedFed",
+    sends="generator + classifier; once, noisy performance-sensitive features (hub: pool)",
+    keeps="nothing: one global model (it trains on the received pool)",
     personalized="none (one global model)",
     learner=FedFedLearner,
     reducer=fedfed_reduce,
     check=check_rounds,
+    exempt={"private": "one global model: nothing stays on the node"},
 )

@@ -288,7 +288,11 @@ def _common_start(contributions: Sequence[Contribution], updates: dict[str, str]
 
 SPEC = MethodSpec(
     name="fednova",
+    title="FedNova",
+    sends="its step-normalized update + the norm (hub: FedNova's normalized average)",
+    keeps="nothing: one global model",
     personalized="none (one global model)",
     learner=FedNovaLearner,
     reducer=fednova_reduce,
+    exempt={"private": "one global model: nothing stays on the node"},
 )

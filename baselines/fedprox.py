@@ -1,8 +1,8 @@
 """FedProx (Li et al. 2020): FedAvg whose local objective adds the proximal term
 (mu / 2) * ||w - w_global||^2, keeping each node's update near the model the hub sent.
 FedFed (SPEC-ADDENDUM section 8) plugs into it; it is also docs/architecture.md's worked example
-of adding a method: this file, one line in ``drdfl_flwr/registry.py`` and its defaults
-in ``pyproject.toml``.
+of adding a method: this file, one line in ``drdfl_flwr/registry.py``, one word in
+``conf/cpu-smoke.toml`` and its defaults in ``pyproject.toml``.
 """
 
 from __future__ import annotations
@@ -48,7 +48,11 @@ class FedProxLearner(ClassifierLearner):
 
 SPEC = MethodSpec(
     name="fedprox",
+    title="FedProx",
+    sends="the whole classifier (hub: weighted mean; proximal term in local training)",
+    keeps="nothing: one global model",
     personalized="none (one global model)",
     learner=FedProxLearner,
     reducer=weighted_mean,
+    exempt={"private": "one global model: nothing stays on the node"},
 )

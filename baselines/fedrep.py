@@ -127,6 +127,9 @@ def _relative_change(
 
 SPEC = MethodSpec(
     name="fedrep",
+    title="FedRep",
+    sends="the body (hub: weighted mean)",
+    keeps="the head (last linear layer)",
     personalized="output layer (head)",
     learner=FedRepLearner,
     reducer=weighted_mean,

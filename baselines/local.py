@@ -15,6 +15,8 @@ from drdfl_flwr.spec import MethodSpec
 class LocalLearner(ClassifierLearner):
     """The classifier-only learner with nothing shared and nothing accepted."""
 
+    PRIVATE = ("classifier",)
+
     def absorb(self, incoming: Sequence[Incoming]) -> None:
         if any(i.tensors for i in incoming):
             raise PayloadError("the local baseline expects no payloads, got a non-empty one")
@@ -23,4 +25,12 @@ class LocalLearner(ClassifierLearner):
         return {}
 
 
-SPEC = MethodSpec(name="local", personalized="full model (nothing shared)", learner=LocalLearner)
+SPEC = MethodSpec(
+    name="local",
+    title="Local",
+    sends="nothing",
+    keeps="everything",
+    personalized="full model (nothing shared)",
+    learner=LocalLearner,
+    exempt={"bad-payload": "it takes nothing: any payload is refused whole, no entry to name"},
+)

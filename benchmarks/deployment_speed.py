@@ -3,7 +3,7 @@
     python benchmarks/deployment_speed.py [--rounds 5] [--app PATH]
 
 One SuperLink and three SuperNodes on 127.0.0.1 (deploy/local.sh, stopped by PID). On
-them, in turn: Flower's floor (benchmarks/floor_app: empty messages, empty replies),
+them, in turn: Flower's floor (benchmarks/floor-app: empty messages, empty replies),
 waited for with Flower's Grid.send_and_receive and with our exchange; then DRDFL on
 digits (1 local epoch) from ``--app`` (default: this checkout; a worktree of an older
 commit gives the "before"), on nodes without a checkpoint-dir (every ClientApp process
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FLOOR_APP = ROOT / "benchmarks" / "floor_app"
+FLOOR_APP = ROOT / "benchmarks" / "floor-app"  # Flower 1.41: letters, digits, hyphens
 
 
 def free_port() -> int:

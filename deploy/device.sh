@@ -23,7 +23,10 @@
 # SuperLink's one HTTPS port, where devices, flwr run and flwr supernode connect),
 # BIND (0.0.0.0: the SuperLink's listening address), CA (the CA certificate a device
 # trusts; default DEPLOY_DIR/certs/ca.crt), FEDERATION (drdfl: the flwr config entry),
-# NODE_THREADS (torch threads per ClientApp process; unset: torch decides).
+# NODE_THREADS (torch threads per ClientApp process; unset: torch decides), FOREGROUND
+# (1: run the Flower process in place of this script, for systemd: deploy/systemd/),
+# OWN_DATA (the device's own folder, used whole: docs/devices.md) and GLOBAL_TEST (a
+# common test set's folder, optional).
 # Needs bash, Python with this project installed (docs/devices.md), openssl and
 # ssh-keygen for keys; no setsid (macOS has none).
 set -euo pipefail
@@ -41,7 +44,7 @@ PYTHON=${PYTHON:-python3}
 . "$(dirname "$0")/processes.sh"
 
 usage() {
-    sed -n '2,28p' "$0"
+    sed -n '2,31p' "$0"
     exit 2
 }
 
@@ -143,6 +146,14 @@ supernode)
     if [[ -n $data ]]; then
         data=$(cd "$data" && pwd) || { echo "no data folder $5" >&2; exit 1; }
         config="$config data-dir=\"$data\""
+    fi
+    if [[ -n ${OWN_DATA:-} ]]; then  # the device's own files, used whole (no partitioner)
+        own=$(cd "$OWN_DATA" && pwd) || { echo "no own-data folder $OWN_DATA" >&2; exit 1; }
+        config="$config own-data=\"$own\""
+        if [[ -n ${GLOBAL_TEST:-} ]]; then
+            common=$(cd "$GLOBAL_TEST" && pwd) || { echo "no global-test folder $GLOBAL_TEST" >&2; exit 1; }
+            config="$config global-test=\"$common\""
+        fi
     fi
     if [[ -n ${NODE_THREADS:-} ]]; then export OMP_NUM_THREADS=$NODE_THREADS; fi
     spawn supernode flower-supernode \

@@ -19,7 +19,9 @@
 # ClientApps on NODE_PORT_BASE + k), TLS (0; 1: certificates and node keys from
 # DEPLOY_DIR/certs), SUPERLINK_NAME (an extra DNS name for the SuperLink's certificate),
 # CHECKPOINTS (1: each node keeps its state and decoded data in DEPLOY_DIR/node-k; 0: none),
-# NODE_THREADS (1: torch threads per ClientApp process, as the nodes share this host).
+# NODE_THREADS (1: torch threads per ClientApp process, as the nodes share this host),
+# OWN_DATA (a folder of node-<k>/ folders, python -m drdfl_flwr.experiments.presplit: node k
+# trains on OWN_DATA/node-k whole, scored on OWN_DATA/global-test too if it is there).
 set -euo pipefail
 
 DEPLOY_DIR=${DEPLOY_DIR:-.deploy}
@@ -84,6 +86,10 @@ start_node() {  # partition-id, num-partitions
     local k=$1 n=$2
     local config="partition-id=$k num-partitions=$n"
     if [[ ${CHECKPOINTS:-1} == 1 ]]; then config="$config checkpoint-dir=\"$DEPLOY_DIR/node-$k\""; fi
+    if [[ -n ${OWN_DATA:-} ]]; then  # each node its own folder, as the pre-split writes them
+        config="$config own-data=\"$OWN_DATA/node-$k\""
+        if [[ -d $OWN_DATA/global-test ]]; then config="$config global-test=\"$OWN_DATA/global-test\""; fi
+    fi
     # Several SuperNodes share this host's cores: each ClientApp process gets NODE_THREADS
     # torch threads (1 by default: 3 nodes x 2 threads on 2 cores oversubscribe them).
     # shellcheck disable=SC2046

@@ -1,11 +1,17 @@
 # Sourced by deploy/local.sh and deploy/device.sh: start a process in a session of its own
 # with its PID in DEPLOY_DIR/<name>.pid, and stop exactly what was started (its process
 # group and everything below it), never by name (pkill -f would end every Flower process
-# on the machine). Needs DEPLOY_DIR set; PYTHON (python3) starts the session.
+# on the machine). Needs DEPLOY_DIR set; PYTHON (python3) starts the session. FOREGROUND=1
+# runs the command in place of the script instead (for a supervisor such as systemd).
 
 spawn() {  # name, command...: start in a session of its own, remember the PID
     local name=$1
     shift
+    if [[ ${FOREGROUND:-0} == 1 ]]; then
+        # under a supervisor (systemd: deploy/systemd/): it keeps the process, restarts
+        # it after a crash and stops it; no session, no PID file, the log to its journal
+        exec "$@"
+    fi
     # a new session without setsid(1), which macOS lacks: Python's os.setsid, then exec
     "${PYTHON:-python3}" -c 'import os, sys; os.setsid(); os.execvp(sys.argv[1], sys.argv[1:])' "$@" \
         >>"$DEPLOY_DIR/$name.log" 2>&1 </dev/null &

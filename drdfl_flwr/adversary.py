@@ -7,7 +7,9 @@ only a defence that looks at the values themselves can stop them.
 - ``sign-flip``: every shared float negated (bit-packed masks: every bit inverted);
 - ``scale``: every shared float multiplied by ``attack-strength``;
 - ``noise``: every shared float replaced by Gaussian noise with the tensor's own spread;
-- ``label-flip``: the node trains on labels k -> K - 1 - k and sends what that makes.
+- ``label-flip``: the node trains on labels k -> K - 1 - k and sends what that makes;
+- ``stale``: the node sends its first round's payload in every later round (a replay:
+  a free rider that trains for itself, or a captured old message sent again).
 
 Tensors that must stay positive to be well-formed (names ending ``var`` or ``count``)
 keep their magnitude under every attack, and integer identifiers (DFML's ``arch_id``) are
@@ -35,10 +37,17 @@ def flipped_labels(data: ClientData) -> ClientData:
     return dataclasses.replace(data, y_train=data.num_classes - 1 - data.y_train)
 
 
+def replayed(learner, payload: Tensors) -> Tensors:
+    """``stale``: the first payload the node made, kept in its state, sent every round."""
+    if learner.stale_payload is None:
+        learner.stale_payload = {k: v.detach().clone() for k, v in payload.items()}
+    return {k: v.clone() for k, v in learner.stale_payload.items()}
+
+
 def hostile_payload(payload: Tensors, attack: str, strength: float, seed: int) -> Tensors:
     """``payload`` as the ``attack`` would send it (a new dict; the node's own untouched)."""
-    if attack == "label-flip":
-        return payload  # the labels were the attack; the payload is what they trained
+    if attack in ("label-flip", "stale"):
+        return payload  # the labels were the attack; the replay is the node's (node.py)
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for key, value in payload.items():

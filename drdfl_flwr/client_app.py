@@ -27,8 +27,10 @@ from drdfl_flwr.config import ConfigError, RunConfig
 from drdfl_flwr.data import ClientData, load_client_data
 from drdfl_flwr.learner import Learner
 from drdfl_flwr.node import Stopwatch, node_evaluation, node_round
+from drdfl_flwr.own_data import load_own_data, own_data_folders
 from drdfl_flwr.records import decode_received, to_array_record
-from drdfl_flwr.registry import build_learner
+from drdfl_flwr.registry import build_learner, recorded_run_config
+from drdfl_flwr.saved_models import RUN_FOLDER, model_path, save_node_model
 from drdfl_flwr.warm import WARM
 from strategies.wire import (
     ARTIFACTS,
@@ -104,7 +106,11 @@ def restore(
     node's checkpoint of run ``key``. The flag says whether it was warm."""
     cfg = node_run_config(context)
     partition_id, num_partitions = node_partition(context)
-    data = load_client_data(cfg, partition_id, num_partitions, data_cache_dir(context))
+    own, common_test = own_data_folders(context.node_config)
+    if own is not None:  # the device's own files, whole
+        data = load_own_data(cfg, own, partition_id, common_test)
+    else:
+        data = load_client_data(cfg, partition_id, num_partitions, data_cache_dir(context))
     if clock is not None:
         clock.lap("time_load_data")
     saved = context.state.config_records.get(STATE_KEY)
@@ -137,6 +143,20 @@ def save(context: Context, learner: Learner, key: str) -> None:
     path = checkpoint_path(context, learner.partition_id, key)
     if path is not None:
         write_checkpoint(path, blob)
+
+
+def keep_model(
+    learner: Learner, data: ClientData, round_config: ConfigRecord, trained_round: int
+) -> None:
+    """``save-models``: the node's model, on its own disk, filed with the run's records."""
+    run_folder = str(round_config.get(RUN_FOLDER, ""))
+    if not run_folder:
+        log(WARNING, "save-models: the message names no run-folder; the model is not saved")
+        return
+    path = model_path(learner.cfg.results_dir, run_folder, learner.partition_id)
+    save_node_model(
+        path, learner, trained_round, data.input_shape, recorded_run_config(learner.cfg)
+    )
 
 
 def keep_warm(context: Context, learner: Learner, token: str, nbytes: int) -> None:
@@ -178,6 +198,8 @@ def train(msg: Message, context: Context) -> Message:
             reason,
         )
     save(context, learner, key)
+    if learner.cfg.save_models:
+        keep_model(learner, data, round_config, server_round(msg))
     clock.lap("time_save")
     metrics = {**result.metrics, "warm_start": float(warm), **clock.laps}
     content = RecordDict(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -25,16 +26,21 @@ from typing import Any, ClassVar, Self, TypeVar
 
 from strategies.topology import MODES, STAR, TOPOLOGY_NAMES
 
-DATASETS = ("digits", "cifar10", "cifar100", "svhn")
+DATASETS = ("digits", "cifar10", "cifar100", "svhn")  # built in: columns and classes known
+# any other dataset: a hub name (``owner/name``, as flwr-datasets' FederatedDataset takes
+# it), or with ``data-dir`` a name for that parquet folder; its columns named in the config
+DATASET_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+OPTIMIZERS = ("adam", "adamw", "sgd")  # the generic optimizer (drdfl_flwr/optim.py)
+LR_SCHEDULES = ("constant", "cosine", "step")
 TOPOLOGIES = ("auto", *TOPOLOGY_NAMES, STAR)  # the routers' catalogue, and auto
-PARTITIONERS = ("dirichlet", "shard", "iid")
+PARTITIONERS = ("dirichlet", "dirichlet-client", "shard", "iid")
 SHARD_ASSIGNMENTS = ("balanced", "random")
 CLASSIFIERS = ("small-cnn", "resnet8", "resnet18", "alexnet-dslth")
 DENSE_CLASSIFIERS = ("small-cnn", "resnet8", "resnet18")  # alexnet-dslth is DSLTH-only
 NORMS = ("auto", "none", "batch", "group")
 DEVICES = ("auto", "cpu", "cuda")
 # a hostile neighbour, for measuring what one costs (drdfl_flwr/adversary.py)
-ATTACKS = ("none", "sign-flip", "scale", "noise", "label-flip")
+ATTACKS = ("none", "sign-flip", "scale", "noise", "label-flip", "stale")
 RING_DEFENCES = ("none", "outlier")
 HUB_REDUCTIONS = ("mean", "median", "trimmed-mean", "krum")
 TRACKINGS = ("none", "tensorboard")
@@ -123,6 +129,9 @@ class RunConfig:
     participation: float = 1.0
     dataset: str = "digits"
     data_dir: str = ""
+    image_column: str = ""
+    label_column: str = ""
+    dataset_subset: str = ""
     partitioner: str = "dirichlet"
     dirichlet_beta: float = 0.4
     classes_per_client: int = 4
@@ -133,6 +142,13 @@ class RunConfig:
     local_epochs: int = 2
     batch_size: int = 64
     learning_rate: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"
+    lr_step_rounds: int = 10
+    lr_step_factor: float = 0.1
+    lr_min_factor: float = 0.0
     classifier: str = "small-cnn"
     classifier_norm: str = "auto"
     isolated: bool = False
@@ -149,12 +165,13 @@ class RunConfig:
     ring_defence_bound: float = 1.0
     hub_reduction: str = "mean"
     tracking: str = "none"
+    save_models: bool = False
     sections: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str) or not self.method:
             raise ConfigError("method", self.method, "must name a method")
-        _choice("dataset", self.dataset, DATASETS)
+        self._check_dataset()
         _choice("mode", self.mode, MODES)
         _choice("topology", self.topology, TOPOLOGIES)
         _choice("partitioner", self.partitioner, PARTITIONERS)
@@ -166,6 +183,7 @@ class RunConfig:
         _choice("ring-defence", self.ring_defence, RING_DEFENCES)
         _choice("hub-reduction", self.hub_reduction, HUB_REDUCTIONS)
         _choice("tracking", self.tracking, TRACKINGS)
+        self._check_optimizer()
         self.attackers()  # raises on malformed entries
         if self.resume and not self.run_name:
             raise ConfigError("resume", self.resume, "needs a run-name: the run to resume")
@@ -212,6 +230,59 @@ class RunConfig:
                 raise ConfigError(
                     "data-dir", self.data_dir, "must hold train.parquet and test.parquet"
                 )
+
+    def _check_dataset(self) -> None:
+        """A built-in name, or any other dataset by name with its columns named."""
+        if self.dataset in DATASETS:
+            pass
+        elif not isinstance(self.dataset, str) or not DATASET_NAME.match(self.dataset):
+            raise ConfigError(
+                "dataset",
+                self.dataset,
+                f"must be one of {', '.join(DATASETS)}, a hub name (owner/name) or, with "
+                "data-dir, a name for that folder",
+            )
+        elif "/" not in self.dataset and not self.data_dir:
+            close = difflib.get_close_matches(self.dataset, DATASETS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                "dataset",
+                self.dataset,
+                f"is not built in ({', '.join(DATASETS)}): a dataset on the hub is named "
+                f"owner/name (ylecun/mnist), a local parquet folder needs data-dir{hint}",
+            )
+        else:
+            for key in ("image-column", "label-column"):
+                if not getattr(self, _attr(key)):
+                    raise ConfigError(
+                        key,
+                        "",
+                        f"dataset {self.dataset!r} is not built in: name the column that "
+                        f"holds its {key.split('-')[0]}s",
+                    )
+        if self.image_column and self.image_column == self.label_column:
+            raise ConfigError(
+                "label-column", self.label_column, "is the image-column too: name two columns"
+            )
+
+    def _check_optimizer(self) -> None:
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError("momentum", self.momentum, "must lie in [0, 1)")
+        if self.momentum and self.optimizer != "sgd":
+            raise ConfigError(
+                "momentum",
+                self.momentum,
+                f"is SGD's; {self.optimizer} has none (optimizer = sgd to use it)",
+            )
+        if self.weight_decay < 0:
+            raise ConfigError("weight-decay", self.weight_decay, "must be >= 0")
+        _positive("lr-step-rounds", self.lr_step_rounds)
+        if not 0.0 < self.lr_step_factor <= 1.0:
+            raise ConfigError("lr-step-factor", self.lr_step_factor, "must lie in (0, 1]")
+        if not 0.0 <= self.lr_min_factor <= 1.0:
+            raise ConfigError("lr-min-factor", self.lr_min_factor, "must lie in [0, 1]")
 
     def attackers(self) -> frozenset[int]:
         """``attack-partitions`` as partition ids: the nodes that attack (with ``attack``

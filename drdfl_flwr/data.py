@@ -4,7 +4,10 @@ One path serves every source: a Hugging Face ``datasets.Dataset`` for the train 
 test split, partitioned by a flwr-datasets partitioner, then decoded once into tensors.
 Sources are the hub (through ``FederatedDataset``), a local folder of parquet files in
 the hub's layout (also through ``FederatedDataset``), and scikit-learn's 8x8 digits,
-embedded so that the default job runs on a machine with no network.
+embedded so that the default job runs on a machine with no network. Four datasets are
+built in (:data:`SPECS`: their columns and class counts known); any other is named in the
+config with its image and label columns (:func:`dataset_spec`), its class count read from
+the label column and its image shape from the images.
 
 Local-T of client m holds test samples with m's training class distribution: for every
 class k, the test samples of k are dealt out to the clients in proportion to how many
@@ -21,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -34,6 +38,7 @@ import torch
 
 from drdfl_flwr.config import DATASETS, ConfigError, RunConfig
 from drdfl_flwr.logs import log
+from drdfl_flwr.partitioners import client_dirichlet_partitioner
 
 if TYPE_CHECKING:
     # Imported where used: they take ~4 s to import (scipy, seaborn, pandas), and a
@@ -44,7 +49,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """Where a named dataset lives and how its columns are called."""
+    """Where a named dataset lives and how its columns are called. ``num_classes`` 0:
+    read from the data (:func:`num_classes`)."""
 
     hub_name: str
     image_column: str
@@ -81,7 +87,23 @@ class ClientData:
 
 
 def dataset_spec(cfg: RunConfig) -> DatasetSpec:
-    return SPECS[cfg.dataset]  # the name was validated by RunConfig
+    """The run's dataset: a built-in one as :data:`SPECS` has it, with whatever of
+    ``image-column``, ``label-column``, ``dataset-subset`` the config sets instead (another
+    label column: its classes read from the data); any other dataset by its name and the
+    columns the config names (RunConfig made sure it names them), classes from the data."""
+    builtin = SPECS.get(cfg.dataset)
+    if builtin is None:
+        return DatasetSpec(
+            cfg.dataset, cfg.image_column, cfg.label_column, 0, cfg.dataset_subset or None
+        )
+    changes: dict[str, Any] = {}
+    if cfg.image_column:
+        changes["image_column"] = cfg.image_column
+    if cfg.label_column and cfg.label_column != builtin.label_column:
+        changes.update(label_column=cfg.label_column, num_classes=0)
+    if cfg.dataset_subset:
+        changes["hub_subset"] = cfg.dataset_subset
+    return dataclasses.replace(builtin, **changes)
 
 
 def load_client_data(
@@ -119,6 +141,9 @@ def _data_key(cfg: RunConfig) -> RunConfig:
     return RunConfig(
         dataset=cfg.dataset,
         data_dir=cfg.data_dir,
+        image_column=cfg.image_column,
+        label_column=cfg.label_column,
+        dataset_subset=cfg.dataset_subset,
         partitioner=cfg.partitioner,
         dirichlet_beta=cfg.dirichlet_beta,
         classes_per_client=cfg.classes_per_client,
@@ -134,7 +159,7 @@ def _client_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> Clie
     spec = dataset_spec(cfg)
     plan = _partition_plan(cfg, num_partitions)
     train = plan.partitioner.load_partition(partition_id)
-    x_train = decode_images(train[spec.image_column])
+    x_train = _decode(train, spec)
     y_train = torch.tensor(train[spec.label_column], dtype=torch.long)
     x_test, y_test = _decoded_test(cfg)
     local_idx = plan.local_test_indices[partition_id]
@@ -146,7 +171,7 @@ def _client_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> Clie
         y_local_test=y_test[local_idx],
         x_global_test=x_global,
         y_global_test=y_global,
-        num_classes=spec.num_classes,
+        num_classes=num_classes(cfg),
     )
 
 
@@ -170,19 +195,18 @@ class _PartitionPlan:
 def _partition_plan(cfg: RunConfig, num_partitions: int) -> _PartitionPlan:
     spec = dataset_spec(cfg)
     train, test = _splits(cfg)
+    classes = num_classes(cfg)
     if len(train) < num_partitions:
         raise ConfigError(
             "subset-train" if cfg.subset_train else "dataset",
             cfg.subset_train or cfg.dataset,
             f"{len(train)} training samples cannot be split over {num_partitions} clients",
         )
-    partitioner = make_partitioner(cfg, num_partitions, spec)
+    partitioner = make_partitioner(cfg, num_partitions, spec, classes)
     partitioner.dataset = train
     counts = np.stack(
         [
-            np.bincount(
-                partitioner.load_partition(p)[spec.label_column], minlength=spec.num_classes
-            )
+            np.bincount(partitioner.load_partition(p)[spec.label_column], minlength=classes)
             for p in range(num_partitions)
         ]
     )
@@ -231,8 +255,9 @@ def _partition_hint(cfg: RunConfig) -> str:
     if cfg.partitioner == "dirichlet":
         return (
             f"With many clients and a small dirichlet-beta ({cfg.dirichlet_beta:g}) some "
-            "clients draw no sample: raise dirichlet-beta, use fewer clients, or use "
-            'partitioner = "shard" (classes-per-client), which gives every client data.'
+            'clients draw no sample: use partitioner = "dirichlet-client" (each client '
+            "draws its own class mix at the same beta and holds N/M samples), raise "
+            'dirichlet-beta, use fewer clients, or use partitioner = "shard".'
         )
     return "Use fewer clients or more data (subset-train = 0: all of it)."
 
@@ -258,7 +283,10 @@ def _warn_unheld_classes(cfg: RunConfig, counts: np.ndarray, train_labels: np.nd
         )
 
 
-def make_partitioner(cfg: RunConfig, num_partitions: int, spec: DatasetSpec) -> Partitioner:
+def make_partitioner(
+    cfg: RunConfig, num_partitions: int, spec: DatasetSpec, classes: int
+) -> Partitioner:
+    """The run's partitioner over ``spec``'s label column (``classes`` classes)."""
     from flwr_datasets.partitioner import (
         DirichletPartitioner,
         IidPartitioner,
@@ -269,6 +297,10 @@ def make_partitioner(cfg: RunConfig, num_partitions: int, spec: DatasetSpec) -> 
         # IidPartitioner takes no seed: it cuts the split in order, and the split was
         # shuffled with the run's seed (_splits), so the seed still decides who gets what.
         return IidPartitioner(num_partitions)
+    if cfg.partitioner == "dirichlet-client":
+        return client_dirichlet_partitioner(
+            num_partitions, spec.label_column, cfg.dirichlet_beta, cfg.seed
+        )
     if cfg.partitioner == "dirichlet":
         return DirichletPartitioner(
             num_partitions,
@@ -278,11 +310,11 @@ def make_partitioner(cfg: RunConfig, num_partitions: int, spec: DatasetSpec) -> 
             self_balancing=False,
             seed=cfg.seed,
         )
-    if cfg.classes_per_client > spec.num_classes:
+    if cfg.classes_per_client > classes:
         raise ConfigError(
             "classes-per-client",
             cfg.classes_per_client,
-            f"{cfg.dataset} has only {spec.num_classes} classes",
+            f"{cfg.dataset} has only {classes} classes",
         )
     if cfg.shard_assignment == "random":
         return PathologicalPartitioner(
@@ -370,8 +402,18 @@ def split_test_like_train(
     ]
 
 
+@dataclass(frozen=True)
+class _Source:
+    """The run's two splits as the source gives them (shuffled with the run's seed, no
+    subset taken) and their number of classes."""
+
+    train: Dataset
+    test: Dataset
+    num_classes: int
+
+
 @functools.lru_cache(maxsize=4)
-def _splits(cfg: RunConfig) -> tuple[Dataset, Dataset]:
+def _source(cfg: RunConfig) -> _Source:
     import datasets
 
     # no progress bars from datasets (generating splits, shuffling, selecting): every node
@@ -392,15 +434,87 @@ def _splits(cfg: RunConfig) -> tuple[Dataset, Dataset]:
             shuffle=True,
             seed=cfg.seed,
         )
-        train, test = fds.load_split("train"), fds.load_split("test")
+        splits = []
+        for name in ("train", "test"):
+            try:
+                splits.append(fds.load_split(name))
+            except ValueError as err:  # flwr-datasets: a split the dataset does not have
+                raise ConfigError(
+                    "dataset", cfg.dataset, f"has no {name} split to use ({err})"
+                ) from None
+        train, test = splits
     for split, name in ((train, "train"), (test, "test")):
-        missing = {spec.image_column, spec.label_column} - set(split.column_names)
-        if missing:
-            raise ConfigError(
-                "dataset",
-                cfg.dataset,
-                f"the {name} split has columns {split.column_names}, lacks {sorted(missing)}",
-            )
+        for key, column in (
+            ("image-column", spec.image_column),
+            ("label-column", spec.label_column),
+        ):
+            if column not in split.column_names:
+                raise ConfigError(
+                    key,
+                    column,
+                    f"the {name} split of {cfg.dataset} has no such column; its columns are "
+                    f"{split.column_names}",
+                )
+    return _Source(train, test, spec.num_classes or _class_count(cfg, spec, train, test))
+
+
+def _class_count(cfg: RunConfig, spec: DatasetSpec, train: Dataset, test: Dataset) -> int:
+    """The number of classes of a dataset that is not built in, from its label column:
+    a class-label feature says it; otherwise the labels must be integers 0..K-1 and K is
+    the largest + 1. Anything else is refused, naming the column."""
+    from datasets import ClassLabel, Value
+
+    column = spec.label_column
+    feature = train.features[column]
+    if isinstance(feature, ClassLabel):
+        return int(feature.num_classes)
+    if not (isinstance(feature, Value) and feature.dtype.startswith(("int", "uint"))):
+        kind = feature.dtype if isinstance(feature, Value) else type(feature).__name__
+        raise ConfigError(
+            "label-column",
+            column,
+            f"holds {kind} values in {cfg.dataset}; labels must be integers 0..K-1",
+        )
+    labels = np.concatenate([np.asarray(train[column]), np.asarray(test[column])])
+    if labels.size == 0:
+        raise ConfigError("dataset", cfg.dataset, "has no labelled samples")
+    if labels.min() < 0:
+        raise ConfigError(
+            "label-column",
+            column,
+            f"holds the negative label {int(labels.min())} in {cfg.dataset}; labels must be "
+            "integers 0..K-1",
+        )
+    classes = int(labels.max()) + 1
+    if classes < 2:
+        raise ConfigError(
+            "label-column", column, f"holds one class only in {cfg.dataset}: nothing to classify"
+        )
+    return classes
+
+
+def num_classes(cfg: RunConfig) -> int:
+    """The run's number of classes: the built-in dataset's, or read from the data."""
+    return _source(_source_key(cfg)).num_classes
+
+
+def _source_key(cfg: RunConfig) -> RunConfig:
+    """Only what decides the source's splits (not the subsets, not the partitioner)."""
+    return RunConfig(
+        dataset=cfg.dataset,
+        data_dir=cfg.data_dir,
+        image_column=cfg.image_column,
+        label_column=cfg.label_column,
+        dataset_subset=cfg.dataset_subset,
+        seed=cfg.seed,
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _splits(cfg: RunConfig) -> tuple[Dataset, Dataset]:
+    """The splits the run uses: the source's, or a seeded subset of them."""
+    source = _source(_source_key(cfg))
+    train, test = source.train, source.test
     if cfg.subset_train:
         train = train.shuffle(seed=cfg.seed).select(range(min(cfg.subset_train, len(train))))
     if cfg.subset_test:
@@ -486,25 +600,85 @@ def _parquet_file_identity(path: str, size: int, mtime_ns: int) -> dict:
 def _decoded_test(cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
     spec = dataset_spec(cfg)
     _, test = _splits(cfg)
-    return decode_images(test[spec.image_column]), torch.tensor(
-        test[spec.label_column], dtype=torch.long
-    )
+    return _decode(test, spec), torch.tensor(test[spec.label_column], dtype=torch.long)
+
+
+def _decode(split: Dataset, spec: DatasetSpec) -> torch.Tensor:
+    """:func:`decode_images` of the split's image column; images that do not decode
+    into one batch are refused naming the column."""
+    try:
+        return decode_images(split[spec.image_column])
+    except ImageError as err:
+        raise ConfigError("image-column", spec.image_column, str(err)) from None
 
 
 PIXEL_RANGE = (-1.0, 1.0)  # the project's image scale: decode_images maps [0, 1] here
 
 
+class ImageError(ValueError):
+    """Images that do not make one batch (sizes differ, pixels out of range, not images)."""
+
+
+def _pixels(image: Any) -> np.ndarray:
+    """One image as an array: a PIL image (palette, alpha or 16-bit modes as RGB), encoded
+    bytes (a parquet image column without the hub's feature metadata reads as
+    ``{"bytes": ..., "path": ...}``), or an array of pixels."""
+    from PIL import Image
+
+    if isinstance(image, dict) and image.get("bytes") is not None:
+        image = image["bytes"]
+    if isinstance(image, (bytes, bytearray)):
+        try:
+            image = Image.open(io.BytesIO(image))
+        except Exception as err:  # noqa: BLE001 - PIL raises many kinds
+            raise ImageError(f"holds bytes that are no image ({err})") from None
+    if isinstance(image, Image.Image) and image.mode not in ("L", "RGB"):
+        image = image.convert("RGB")
+    array = np.asarray(image)
+    if array.dtype == object or array.ndim not in (2, 3):
+        raise ImageError(f"holds {type(image).__name__} values, not images")
+    return array
+
+
 def decode_images(images: Sequence) -> torch.Tensor:
-    """PIL images or float arrays in [0, 1] -> float32 (N, C, H, W) scaled to [-1, 1]."""
+    """Images (PIL images, encoded bytes, uint8 arrays in 0..255 or float arrays in
+    [0, 1]) -> float32 (N, C, H, W) scaled to [-1, 1]. Grayscale images beside colour
+    ones are repeated to three channels; images of different sizes are refused
+    (:class:`ImageError`)."""
     if len(images) == 0:
         raise ValueError("no images to decode (empty partition)")
-    arrays = [np.asarray(im) for im in images]
+    arrays = [_pixels(im) for im in images]
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1 and len({a.shape[:2] for a in arrays}) == 1:
+        arrays = [_three_channels(a) for a in arrays]  # grayscale beside colour
+        shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise ImageError(
+            f"holds images of {len(shapes)} shapes ({', '.join(map(str, sorted(shapes)[:4]))}"
+            "...): resize them to one size first"
+        )
     batch = np.stack(arrays)
     if batch.dtype == np.uint8:
         batch = batch.astype(np.float32) / 255.0
+    elif np.issubdtype(batch.dtype, np.integer):
+        if batch.min() < 0 or batch.max() > 255:
+            raise ImageError("holds integer pixels outside 0..255")
+        batch = batch.astype(np.float32) / 255.0
+    elif np.issubdtype(batch.dtype, np.floating):
+        if not (np.isfinite(batch).all() and batch.min() >= 0.0 and batch.max() <= 1.0):
+            raise ImageError("holds float pixels outside [0, 1]")
+    else:
+        raise ImageError(f"holds {batch.dtype} pixels, not numbers")
     batch = batch.astype(np.float32)
     if batch.ndim == 3:  # grayscale (N, H, W)
         batch = batch[:, None]
     else:  # (N, H, W, C)
         batch = batch.transpose(0, 3, 1, 2)
     return torch.from_numpy(np.ascontiguousarray(batch * 2.0 - 1.0))
+
+
+def _three_channels(array: np.ndarray) -> np.ndarray:
+    """(H, W) or (H, W, 1) -> (H, W, 3); colour images as they are."""
+    if array.ndim == 2:
+        array = array[..., None]
+    return np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array

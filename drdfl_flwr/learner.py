@@ -12,9 +12,9 @@ from __future__ import annotations
 import hashlib
 import io
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from drdfl_flwr.config import ConfigError, MethodOptions, RunConfig
 from drdfl_flwr.data import ClientData
+from drdfl_flwr.optim import build_optimizer, schedule
 from drdfl_flwr.payload import Incoming, PayloadError, Tensors
 from drdfl_flwr.scoring import score_logits
 
@@ -53,6 +54,9 @@ class Learner(ABC):
     # payload key prefixes that differ between freshly built nodes by design (a node's
     # own sparse mask): excluded from :meth:`common_start`
     NODE_SPECIFIC: ClassVar[tuple[str, ...]] = ()
+    # the modules that never leave the node, by attribute name (DRDFL's ``persona``):
+    # what :meth:`private_state` holds unless a method says more
+    PRIVATE: ClassVar[tuple[str, ...]] = ()
     OPTIONS: ClassVar[type[MethodOptions] | None] = None
 
     def __init__(
@@ -79,6 +83,8 @@ class Learner(ABC):
         self.last_metrics: dict[str, float] = {}
         # relative distances of the peer payloads the ring defence accepted (intake.py)
         self.accepted_distances: list[float] = []
+        # attack = "stale": the payload of the attacker's first round, sent ever after
+        self.stale_payload: dict[str, torch.Tensor] | None = None
         self.examples_drawn = 0  # local training examples drawn (see measured_fit)
         self.setup()
 
@@ -97,10 +103,21 @@ class Learner(ABC):
 
     def common_start(self) -> Tensors:
         """What every freshly built node of a run holds alike: the payload less the
-        :attr:`NODE_SPECIFIC` entries (tests/test_common_start.py checks it for every
+        :attr:`NODE_SPECIFIC` entries (tests/test_method_contract.py checks it for every
         registered method)."""
         return {
             k: v for k, v in self.shared_payload().items() if not k.startswith(self.NODE_SPECIFIC)
+        }
+
+    def private_state(self) -> Tensors:
+        """What never leaves the node, by name (attribute, then the module's state-dict
+        key: ``persona.net.0.weight``): the modules named in :attr:`PRIVATE`.
+        tests/test_method_contract.py checks, for every registered method, that no payload
+        carries any of it, by key or by value."""
+        return {
+            f"{name}.{key}": value
+            for name in self.PRIVATE
+            for key, value in getattr(self, name).state_dict().items()
         }
 
     @abstractmethod
@@ -144,8 +161,10 @@ class Learner(ABC):
             )
 
     def fit(self, data: ClientData) -> dict[str, float]:
-        """One round of local training (:meth:`train_round`), counted, then the method's
-        health read on the trained state (:meth:`health`)."""
+        """One round of local training (:meth:`train_round`) at the round's learning rates
+        (``lr-schedule``), counted, then the method's health read on the trained state
+        (:meth:`health`)."""
+        self.schedule_learning_rates()
         metrics = self.train_round(data)
         self.rounds_trained += 1
         metrics.update(self.health(data))
@@ -186,6 +205,25 @@ class Learner(ABC):
             self.cfg.classifier, self.input_shape, self.num_classes, self.cfg.classifier_norm
         ).to(self.device)
 
+    def new_optimizer(
+        self, params: Iterable[Any], lr: float | None = None
+    ) -> torch.optim.Optimizer:
+        """The run's generic optimizer (``optimizer``, ``momentum``, ``weight-decay``) over
+        ``params`` at ``lr`` (default ``learning-rate``; parameter groups may carry their
+        own), at this round's point of ``lr-schedule`` (:mod:`drdfl_flwr.optim`). Kept as an
+        attribute, it is rescheduled before every round; built inside a round, it starts
+        at that round's rate."""
+        optimizer = build_optimizer(self.cfg, params, lr)
+        schedule(optimizer, self.cfg, self.rounds_trained)
+        return optimizer
+
+    def schedule_learning_rates(self) -> None:
+        """Every generic optimizer the learner keeps at the rate of the round about to be
+        trained (``rounds_trained`` rounds done); a paper's own optimizer is left alone."""
+        for obj in self.modules().values():
+            if isinstance(obj, torch.optim.Optimizer):
+                schedule(obj, self.cfg, self.rounds_trained)
+
     def modules(self) -> dict[str, nn.Module | torch.optim.Optimizer]:
         """Every stateful attribute (modules and optimizers) by name: the private state."""
         return {
@@ -200,6 +238,7 @@ class Learner(ABC):
         state["last_round"] = self.last_round
         state["last_metrics"] = dict(self.last_metrics)
         state["accepted_distances"] = list(self.accepted_distances)
+        state["stale_payload"] = self.stale_payload
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -207,6 +246,7 @@ class Learner(ABC):
         self.last_round = int(state.pop("last_round", 0))
         self.last_metrics = dict(state.pop("last_metrics", {}))
         self.accepted_distances = list(state.pop("accepted_distances", []))
+        self.stale_payload = state.pop("stale_payload", None)
         for name, obj in self.modules().items():
             obj.load_state_dict(state[name])
 

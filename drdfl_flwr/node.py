@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from drdfl_flwr.adversary import attacking, flipped_labels, hostile_payload
+from drdfl_flwr.adversary import attacking, flipped_labels, hostile_payload, replayed
 from drdfl_flwr.data import ClientData
 from drdfl_flwr.intake import Intake, take_in
 from drdfl_flwr.learner import Learner, measured_fit
@@ -119,6 +119,8 @@ def node_round(
     payload = {} if isolated else learner.shared_payload()
     if hostile and payload:
         cfg = learner.cfg
+        if cfg.attack == "stale":
+            payload = replayed(learner, payload)
         payload = hostile_payload(payload, cfg.attack, cfg.attack_strength, learner.round_seed)
         metrics["attacking"] = 1.0
     metrics.update(

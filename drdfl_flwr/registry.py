@@ -46,6 +46,7 @@ METHODS: dict[str, str] = {
     "cvae": "baselines.cvae",
     "fedrep": "baselines.fedrep",
     "fedbn": "baselines.fedbn",
+    "fedper": "baselines.fedper",
 }
 
 

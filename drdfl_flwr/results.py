@@ -171,8 +171,10 @@ class ResultsWriter:
         if evaluated:
             summary["last"] = _accuracy_view(evaluated[-1])
             for key in ACCURACY_KEYS:
-                best = max(evaluated, key=lambda r, k=key: r["mean"][k])
-                summary[f"best_by_{key}"] = _accuracy_view(best)
+                scored = [r for r in evaluated if key in r["mean"]]  # own data: no Global-T
+                if scored:
+                    best = max(scored, key=lambda r, k=key: r["mean"][k])
+                    summary[f"best_by_{key}"] = _accuracy_view(best)
         return summary
 
     def finish(self) -> dict[str, Any]:
@@ -195,6 +197,8 @@ class ResultsWriter:
         ax = fig.subplots()
         rounds = [r["round"] for r in evaluated]
         for key, label in zip(ACCURACY_KEYS, ("Local-T", "Global-T"), strict=True):
+            if not all(key in r["mean"] for r in evaluated):
+                continue  # nodes on their own data without a common test set: no Global-T
             mean = np.array([r["mean"][key] for r in evaluated])
             std = np.array([r["std"][key] for r in evaluated])
             ax.plot(rounds, mean, marker="o", label=label)

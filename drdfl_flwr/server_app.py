@@ -27,6 +27,7 @@ from drdfl_flwr.registry import (
     resolved_topology,
 )
 from drdfl_flwr.results import ResultsWriter
+from drdfl_flwr.saved_models import RUN_FOLDER
 from strategies.hub import Hub
 from strategies.relay import Relay
 from strategies.rounds import RoundLoop, RoundReport, Router, mean_std
@@ -144,7 +145,7 @@ def run_job(
         on_round=record_round,
         on_artifacts=writer.save_artifacts,
     )
-    key = ConfigRecord({RUN_KEY: writer.run_key})
+    key = ConfigRecord({RUN_KEY: writer.run_key, RUN_FOLDER: writer.run_dir.name})
     loop.start(
         grid,
         num_rounds=cfg.num_server_rounds,

@@ -15,6 +15,7 @@ stops it with :class:`NodeLostError` (Flower would go on, skipping partitions).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -32,6 +33,19 @@ from drdfl_flwr.server_app import run_job
 from strategies.rounds import RoundReport
 
 LOCAL = "local"  # Ray's address for "start a fresh instance on this machine"
+
+
+SIMULATION_EXTRA = (
+    "Flower's simulation engine needs Ray, which the device install leaves out "
+    '(a SuperNode does not need it): pip install "drdfl-flwr[simulation]" '
+    '(in a checkout: pip install -e ".[simulation]")'
+)
+
+
+def require_ray() -> None:
+    """A device install has no Ray: say what to install, before anything starts."""
+    if importlib.util.find_spec("ray") is None:
+        raise ModuleNotFoundError(SIMULATION_EXTRA)
 
 
 class NoGpuError(RuntimeError):
@@ -184,6 +198,7 @@ def simulate(
     if num_clients < 2:
         raise ValueError(f"num_clients={num_clients}: a ring needs at least 2 nodes")
     check_run_config(cfg)  # before Ray starts
+    require_ray()
     check_partition_plan(cfg, num_clients)  # a plan that cannot be drawn fails here, once
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     address = ray_address_for(ray_address)

@@ -49,6 +49,23 @@ def test_the_attacker_sends_the_hostile_payload_and_only_it():
     assert "attacking" not in node_round(honest, [], data, 1).metrics
 
 
+def test_a_stale_attacker_replays_its_first_payload_across_a_restart():
+    """``stale``: round 1's payload, every later round, while the node itself trains on;
+    the replay survives the node's state round trip (a restarted ClientApp)."""
+    cfg = drdfl(attack="stale", attack_partitions="0")
+    data = random_client_data(64, SHAPE, K)
+    attacker = build_learner(cfg, SHAPE, K, 0)
+    first = node_round(attacker, [], data, 1).payload
+    restarted = build_learner(cfg, SHAPE, K, 0)
+    restarted.load_bytes(attacker.to_bytes())
+    later = node_round(restarted, [], data, 2)
+    assert later.metrics["attacking"] == 1.0 and restarted.rounds_trained == 2
+    assert first.keys() == later.payload.keys()
+    assert all(torch.equal(first[k], later.payload[k]) for k in first)
+    honest_now = restarted.shared_payload()
+    assert any(not torch.equal(first[k], honest_now[k]) for k in first)  # it trained on
+
+
 def test_label_flip_trains_on_flipped_labels():
     data = random_client_data(64, SHAPE, K)
     flipped = flipped_labels(data)

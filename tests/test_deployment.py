@@ -239,3 +239,57 @@ def test_a_run_interrupted_at_the_superlink_resumes_after_its_last_round(deploym
     assert rounds[: len(interrupted)] == interrupted  # kept as written
     # the nodes went on from their checkpoints, not from scratch
     assert all(m["rounds_trained"] >= 3 for m in rounds[2]["nodes"].values())
+
+
+def test_three_supernodes_each_train_on_their_own_folder(tmp_path):
+    """Own data on real SuperNodes: the pre-split command writes three folders of different
+    sizes and classes; each SuperNode (deploy/local.sh OWN_DATA) trains on its own whole,
+    no partitioner; the per-node counts of the run are the folders'. (A missing or
+    malformed folder: tests/test_own_data.py.)"""
+    devices = tmp_path / "devices"
+    split = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "drdfl_flwr.experiments.presplit",
+            "--num-partitions",
+            "3",
+            "--out",
+            str(devices),
+            "--set",
+            'dataset="digits" partitioner="dirichlet" dirichlet-beta=0.3',
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    print(split.stdout)
+    from datasets import Dataset
+
+    sizes = {
+        str(k): len(Dataset.from_parquet(str(devices / f"node-{k}" / "train.parquet")))
+        for k in range(3)
+    }
+    env = environment(tmp_path, OWN_DATA=str(devices), CHECKPOINTS="0")
+    script = runner(env)
+    script("start", "3")
+    try:
+        script("connection")
+        results = tmp_path / "results"
+        print(
+            flwr_run(
+                env,
+                f'method="fedavg" num-server-rounds=2 local-epochs=1 results-dir="{results}" '
+                'run-name="own"',
+            )
+        )
+        run_dir = results / "own"
+        wait_for(lambda: (run_dir / "summary.json").is_file(), 600, "the end of the run")
+        last = records(run_dir)[-1]
+        counts = {p: int(m["num-examples"]) for p, m in last["nodes"].items()}
+        print("folders:", sizes, "run:", counts)
+        assert counts == sizes and len(set(sizes.values())) == 3
+        assert all("global_t_acc" in m for m in last["nodes"].values())
+    finally:
+        script("stop")

@@ -72,3 +72,63 @@ def test_a_device_copy_of_the_ca_cannot_sign_and_says_so(tmp_path):
     (tmp_path / "certs" / "ca.key").unlink()
     refused = certs(tmp_path, "10.0.0.1")
     assert refused.returncode == 1 and "has no ca.key beside it" in refused.stderr
+
+
+UNITS = ROOT / "deploy" / "systemd"
+
+
+def unit_command(unit: str, settings: dict[str, str]) -> list[str]:
+    """The unit's ExecStart with the env file's values, expanded as systemd does
+    (``${VAR}`` one word, ``$VAR`` split on white space: empty, no word)."""
+    line = next(
+        line.split("=", 1)[1]
+        for line in (UNITS / unit).read_text().splitlines()
+        if line.startswith("ExecStart=")
+    )
+    words: list[str] = []
+    for word in line.split():
+        if word.startswith("$") and not word.startswith("${"):
+            words += settings.get(word[1:], "").split()
+        else:
+            for key, value in settings.items():
+                word = word.replace("${" + key + "}", value)
+            words.append(word)
+    return words
+
+
+def test_the_systemd_units_run_device_sh_in_the_foreground_with_its_arguments(tmp_path):
+    """Under systemd the script must become the Flower process (systemd supervises and
+    restarts what it started, so no background session, no PID file), with the arguments
+    device.sh takes. A fake flower-supernode / flower-superlink prints its PID and
+    arguments; the PID is the one systemd would have started."""
+    settings = dict(
+        line.split("=", 1)
+        for line in (UNITS / "drdfl-flwr.env").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("flower-supernode", "flower-superlink"):
+        fake = bin_dir / name
+        fake.write_text('#!/bin/bash\necho "pid $$ args $*"\n')
+        fake.chmod(0o755)
+    deploy_dir = tmp_path / "state"
+    (deploy_dir / "certs").mkdir(parents=True)
+    (deploy_dir / "certs" / "ca.crt").write_text("a CA")
+    (deploy_dir / "node-key").write_text("a key")
+    settings |= {"DRDFL_CHECKOUT": str(ROOT), "DEPLOY_DIR": str(deploy_dir)}
+    env = {**settings, "PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    env["FOREGROUND"] = "1"
+    for unit, expected in (
+        ("drdfl-supernode.service", ["--superlink 192.168.1.10:8000", "partition-id=0"]),
+        ("drdfl-superlink.service", ["--port 8000", "--enable-supernode-auth"]),
+    ):
+        process = subprocess.Popen(
+            unit_command(unit, settings), env=env, stdout=subprocess.PIPE, text=True
+        )
+        out, _ = process.communicate(timeout=60)
+        assert process.returncode == 0, out
+        assert out.startswith(f"pid {process.pid} args"), out  # exec'd in place
+        assert all(text in out for text in expected), out
+        assert "num-partitions=3" in out or unit == "drdfl-superlink.service"
+    assert not list(deploy_dir.glob("*.pid"))

@@ -206,15 +206,6 @@ def _corrupt(kind: str, payload: dict) -> dict:
         p["arch_id"] = torch.tensor([0.0])
     elif kind == "wrong-arch":
         p["arch_id"] = torch.tensor([ARCHITECTURES.index("resnet8")])
-    elif kind == "shape":
-        p[key] = torch.zeros(3, 3)
-    elif kind == "nan":
-        p[key] = p[key].clone()
-        p[key].view(-1)[0] = float("nan")
-    elif kind == "missing":
-        del p[key]
-    elif kind == "extra":
-        p["model.bogus"] = torch.zeros(1)
     elif kind == "dtype":
         p[key] = p[key].long()
     elif kind == "not-tensor":
@@ -223,10 +214,8 @@ def _corrupt(kind: str, payload: dict) -> dict:
 
 
 @pytest.mark.parametrize(
-    "kind",
-    ["no-arch", "unknown-arch", "float-arch", "wrong-arch", "shape", "nan", "missing", "extra",
-     "dtype", "not-tensor"],
-)  # fmt: skip
+    "kind", ["no-arch", "unknown-arch", "float-arch", "wrong-arch", "dtype", "not-tensor"]
+)  # NaN, misshapen, missing and unknown entries: tests/test_method_contract.py
 def test_malformed_payload_rejected_without_change(kind):
     node, sender, earlier = learner(0), learner(1), learner(2)
     node.absorb(peers(earlier.shared_payload()))

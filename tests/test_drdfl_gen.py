@@ -54,27 +54,6 @@ def test_the_decoder_is_averaged_when_the_learngene_is():
         assert torch.allclose(value, (own[key] + payload[f"decoder.{key}"]) / 2), key
 
 
-def test_every_node_starts_from_the_same_decoder():
-    a, b = make(partition_id=0), make(partition_id=3)
-    pairs = zip(a.decoder.state_dict().items(), b.decoder.state_dict().values(), strict=True)
-    for (key, x), y in pairs:
-        assert torch.equal(x, y), key
-    assert not torch.equal(a.persona.net[-1].weight, b.persona.net[-1].weight)
-
-
-def test_private_modules_never_leave_the_node():
-    node = make()
-    node.fit(random_client_data())
-    payload = node.shared_payload()
-    shared_prefixes = {"learngene", "decoder", "stats"}
-    assert {k.split(".")[0] for k in payload} == shared_prefixes
-    for name in ("persona", "classifier", "adversary"):
-        for param in getattr(node, name).parameters():
-            assert not any(
-                t.shape == param.shape and torch.equal(t, param.detach()) for t in payload.values()
-            ), name
-
-
 def test_the_papers_drdfl_keeps_its_decoder_private():
     paper = build_learner(make_config(method="drdfl"), SHAPE, K)
     assert not any(k.startswith("decoder.") for k in paper.shared_payload())

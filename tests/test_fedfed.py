@@ -275,24 +275,6 @@ def test_without_a_pool_the_node_trains_on_its_own_data():
 
 
 # -- state -------------------------------------------------------------------------------------
-def test_state_round_trip_keeps_the_pool_and_continues_identically():
-    data = random_client_data(32, seed=13)
-    a = node()
-    pool = share_round(a, data)
-    a.absorb(from_hub(pool))
-    b = node()
-    b.load_bytes(a.to_bytes())
-    assert b.rounds_trained == a.rounds_trained == 2
-    assert torch.equal(b.pool.x, a.pool.x) and torch.equal(b.pool.y, a.pool.y)
-    assert a.fit(data) == b.fit(data)
-    assert same(a.shared_payload(), b.shared_payload())
-    # and the share round's outbox survives too (shared_payload after a restore)
-    c, d = node(), node()
-    sent = share_round(c, data)
-    d.load_bytes(c.to_bytes())
-    assert same(sent, d.shared_payload())
-
-
 def test_options_and_schedule_are_validated():
     for bad in (
         {"fedfed_sigma": 0.0},

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flwr.app import RecordDict
-from flwr.common.serde import recorddict_to_proto
 
 from baselines.common import head_names, norm_names
 from baselines.fedrep import FedRepOptions
 from drdfl_flwr import registry
 from drdfl_flwr.config import CLASSIFIERS, DENSE_CLASSIFIERS, NORMS, ConfigError, RunConfig
 from drdfl_flwr.models import build_classifier
-from drdfl_flwr.payload import PayloadError, from_hub, peers
-from drdfl_flwr.records import to_array_record
+from drdfl_flwr.payload import from_hub
 from drdfl_flwr.registry import build_learner, resolved_topology
 from strategies.reducers import weighted_mean
 from tests.conftest import as_tensors, contribution, make_config, random_client_data
@@ -44,11 +41,6 @@ def params(learner, names) -> dict[str, torch.Tensor]:
 
 def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def wire(payload) -> bytes:
-    content = RecordDict({"payload": to_array_record(payload)})
-    return recorddict_to_proto(content).SerializeToString()
 
 
 def shifted(payload, by: float = 0.25):
@@ -118,27 +110,14 @@ def test_fedbn_check_agrees_with_the_built_models():
 # ---------------------------------------------------------------- FedRep
 
 
-def test_fedrep_head_never_leaves_the_node():
-    learner = learner_for("fedrep")
-    learner.fit(random_client_data(40, SHAPE, K))
-    head = head_names(learner.classifier)
-    assert head == {"head.2.weight", "head.2.bias"}  # the small CNN's last linear layer
-    payload = learner.shared_payload()
-    assert not head & set(payload)
-    assert set(payload) == set(learner.classifier.state_dict()) - head
-    blob = wire(payload)
-    sd = learner.classifier.state_dict()
-    for key in head:
-        assert sd[key].numpy().tobytes() not in blob, key
-    assert sd["head.0.weight"].numpy().tobytes() in blob  # the search would find a body entry
-
-
 def test_fedrep_absorb_moves_the_body_and_keeps_the_head():
     learner = learner_for("fedrep")
     learner.fit(random_client_data(40, SHAPE, K))
     head = head_names(learner.classifier)
+    assert head == {"head.2.weight", "head.2.bias"}  # the small CNN's last linear layer
     before = state(learner)
     aggregate = shifted(learner.shared_payload())
+    assert set(aggregate) == set(before) - head  # the body, all of it
     learner.absorb(from_hub(aggregate))
     after = state(learner)
     assert same({k: after[k] for k in head}, {k: before[k] for k in head})
@@ -218,90 +197,25 @@ def test_fedrep_fit_trains_head_then_body_with_the_right_step_count():
     assert metrics["health_head_update"] > 0 and metrics["health_body_update"] > 0
 
 
-def test_fedrep_state_round_trip_continues_identically():
-    data = random_client_data(40, SHAPE, K)
-    a = learner_for("fedrep", partition_id=1)
-    a.fit(data)
-    a.absorb(from_hub(shifted(a.shared_payload(), 0.01)))
-    b = learner_for("fedrep", partition_id=1)
-    b.load_bytes(a.to_bytes())
-    assert b.rounds_trained == 1
-    assert a.fit(data) == b.fit(data)
-    assert same(state(a), state(b))
-
-
 # ---------------------------------------------------------------- FedBN
-
-
-def test_fedbn_batchnorm_never_leaves_the_node():
-    learner = learner_for("fedbn")
-    learner.fit(random_client_data(40, SHAPE, K))
-    bn = norm_names(learner.classifier)
-    suffixes = {k.rsplit(".", 1)[1] for k in bn}
-    assert suffixes == {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
-    assert {k.rsplit(".", 1)[0] for k in bn} == {"features.1", "features.5"}
-    payload = learner.shared_payload()
-    assert not bn & set(payload)
-    # every conv and linear entry does travel
-    assert set(payload) == set(learner.classifier.state_dict()) - bn
-    assert {"features.0.weight", "features.4.bias", "head.2.weight"} <= set(payload)
 
 
 def test_fedbn_absorb_loads_the_aggregate_and_keeps_batchnorm():
     learner = learner_for("fedbn")
     learner.fit(random_client_data(40, SHAPE, K))
     bn = norm_names(learner.classifier)
+    assert {k.rsplit(".", 1)[0] for k in bn} == {"features.1", "features.5"}
     before = state(learner)
     assert int(before["features.1.num_batches_tracked"]) > 0  # statistics were tracked
     aggregate = shifted(learner.shared_payload())
+    assert set(aggregate) == set(before) - bn  # every conv and linear entry
     learner.absorb(from_hub(aggregate))
     after = state(learner)
     assert same({k: after[k] for k in bn}, {k: before[k] for k in bn})
     assert same({k: after[k] for k in aggregate}, aggregate)
 
 
-def test_fedbn_state_round_trip_continues_identically():
-    data = random_client_data(40, SHAPE, K)
-    a = learner_for("fedbn", partition_id=2)
-    a.fit(data)
-    b = learner_for("fedbn", partition_id=2)
-    b.load_bytes(a.to_bytes())
-    assert a.fit(data) == b.fit(data)
-    assert same(state(a), state(b))
-
-
 # ---------------------------------------------------------------- both
-
-
-def _malformed(payload: dict[str, torch.Tensor]):
-    key = next(iter(payload))
-    wrong_shape = dict(payload)
-    wrong_shape[key] = torch.zeros(3, 3)
-    nan = {k: v.clone() for k, v in payload.items()}
-    nan[key].view(-1)[0] = float("nan")
-    missing = dict(payload)
-    del missing[key]
-    extra = {**payload, "head.2.weight.extra": torch.zeros(1)}
-    return {"shape": wrong_shape, "nan": nan, "missing": missing, "extra": extra}
-
-
-@pytest.mark.parametrize("method", ["fedrep", "fedbn"])
-def test_peer_payloads_and_malformed_aggregates_are_refused_unchanged(method):
-    learner = learner_for(method)
-    learner.fit(random_client_data(40, SHAPE, K))
-    before = state(learner)
-    good = shifted(learner.shared_payload())
-    with pytest.raises(PayloadError, match="peer"):
-        learner.receive(peers(good), 1)
-    assert same(state(learner), before)
-    for what, bad in _malformed(good).items():
-        with pytest.raises(PayloadError):
-            learner.absorb(from_hub(bad))
-        assert same(state(learner), before), what
-    # a good aggregate after a peer's payload in the same batch is refused too
-    with pytest.raises(PayloadError):
-        learner.receive(peers(good) + from_hub(good), 1)
-    assert same(state(learner), before)
 
 
 @pytest.mark.parametrize("method", ["fedrep", "fedbn"])

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from drdfl_flwr.experiments.architecture import ROWS, architecture_figure, runs_on
-from drdfl_flwr.experiments.names import METHOD_NAMES, display_name
+from drdfl_flwr.experiments.architecture import architecture_figure, rows, runs_on
+from drdfl_flwr.experiments.names import display_name, method_name
 from drdfl_flwr.experiments.outcomes import FAILED, RunOutcome
 from drdfl_flwr.experiments.plots import (
     headline_plot,
@@ -51,9 +51,13 @@ def test_display_name(variant, name):
     assert display_name(variant) == name
 
 
-def test_every_registered_method_has_a_display_name():
-    assert set(METHOD_NAMES) == set(METHODS)
-    assert {display_name(m) for m in METHODS} == set(METHOD_NAMES.values())
+def test_every_registered_method_is_named_by_the_title_on_its_spec():
+    names = {m: display_name(m) for m in METHODS}
+    assert (
+        names == {m: method_spec(m).title for m in METHODS} == {m: method_name(m) for m in METHODS}
+    )
+    assert len(set(names.values())) == len(names)  # no two methods look alike in a figure
+    assert method_name("no-such-method") == "no-such-method"
 
 
 def test_isolated_twins_sit_beside_their_variant_in_the_same_colour():
@@ -125,7 +129,13 @@ def test_no_figure_before_any_run_finished(tmp_path, small_grid):
 
 
 def test_the_architecture_figure_covers_every_method_as_the_registry_runs_it(tmp_path):
-    assert sorted(row.method for row in ROWS) == sorted(METHODS)
+    table = rows()
+    assert sorted(row.method for row in table) == sorted(METHODS)
+    assert [row.method for row in table[:3]] == ["drdfl", "dfml", "dslth"]  # the papers' first
+    for row in table:
+        spec = method_spec(row.method)
+        assert (row.title, row.sends, row.keeps) == (spec.title, spec.sends, spec.keeps)
+        assert row.sends and row.keeps and row.runs_on == runs_on(row.method)
     for method in METHODS:
         expected = "hub" if method_spec(method).centralized else "relay"
         assert runs_on(method) == ("none" if method == "local" else expected)

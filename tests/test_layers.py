@@ -67,3 +67,30 @@ def test_the_app_fab_holds_the_code_and_fits_flowers_limit():
     # the grid runner and its figures stay on the researcher's machine; the apps run
     assert not [n for n in names if n.startswith("drdfl_flwr/experiments/")]
     assert {"drdfl_flwr/client_app.py", "drdfl_flwr/server_app.py"} <= set(names)
+
+
+def test_a_device_install_without_ray_runs_the_apps_and_names_the_extra_to_simulate(
+    monkeypatch,
+):
+    """A SuperNode's install leaves Ray out (the ``simulation`` extra adds it): the apps a
+    SuperNode and a SuperLink load must import without it, and a simulation asked for
+    where it is missing says which extra to install, before anything starts."""
+    blocked = (
+        "import sys; sys.modules['ray'] = None; "
+        "import drdfl_flwr.client_app, drdfl_flwr.server_app; "
+        "assert 'ray' not in {m.split('.')[0] for m in sys.modules if sys.modules[m]}"
+    )
+    done = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+    import importlib.util
+
+    from drdfl_flwr.config import RunConfig
+    from drdfl_flwr.simulation import simulate
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a)
+    )
+    with pytest.raises(ModuleNotFoundError, match=r"drdfl-flwr\[simulation\]"):
+        simulate(RunConfig(method="local", dataset="digits"), num_clients=2)

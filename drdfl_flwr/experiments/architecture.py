@@ -3,12 +3,11 @@
     python -m drdfl_flwr.experiments.architecture                 # writes docs/architecture.png
     python -m drdfl_flwr.experiments.architecture --out fig.png
 
-Drawn with matplotlib's bare ``Figure`` (no pyplot), like :mod:`.plots`. The text of
-:data:`ROWS` was written from each method's ``shared_payload`` / ``absorb`` (in
-``drdfl_flwr/methods/`` and ``baselines/``); whether a method runs on the relay or the
-hub is not written here but read from the registry (:func:`runs_on`), so the picture
-cannot drift from the code on that point, and a test checks that every registered method
-has a row.
+Drawn with matplotlib's bare ``Figure`` (no pyplot), like :mod:`.plots`. Nothing about a
+method is written here: every registered method has a row (:func:`rows`), its name and
+what it sends and keeps read from its :class:`~drdfl_flwr.spec.MethodSpec` (``title``,
+``sends``, ``keeps``, written beside the method's ``shared_payload`` / ``absorb``) and
+whether it runs on the relay or the hub from its reducer (:func:`runs_on`).
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from drdfl_flwr.experiments.names import method_name
 from drdfl_flwr.registry import METHODS, method_spec
 
 if TYPE_CHECKING:
@@ -33,75 +31,27 @@ RELAY_COLOR, HUB_COLOR, NODE_COLOR = "#1f77b4", "#d62728", "#f2f2f2"
 @dataclass(frozen=True)
 class Row:
     method: str
+    title: str
+    runs_on: str  # "relay", "hub" or "none" (Local)
     sends: str  # each round, to its ring successor (relay) or to the hub
     keeps: str  # what never leaves the node
 
 
-ROWS = (
-    Row(
-        "drdfl",
-        "Learngene encoder + per-class Gaussian statistics (mean, variance)",
-        "PersonaNet, decoder, classifier (and the adversarial head)",
-    ),
-    Row(
-        "dfml",
-        "its whole model (state dict, BatchNorm statistics included) + architecture id",
-        "the received models: teachers in mutual learning (KL on their logits), never "
-        "returned; the peak-round snapshot it predicts with",
-    ),
-    Row(
-        "dslth",
-        "binary top-r mask of every layer, bit-packed (1 bit per weight)",
-        "real-valued scores z the mask is cut from; the fixed random weights are built from "
-        "the run seed on every node and never sent",
-    ),
-    Row(
-        "drdfl-gen",
-        "Learngene + decoder + class statistics (our extension)",
-        "PersonaNet, classifier",
-    ),
-    Row(
-        "drdfl-vf",
-        "Learngene + class statistics + the shared trunk + per-class feature moments "
-        "(count, mean, variance; our extension)",
-        "PersonaNet, decoder, the linear head over the trunk",
-    ),
-    Row("dfedpgp", "the body (all but the last layer)", "the head (last linear layer)"),
-    Row(
-        "dispfl",
-        "its masked weights + the mask (bit-packed)",
-        "its own sparse mask: received weights are averaged only where that mask is on",
-    ),
-    Row("cvae", "the CVAE encoder", "CVAE decoder, classifier"),
-    Row("local", "nothing", "everything"),
-    Row("fedavg", "the whole classifier (hub: weighted mean)", "nothing: one global model"),
-    Row(
-        "fedprox",
-        "the whole classifier (hub: weighted mean; proximal term in local training)",
-        "nothing: one global model",
-    ),
-    Row("fedrep", "the body (hub: weighted mean)", "the head (last linear layer)"),
-    Row(
-        "fedbn",
-        "every parameter but BatchNorm (hub: weighted mean)",
-        "BatchNorm scale, shift and running statistics",
-    ),
-    Row(
-        "fednova",
-        "its step-normalized update + the norm (hub: FedNova's normalized average)",
-        "nothing: one global model",
-    ),
-    Row(
-        "fedfed",
-        "generator + classifier; once, noisy performance-sensitive features (hub: pool)",
-        "nothing: one global model (it trains on the received pool)",
-    ),
-    Row(
-        "drdfl-cfl",
-        "Learngene + class statistics (hub: mean weighted by training examples)",
-        "PersonaNet, decoder, classifier",
-    ),
-)
+GROUPS = ("relay", "none", "hub")  # the table's order: the ring's methods, Local, the hub's
+
+
+def rows() -> list[Row]:
+    """One row per registered method, read from its spec: the relay's methods first (the
+    papers' three on top), then Local, then the hub's, each group in registry order."""
+    table = []
+    for method in METHODS:
+        spec = method_spec(method)
+        table.append(Row(method, spec.title, runs_on(method), spec.sends, spec.keeps))
+    order = list(METHODS)
+    return sorted(
+        table,
+        key=lambda r: (GROUPS.index(r.runs_on), r.method not in PAPERS, order.index(r.method)),
+    )
 
 
 def runs_on(method: str) -> str:
@@ -216,6 +166,7 @@ def _diagram_axes(ax: Axes) -> None:
 def _table(ax: Axes) -> None:
     from matplotlib.patches import Rectangle
 
+    table = rows()
     ax.axis("off")
     ax.set_xlim(0, 1)
     columns = ((0.0, "method"), (0.12, "runs on"), (0.2, "sends each round"), (0.6, "keeps"))
@@ -227,7 +178,7 @@ def _table(ax: Axes) -> None:
             len(_wrap(row.sends, widths["sends each round"]).splitlines()),
             len(_wrap(row.keeps, widths["keeps"]).splitlines()),
         )
-        for row in ROWS
+        for row in table
     ]
     total = sum(lines_of) + 0.9
     ax.set_ylim(total, 0)
@@ -235,16 +186,15 @@ def _table(ax: Axes) -> None:
         ax.text(x + 0.005, 0.4, title, fontsize=9, fontweight="bold", va="center")
     y = 0.8
     colors = {"relay": RELAY_COLOR, "hub": HUB_COLOR, "none": "0.35"}
-    for k, (row, lines) in enumerate(zip(ROWS, lines_of, strict=True)):
+    for k, (row, lines) in enumerate(zip(table, lines_of, strict=True)):
         if k % 2 == 0:
             ax.add_patch(Rectangle((0, y), 1, lines, facecolor="#e6edf7", edgecolor="none"))
         if row.method in PAPERS:
             ax.add_patch(Rectangle((0, y), 0.004, lines, facecolor="black", edgecolor="none"))
-        where = runs_on(row.method)
         middle = y + lines / 2
         weight = "bold" if row.method in PAPERS else "normal"
-        ax.text(0.01, middle, method_name(row.method), fontsize=9.5, va="center", fontweight=weight)
-        ax.text(0.125, middle, where, fontsize=9.5, va="center", color=colors[where])
+        ax.text(0.01, middle, row.title, fontsize=9.5, va="center", fontweight=weight)
+        ax.text(0.125, middle, row.runs_on, fontsize=9.5, va="center", color=colors[row.runs_on])
         ax.text(
             0.205,
             middle,
@@ -270,9 +220,6 @@ def architecture_figure(out: Path = DEFAULT_OUT, dpi: int = 110) -> Path:
 
     from drdfl_flwr.experiments.plots import save_png
 
-    missing = sorted(set(METHODS) - {row.method for row in ROWS})
-    if missing:
-        raise ValueError(f"no row for the registered methods {missing}")
     fig = Figure(figsize=(11.5, 11.5), layout="constrained")
     top, bottom = fig.subfigures(2, 1, height_ratios=(1, 1.5))
     ring_ax, star_ax = top.subplots(1, 2)

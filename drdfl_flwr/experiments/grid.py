@@ -13,10 +13,13 @@ config holds scalars only:
 ``variants``   ``method[+isolated][@topology][{key=value;key=value}]``, comma separated:
                ``drdfl``, ``drdfl+isolated`` (sharing cut off), ``drdfl@full``,
                ``drdfl{drdfl.ablation=no-pr}``; empty = the file's ``method``.
-``datasets``   dataset names; with ``data-root`` set, ``<data-root>/<name>`` is used when
-               that folder exists, otherwise the hub. Empty = the file's dataset.
-``partitions`` ``dirichlet:<beta>``, ``shard:<classes per client>``, ``iid``, each
-               optionally scoped to one dataset (``cifar100/shard:20``). Empty = the file's.
+``datasets``   dataset names, built in or by name (``ylecun/mnist``, with the file's
+               ``image-column`` and ``label-column``); with ``data-root`` set,
+               ``<data-root>/<name>`` is used when that folder exists, otherwise the hub.
+               Empty = the file's dataset.
+``partitions`` ``dirichlet:<beta>``, ``dirichlet-client:<beta>``, ``shard:<classes per
+               client>``, ``iid``, each optionally scoped to one dataset
+               (``cifar100/shard:20``). Empty = the file's.
 ``seeds``      integers; empty = the file's ``seed``.
 ``clients``, ``cpus-per-client``, ``gpus-per-client``: the simulated federation.
 ``primary``    the comparisons declared before the runs, ``a - b @ metric``, comma
@@ -35,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from drdfl_flwr.config import (
+    DATASET_NAME,
     DATASETS,
     KEY_SOURCES,
     RUNNER_SECTION,
@@ -59,7 +63,8 @@ PRIMARY = re.compile(r"^(?P<a>.+?)\s+-\s+(?P<b>.+?)\s*@\s*(?P<metric>[a-z_]+)$")
 # what a primary comparison may be made on: the scores, not their standard errors
 PRIMARY_METRICS = (LOCAL_T, EXPECTED_LOCAL_T, GLOBAL_T, GLOBAL_T_BALANCED, ABSENT_CLASS)
 PARTITION = re.compile(
-    r"^(?:(?P<dataset>[a-z0-9]+)/)?(?P<kind>dirichlet|shard|iid)(?::(?P<value>.+))?$"
+    r"^(?:(?P<dataset>[A-Za-z0-9][\w./-]*)/)?"
+    r"(?P<kind>dirichlet-client|dirichlet|shard|iid)(?::(?P<value>[^/]+))?$"
 )
 
 
@@ -92,13 +97,17 @@ class GridOptions(MethodOptions):
                     f"{item!r} is not method[+isolated][@topology][{{key=value;...}}]",
                 )
         for item in _items(self.datasets):
-            if item not in DATASETS:
-                self.fail("datasets", f"{item!r} is not one of {', '.join(DATASETS)}")
+            if not DATASET_NAME.match(item):
+                self.fail(
+                    "datasets",
+                    f"{item!r} is not one of {', '.join(DATASETS)} nor a dataset name (owner/name)",
+                )
         for item in _items(self.partitions):
             if not PARTITION.match(item):
                 self.fail(
                     "partitions",
-                    f"{item!r} is not dirichlet:<beta>, shard:<classes>, iid "
+                    f"{item!r} is not dirichlet:<beta>, dirichlet-client:<beta>, "
+                    "shard:<classes>, iid "
                     "(optionally <dataset>/ in front)",
                 )
         for item in _items(self.seeds):
@@ -144,7 +153,7 @@ KEY_SOURCES.append(lambda: GridOptions().to_section())  # for the did-you-mean o
 class Partition:
     """One partition setting, as the paper's column headers name it."""
 
-    kind: str  # dirichlet | shard | iid
+    kind: str  # dirichlet | dirichlet-client | shard | iid
     value: float | int | None = None
 
     @property
@@ -157,21 +166,23 @@ class Partition:
         """The paper's notation: β = 0.1, s = 4, IID."""
         if self.kind == "dirichlet":
             return f"β = {self.value:g}"
+        if self.kind == "dirichlet-client":
+            return f"β = {self.value:g} per client"
         if self.kind == "shard":
             return f"s = {self.value}"
         return "IID"
 
     def run_config(self) -> dict[str, Any]:
-        if self.kind == "dirichlet":
-            return {"partitioner": "dirichlet", "dirichlet-beta": float(self.value)}
+        if self.kind in ("dirichlet", "dirichlet-client"):
+            return {"partitioner": self.kind, "dirichlet-beta": float(self.value)}
         if self.kind == "shard":
             return {"partitioner": "shard", "classes-per-client": int(self.value)}
         return {"partitioner": "iid"}
 
     @classmethod
     def of(cls, cfg: RunConfig) -> Partition:
-        if cfg.partitioner == "dirichlet":
-            return cls("dirichlet", cfg.dirichlet_beta)
+        if cfg.partitioner in ("dirichlet", "dirichlet-client"):
+            return cls(cfg.partitioner, cfg.dirichlet_beta)
         if cfg.partitioner == "shard":
             return cls("shard", cfg.classes_per_client)
         return cls("iid")
@@ -190,9 +201,15 @@ class GridRun:
     @property
     def run_id(self) -> str:
         """Folder name under ``<out>/runs``; unique within a grid, filesystem-safe."""
-        variant = re.sub(r"[^A-Za-z0-9.=+@-]+", "_", self.variant.replace('"', "")).strip("_")
+        variant = file_safe(self.variant.replace('"', ""))
         partition = self.partition.key.replace(":", "-")
-        return f"{variant}__{self.dataset}__{partition}__seed{self.seed}"
+        return f"{variant}__{file_safe(self.dataset)}__{partition}__seed{self.seed}"
+
+
+def file_safe(text: str) -> str:
+    """``text`` as part of a file name: runs of other characters than letters, digits and
+    ``.=+@-`` as one ``_`` (a hub name's ``/``); the built-in dataset names unchanged."""
+    return re.sub(r"[^A-Za-z0-9.=+@-]+", "_", text).strip("_")
 
 
 @dataclass(frozen=True)
@@ -224,6 +241,13 @@ def load_grid(path: str | Path, overrides: dict[str, Any] | None = None) -> Grid
     # cells (intervals over seeds) rather than one seed of everything
     for dataset in datasets:
         data_dir = _data_dir(options, dataset, base)
+        if dataset not in DATASETS and "/" not in dataset and not data_dir:
+            raise ConfigError(
+                "grid.datasets",
+                dataset,
+                f"is not built in ({', '.join(DATASETS)}), nor a hub name (owner/name), nor "
+                "a folder under grid.data-root",
+            )
         for partition in _partitions(options, dataset, base):
             for variant in variants:
                 for seed in seeds:
@@ -313,7 +337,7 @@ def _partitions(options: GridOptions, dataset: str, base: RunConfig) -> list[Par
             chosen.append(Partition("iid"))
             continue
         try:
-            number = float(value) if kind == "dirichlet" else int(value)
+            number = float(value) if kind.startswith("dirichlet") else int(value)
         except (TypeError, ValueError):
             raise ConfigError("grid.partitions", item, f"{kind} needs a number") from None
         chosen.append(Partition(kind, number))

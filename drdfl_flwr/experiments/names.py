@@ -5,8 +5,9 @@ A variant string (``drdfl+isolated``, ``drdfl{mode="sequential"}``,
 grid's own parser (:func:`drdfl_flwr.experiments.grid._variant_values`) and written as
 the method's name in the papers' spelling followed by its qualifiers in brackets:
 ``DRDFL (isolated)``, ``DRDFL (sequential)``, ``FedBN (batch norm)``,
-``DRDFL (random-k, k=1)``. The tables keep the variant strings (they are what the conf
-file says); every figure uses these names.
+``DRDFL (random-k, k=1)``; the method's name is the ``title`` on its
+:class:`~drdfl_flwr.spec.MethodSpec`. The tables keep the variant strings (they are what
+the conf file says); every figure uses these names.
 """
 
 from __future__ import annotations
@@ -15,26 +16,8 @@ from typing import Any
 
 from drdfl_flwr.config import ConfigError
 from drdfl_flwr.experiments.grid import VARIANT, _variant_values
+from drdfl_flwr.registry import METHODS, method_spec
 
-# method key -> the name the papers write
-METHOD_NAMES = {
-    "drdfl": "DRDFL",
-    "dfml": "DFML",
-    "dslth": "DSLTH",
-    "local": "Local",
-    "fedavg": "FedAvg",
-    "fedprox": "FedProx",
-    "fedrep": "FedRep",
-    "fedbn": "FedBN",
-    "fednova": "FedNova",
-    "fedfed": "FedFed",
-    "dfedpgp": "DFedPGP",
-    "dispfl": "DisPFL",
-    "cvae": "CVAE",
-    "drdfl-gen": "DRDFL-Gen",
-    "drdfl-vf": "DRDFL-VF",
-    "drdfl-cfl": "DRDFL-CFL",
-}
 # run-config keys with a shorter wording than key=value
 KEY_NAMES = {"num-server-rounds": "rounds", "topology-k": "k", "local-epochs": "epochs"}
 ISOLATED = "isolated"
@@ -42,8 +25,11 @@ STRUCTURAL = ("method", "isolated", "topology")
 
 
 def method_name(method: str) -> str:
-    """``fedbn`` -> ``FedBN``; an unknown method keeps its key."""
-    return METHOD_NAMES.get(method, method)
+    """``fedbn`` -> ``FedBN``: the ``title`` on the method's spec (imports that one method);
+    an unknown method keeps its key."""
+    if method not in METHODS:
+        return method
+    return method_spec(method).title
 
 
 def _value_text(value: Any) -> str:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from drdfl_flwr.experiments.grid import GridRun, Partition
+from drdfl_flwr.experiments.grid import GridRun, Partition, file_safe
 from drdfl_flwr.experiments.names import base_variant, display_name, is_isolated
 from drdfl_flwr.experiments.outcomes import DONE, FAILED, RunOutcome
 from drdfl_flwr.experiments.report import (
@@ -211,7 +211,9 @@ def convergence_plots(outcomes: Sequence[RunOutcome], out_dir: Path) -> list[Pat
             by_variant.setdefault(o.run.variant, []).append(curve)
     styles = variant_styles(ordered_variants([o.run.variant for o in outcomes]))
     return [
-        _convergence_figure(dataset, panels, styles, Path(out_dir) / f"convergence_{dataset}.png")
+        _convergence_figure(
+            dataset, panels, styles, Path(out_dir) / f"convergence_{file_safe(dataset)}.png"
+        )
         for dataset, panels in curves.items()
     ]
 
@@ -382,7 +384,9 @@ def last_node_accuracies(outcome: RunOutcome) -> list[tuple[float, float]]:
 def tradeoff_file_stem(dataset: str, partition: Partition, only: bool = False) -> str:
     """``tradeoff`` for a grid of one (dataset, partition) column, else
     ``tradeoff_<dataset>_<partition key, ':' as '-'>``."""
-    return "tradeoff" if only else f"tradeoff_{dataset}_{partition.key.replace(':', '-')}"
+    return (
+        "tradeoff" if only else f"tradeoff_{file_safe(dataset)}_{partition.key.replace(':', '-')}"
+    )
 
 
 def tradeoff_plots(outcomes: Sequence[RunOutcome], out_dir: Path) -> list[Path]:
@@ -490,7 +494,7 @@ def _tradeoff_figure(
 
 def label_file_stem(run: GridRun) -> str:
     """``labels_<dataset>_<partition key, ':' as '-'>_seed<k>``: fixed by the grid alone."""
-    return f"labels_{run.dataset}_{run.partition.key.replace(':', '-')}_seed{run.seed}"
+    return f"labels_{file_safe(run.dataset)}_{run.partition.key.replace(':', '-')}_seed{run.seed}"
 
 
 def label_counts_csv(counts: np.ndarray) -> str:

@@ -46,6 +46,7 @@ from drdfl_flwr.scoring import (
 
 LAYOUTS = {
     "dirichlet": "Dirichlet-based non-IID (the paper's Table 2 layout)",
+    "dirichlet-client": "Dirichlet-based non-IID, class mix drawn per client",
     "shard": "Shard-based non-IID (Table 3 layout)",
     "iid": "IID",
 }

@@ -187,6 +187,7 @@ def payload_template(arch: str, input_shape: tuple[int, int, int], num_classes: 
 
 class DFMLLearner(Learner):
     OPTIONS = DFMLOptions
+    PRIVATE = ("peers",)  # the received models teach here and are never passed back
 
     def setup(self) -> None:
         cfg, input_shape, num_classes = self.cfg, self.input_shape, self.num_classes
@@ -203,7 +204,7 @@ class DFMLLearner(Learner):
         self.peak_round = -1  # round whose end the peak snapshot was taken at; -1 = none yet
         self.peers = nn.ModuleDict()
         self.peer_archs: list[str] = []
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.learning_rate)
+        self.optimizer = self.new_optimizer(self.model.parameters())
 
     # -- schedule ---------------------------------------------------------------------
     def alpha(self, round: int | None = None) -> float:
@@ -308,11 +309,7 @@ class DFMLLearner(Learner):
         self.peers.eval()  # teachers predict in eval mode
         for model in students:
             model.train()
-        peer_opt = (
-            torch.optim.Adam(students[1].parameters(), lr=self.cfg.learning_rate)
-            if len(students) > 1
-            else None
-        )
+        peer_opt = self.new_optimizer(students[1].parameters()) if len(students) > 1 else None
         losses = LossMeans()
         for x, y in self.batches(data, self.round_generator()):
             parts = self.mutual_losses(x, y, alpha, proportions)
@@ -370,8 +367,9 @@ class DFMLLearner(Learner):
                 peak = super().evaluate(data)
             finally:
                 self.predict_with = predict_with
-            metrics["peak_local_t_acc"] = peak["local_t_acc"]
-            metrics["peak_global_t_acc"] = peak["global_t_acc"]
+            for key in ("local_t_acc", "global_t_acc"):  # no Global-T on own data alone
+                if key in peak:
+                    metrics[f"peak_{key}"] = peak[key]
         return metrics
 
     @torch.no_grad()
@@ -403,6 +401,12 @@ class DFMLLearner(Learner):
 
 SPEC = MethodSpec(
     name="dfml",
+    title="DFML",
+    sends="its whole model (state dict, BatchNorm statistics included) + architecture id",
+    keeps=(
+        "the received models: teachers in mutual learning (KL on their logits), never returned; "
+        "the peak-round snapshot it predicts with"
+    ),
     personalized="full model (own architecture)",
     learner=DFMLLearner,
 )

@@ -196,10 +196,10 @@ def sample_latent(mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
 
 class DRDFLLearner(Learner):
     OPTIONS = DRDFLOptions
+    PRIVATE = ("persona", "decoder", "classifier", "adversary")
 
     def setup(self) -> None:
-        cfg, opts, input_shape, num_classes = (
-            self.cfg,
+        opts, input_shape, num_classes = (
             self.opts,
             self.input_shape,
             self.num_classes,
@@ -223,8 +223,8 @@ class DRDFLLearner(Learner):
             self.adversary,
         ):
             module.to(self.device)
-        self.main_opt = torch.optim.Adam(self.main_parameters(), lr=cfg.learning_rate)
-        self.adversary_opt = torch.optim.Adam(self.adversary.parameters(), lr=cfg.learning_rate)
+        self.main_opt = self.new_optimizer(self.main_parameters())
+        self.adversary_opt = self.new_optimizer(self.adversary.parameters())
 
     def main_parameters(self) -> list[nn.Parameter]:
         """Everything the min step updates: all modules but the adversarial head.
@@ -444,6 +444,9 @@ class DRDFLLearner(Learner):
 
 SPEC = MethodSpec(
     name="drdfl",
+    title="DRDFL",
+    sends="Learngene encoder + per-class Gaussian statistics (mean, variance)",
+    keeps="PersonaNet, decoder, classifier (and the adversarial head)",
     personalized="PersonaNet + decoder + classifier",
     learner=DRDFLLearner,
 )

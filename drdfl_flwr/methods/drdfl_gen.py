@@ -117,6 +117,7 @@ def class_mix_probabilities(mix: str, label_counts: torch.Tensor) -> torch.Tenso
 
 class DRDFLGenLearner(DRDFLLearner):
     OPTIONS = DRDFLGenOptions
+    PRIVATE = ("persona", "classifier", "adversary")  # the decoder travels
 
     def setup(self) -> None:
         # Learner.__init__ put this method's own section ([drdfl-gen]) in self.opts; the
@@ -262,6 +263,9 @@ def image_grid(images: torch.Tensor, columns: int) -> torch.Tensor:
 
 SPEC = MethodSpec(
     name="drdfl-gen",
+    title="DRDFL-Gen",
+    sends="Learngene + decoder + class statistics (our extension)",
+    keeps="PersonaNet, classifier",
     personalized="PersonaNet + classifier (decoder shared: our extension)",
     learner=DRDFLGenLearner,
     reads=(DRDFLOptions.SECTION,),

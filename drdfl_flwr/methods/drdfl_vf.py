@@ -179,6 +179,7 @@ def pool_moments(parts: Sequence[tuple]) -> tuple:
 
 class DRDFLVFLearner(DRDFLLearner):
     OPTIONS = DRDFLVFOptions
+    PRIVATE = ("persona", "decoder", "adversary")  # and the classifier's head, not its trunk
 
     def setup(self) -> None:
         # Learner.__init__ put this method's own section ([drdfl-vf]) in self.opts; the
@@ -194,15 +195,14 @@ class DRDFLVFLearner(DRDFLLearner):
         # the ring's moments received this round, merged after training (train_round)
         self.received_moments: tuple[torch.Tensor, ...] | None = None
         trunk = set(map(id, self.classifier.trunk.parameters()))
-        self.main_opt = torch.optim.Adam(
+        self.main_opt = self.new_optimizer(
             [
                 {"params": [p for p in self.main_parameters() if id(p) not in trunk]},
                 {
                     "params": list(self.classifier.trunk.parameters()),
                     "lr": self.cfg.learning_rate * vf.trunk_lr_scale,
                 },
-            ],
-            lr=self.cfg.learning_rate,
+            ]
         )
 
     @property
@@ -210,6 +210,10 @@ class DRDFLVFLearner(DRDFLLearner):
         return self.extension
 
     # -- communication -------------------------------------------------------------
+    def private_state(self) -> Tensors:
+        head = self.classifier.head.state_dict()
+        return {**super().private_state(), **{f"classifier.head.{k}": v for k, v in head.items()}}
+
     def shared_modules(self) -> dict[str, nn.Module]:
         """DRDFL's Learngene and the trunk (merged by :meth:`load_shared`)."""
         return {**super().shared_modules(), "trunk": self.classifier.trunk}
@@ -327,6 +331,12 @@ class DRDFLVFLearner(DRDFLLearner):
 
 SPEC = MethodSpec(
     name="drdfl-vf",
+    title="DRDFL-VF",
+    sends=(
+        "Learngene + class statistics + the shared trunk + per-class feature moments (count, "
+        "mean, variance; our extension)"
+    ),
+    keeps="PersonaNet, decoder, the linear head over the trunk",
     personalized="PersonaNet + decoder + linear head (over the shared trunk)",
     learner=DRDFLVFLearner,
     reads=("drdfl",),

@@ -190,6 +190,14 @@ class DSLTHLearner(Learner):
         self.scored_scores: dict[str, torch.Tensor] | None = None
 
     # -- communication -------------------------------------------------------------
+    def private_state(self) -> Tensors:
+        """The real-valued scores the masks are cut from, and their last gradients."""
+        return {
+            f"net.{k}": v
+            for k, v in self.net.state_dict().items()
+            if k.endswith((".scores", ".last_grad"))
+        }
+
     def layer_shapes(self) -> dict[str, tuple[int, ...]]:
         """Payload key -> shape of that layer's mask (known to every node alike)."""
         return {
@@ -356,6 +364,12 @@ class DSLTHLearner(Learner):
 
 SPEC = MethodSpec(
     name="dslth",
+    title="DSLTH",
+    sends="binary top-r mask of every layer, bit-packed (1 bit per weight)",
+    keeps=(
+        "real-valued scores z the mask is cut from; the fixed random weights are built from the "
+        "run seed on every node and never sent"
+    ),
     personalized="binary mask (scores)",
     learner=DSLTHLearner,
     classifiers=("small-cnn", "alexnet-dslth"),
