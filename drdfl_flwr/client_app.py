@@ -30,7 +30,7 @@ from drdfl_flwr.node import Stopwatch, node_evaluation, node_round
 from drdfl_flwr.own_data import load_own_data, own_data_folders
 from drdfl_flwr.records import decode_received, to_array_record
 from drdfl_flwr.registry import build_learner, recorded_run_config
-from drdfl_flwr.saved_models import RUN_FOLDER, model_path, save_node_model
+from drdfl_flwr.saved_models import model_path, save_node_model
 from drdfl_flwr.warm import WARM
 from strategies.wire import (
     ARTIFACTS,
@@ -41,6 +41,7 @@ from strategies.wire import (
     OUT_PAYLOAD,
     PARTITION_ID,
     REJECTIONS,
+    RUN_FOLDER,
     RUN_KEY,
     SERVER_ROUND,
 )

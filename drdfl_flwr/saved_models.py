@@ -30,7 +30,6 @@ from drdfl_flwr.learner import Learner
 from drdfl_flwr.registry import build_learner
 
 MODELS_FOLDER = "models"
-RUN_FOLDER = "run-folder"  # in the relay's train config: the run's results folder's name
 FORMAT = 1
 
 

@@ -27,12 +27,11 @@ from drdfl_flwr.registry import (
     resolved_topology,
 )
 from drdfl_flwr.results import ResultsWriter
-from drdfl_flwr.saved_models import RUN_FOLDER
 from strategies.hub import Hub
 from strategies.relay import Relay
 from strategies.rounds import RoundLoop, RoundReport, Router, mean_std
 from strategies.topology import build_topology
-from strategies.wire import RUN_KEY
+from strategies.wire import RUN_FOLDER, RUN_KEY
 
 app = ServerApp()
 
