@@ -144,7 +144,9 @@ def run_job(
         on_round=record_round,
         on_artifacts=writer.save_artifacts,
     )
-    key = ConfigRecord({RUN_KEY: writer.run_key, RUN_FOLDER: writer.run_dir.name})
+    key = ConfigRecord({RUN_KEY: writer.run_key})
+    if cfg.save_models:  # only then: every other run's messages stay byte for byte as before
+        key[RUN_FOLDER] = writer.run_dir.name
     loop.start(
         grid,
         num_rounds=cfg.num_server_rounds,

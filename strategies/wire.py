@@ -23,7 +23,7 @@ ARTIFACTS = "artifacts"  # train config flag (last round) and the reply record i
 METRICS = "metrics"
 REJECTIONS = "rejections"  # node -> router: sender name -> why its payload was refused
 RUN_KEY = "run-key"  # in every message's config: which run's checkpoints a node uses
-RUN_FOLDER = "run-folder"  # in every message's config: the run's results folder's name
+RUN_FOLDER = "run-folder"  # with save-models, in every message's config: the run's folder
 # a node's answer to the relay's description query (and its node config's keys)
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
