@@ -137,20 +137,15 @@ def load_client_data(
 
 
 def _data_key(cfg: RunConfig) -> RunConfig:
-    """Only the data-relevant fields, so a change of learning rate keeps the cache warm."""
-    return RunConfig(
-        dataset=cfg.dataset,
-        data_dir=cfg.data_dir,
-        image_column=cfg.image_column,
-        label_column=cfg.label_column,
-        dataset_subset=cfg.dataset_subset,
+    """Only the data-relevant fields, so a change of learning rate keeps the cache warm:
+    the source's (:func:`_source_key`) and how it is subset and partitioned."""
+    return _source_key(cfg).replace(
         partitioner=cfg.partitioner,
         dirichlet_beta=cfg.dirichlet_beta,
         classes_per_client=cfg.classes_per_client,
         shard_assignment=cfg.shard_assignment,
         subset_train=cfg.subset_train,
         subset_test=cfg.subset_test,
-        seed=cfg.seed,
     )
 
 

@@ -20,6 +20,7 @@ reports Local-T only. Every problem names the node, the path and what is wrong.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -49,8 +50,6 @@ def load_own_data(
     per process."""
     spec = dataset_spec(cfg)
     if not spec.num_classes:  # a dataset by name: its class count is read from its data
-        import dataclasses
-
         try:
             spec = dataclasses.replace(spec, num_classes=num_classes(cfg))
         except Exception as err:  # noqa: BLE001 - named below, with what to do

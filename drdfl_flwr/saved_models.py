@@ -37,7 +37,12 @@ def model_path(results_dir: str | Path, run_folder: str, partition_id: int) -> P
     """Where partition ``partition_id`` keeps its model of the run filed in ``run_folder``."""
     if not run_folder or Path(run_folder).name != run_folder:
         raise ValueError(f"run-folder {run_folder!r} must be a folder name, not a path")
-    return Path(results_dir).expanduser() / run_folder / MODELS_FOLDER / f"node-{partition_id}.pt"
+    return model_file(Path(results_dir).expanduser() / run_folder, partition_id)
+
+
+def model_file(run_dir: str | Path, partition_id: int) -> Path:
+    """A partition's model file in a run's results folder."""
+    return Path(run_dir).expanduser() / MODELS_FOLDER / f"node-{partition_id}.pt"
 
 
 def save_node_model(
@@ -73,7 +78,7 @@ def load_node_model(run_dir: str | Path, partition_id: int, device: str = "cpu")
     """The learner partition ``partition_id`` trained in the run filed in ``run_dir``, as
     it was after the last round it trained (``learner.rounds_trained`` says how many),
     on ``device``."""
-    path = Path(run_dir).expanduser() / MODELS_FOLDER / f"node-{partition_id}.pt"
+    path = model_file(run_dir, partition_id)
     if not path.is_file():
         held = saved_partitions(run_dir)
         raise FileNotFoundError(
