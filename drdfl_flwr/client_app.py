@@ -108,6 +108,13 @@ def restore(
     cfg = node_run_config(context)
     partition_id, num_partitions = node_partition(context)
     own, common_test = own_data_folders(context.node_config)
+    if own is not None and cfg.oracle_absent_per_class:
+        raise ConfigError(
+            "oracle-absent-per-class",
+            cfg.oracle_absent_per_class,
+            "is a simulation diagnostic (it draws other partitions' images); this node "
+            "trains on its own-data folder",
+        )
     if own is not None:  # the device's own files, whole
         data = load_own_data(cfg, own, partition_id, common_test)
     else:

@@ -138,6 +138,7 @@ class RunConfig:
     shard_assignment: str = "balanced"
     subset_train: int = 0
     subset_test: int = 0
+    oracle_absent_per_class: int = 0
     seed: int = 42
     local_epochs: int = 2
     batch_size: int = 64
@@ -209,6 +210,12 @@ class RunConfig:
         for key in ("subset-train", "subset-test"):
             if getattr(self, _attr(key)) < 0:
                 raise ConfigError(key, getattr(self, _attr(key)), "must be >= 0 (0 = use all)")
+        if self.oracle_absent_per_class < 0:
+            raise ConfigError(
+                "oracle-absent-per-class",
+                self.oracle_absent_per_class,
+                "must be >= 0 (0 = off; a diagnostic: real images of the classes a node lacks)",
+            )
         for key in (
             "round-timeout",
             "node-wait-timeout",

@@ -38,6 +38,7 @@ import torch
 
 from drdfl_flwr.config import DATASETS, ConfigError, RunConfig
 from drdfl_flwr.logs import log
+from drdfl_flwr.oracle import with_absent_classes
 from drdfl_flwr.partitioners import client_dirichlet_partitioner
 
 if TYPE_CHECKING:
@@ -79,6 +80,16 @@ class ClientData:
     x_global_test: torch.Tensor
     y_global_test: torch.Tensor
     num_classes: int
+    # the node's own partition's labels where training holds more (the oracle diagnostic,
+    # drdfl_flwr/oracle.py); None: y_train is the node's own
+    y_own: torch.Tensor | None = None
+
+    @property
+    def own_labels(self) -> torch.Tensor:
+        """The labels of the node's own partition, which define its class prior: scoring's
+        p_k, the classes it lacks, the majority floor. An oracle's extra images of absent
+        classes change what it trains on, not what its test data looks like."""
+        return self.y_train if self.y_own is None else self.y_own
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -146,6 +157,7 @@ def _data_key(cfg: RunConfig) -> RunConfig:
         shard_assignment=cfg.shard_assignment,
         subset_train=cfg.subset_train,
         subset_test=cfg.subset_test,
+        oracle_absent_per_class=cfg.oracle_absent_per_class,
     )
 
 
@@ -159,7 +171,7 @@ def _client_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> Clie
     x_test, y_test = _decoded_test(cfg)
     local_idx = plan.local_test_indices[partition_id]
     x_global, y_global = _global_test(cfg, num_partitions)
-    return ClientData(
+    data = ClientData(
         x_train=x_train,
         y_train=y_train,
         x_local_test=x_test[local_idx],
@@ -168,6 +180,18 @@ def _client_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> Clie
         y_global_test=y_global,
         num_classes=num_classes(cfg),
     )
+    if not cfg.oracle_absent_per_class:
+        return data
+    others = [q for q in range(num_partitions) if q != partition_id]
+    pool_x = torch.cat([_client_data(_no_oracle(cfg), q, num_partitions).x_train for q in others])
+    pool_y = torch.cat([_client_data(_no_oracle(cfg), q, num_partitions).y_train for q in others])
+    return with_absent_classes(
+        data, pool_x, pool_y, cfg.oracle_absent_per_class, seed=(cfg.seed, partition_id)
+    )
+
+
+def _no_oracle(cfg: RunConfig) -> RunConfig:
+    return cfg.replace(oracle_absent_per_class=0)
 
 
 @functools.lru_cache(maxsize=4)

@@ -294,7 +294,7 @@ class Learner(ABC):
             data.y_local_test,
             self.logits(data.x_global_test),
             data.y_global_test,
-            data.y_train,
+            data.own_labels,
             self.num_classes,
             self.local_log_prior(data),
         )

@@ -113,7 +113,7 @@ def node_round(
     if evaluate:
         metrics.update(evaluation_metrics(learner, data))
         metrics.update(
-            majority_floor(data.y_local_test, data.y_global_test, data.y_train, data.num_classes)
+            majority_floor(data.y_local_test, data.y_global_test, data.own_labels, data.num_classes)
         )
         clock.lap("time_evaluate")
     payload = {} if isolated else learner.shared_payload()

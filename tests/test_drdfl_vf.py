@@ -111,3 +111,12 @@ def test_the_ring_teaches_a_node_the_classes_it_lacks(isolated):
         assert known == [2, 2] and max(absent) == 0.0
     else:  # measured 0.45-0.48 (the module docstring); chance among 4 classes is 0.25
         assert known == [K, K] and min(absent) > 0.3, absent
+    scores = [nodes[p].evaluate(data[p]) for p in range(2)]
+    for score in scores:  # the head against its ceiling: real features of every class
+        assert 0.0 <= score["health_vf_head_absent_acc"] <= 1.0
+        assert score["health_vf_oracle_absent_acc"] > 0.5, score
+    spread = node_round(nodes[0], peers(sent[1]) if sent[1] else [], data[0], 7).metrics
+    if isolated:
+        assert spread["health_vf_trunk_spread"] == 0.0
+    else:  # the trunks disagree before averaging, and not wildly
+        assert 0.0 < spread["health_vf_trunk_spread"] < 1.0, spread

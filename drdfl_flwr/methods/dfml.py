@@ -354,7 +354,7 @@ class DFMLLearner(Learner):
         ``argmax_k z_k + log beta_k`` (logit adjustment; classes absent from the node's
         training data are never predicted there). Read raw on Local-T they scored 39.6 %
         against 75.2 % with the prior, on isolated DFML at CIFAR-10 Dirichlet 0.1."""
-        return torch.log(class_proportions(data.y_train, self.num_classes))
+        return torch.log(class_proportions(data.own_labels, self.num_classes))
 
     def evaluate(self, data: ClientData) -> dict[str, float]:
         """The scores of the model that predicts (:meth:`predict`), and the peak model's

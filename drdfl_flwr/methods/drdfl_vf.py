@@ -42,9 +42,16 @@ What changes, everything else being DRDFL's (``[drdfl]``):
 Payload: DRDFL's (Learngene, class statistics of z_p) + the trunk + K x (2d + 1) floats.
 
 Health: ``health_vf_classes_known`` (classes with ring statistics), ``health_vf_absent_known``
-(of the classes the node lacks, the fraction the ring told it about), and
+(of the classes the node lacks, the fraction the ring told it about),
 ``health_vf_staleness`` (for the node's own classes, the distance between the ring's
-class mean and the current trunk's, over the features' scale: how stale the moments are).
+class mean and the current trunk's, over the features' scale: how stale the moments are),
+``health_vf_trunk_spread`` (||received trunk - own|| / ||own|| before averaging: the
+trunks' disagreement, as DFedPGP's body spread), and, in each scored round,
+``health_vf_head_absent_acc`` against ``health_vf_oracle_absent_acc``: the calibrated
+head and an oracle linear head (fitted on real trunk features of every class from half
+the common test set) read the other half's images of the classes the node lacks. The gap
+is what the virtual features lose against real ones in the same feature space; the
+oracle's own level is what the trunk's features allow at all.
 """
 
 from __future__ import annotations
@@ -177,6 +184,14 @@ def pool_moments(parts: Sequence[tuple]) -> tuple:
     )
 
 
+def relative_distance(own: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> float:
+    """||other - own|| / ||own|| over the floating-point tensors of two state dicts."""
+    keys = [k for k, v in own.items() if v.is_floating_point()]
+    gap = sum(float((other[k].to(own[k]) - own[k]).pow(2).sum()) for k in keys)
+    norm = sum(float(own[k].pow(2).sum()) for k in keys)
+    return math.sqrt(gap) / max(math.sqrt(norm), 1e-12)
+
+
 class DRDFLVFLearner(DRDFLLearner):
     OPTIONS = DRDFLVFOptions
     PRIVATE = ("persona", "decoder", "adversary")  # and the classifier's head, not its trunk
@@ -194,6 +209,7 @@ class DRDFLVFLearner(DRDFLLearner):
         self.ring = FeatureMoments(self.num_classes, vf.trunk_dim).to(self.device)
         # the ring's moments received this round, merged after training (train_round)
         self.received_moments: tuple[torch.Tensor, ...] | None = None
+        self.trunk_spread = 0.0  # ||received trunk - own|| / ||own|| at the last merge
         trunk = set(map(id, self.classifier.trunk.parameters()))
         self.main_opt = self.new_optimizer(
             [
@@ -242,6 +258,7 @@ class DRDFLVFLearner(DRDFLLearner):
         trained (a late joiner), which takes it."""
         if prefix == "trunk":
             own_weight = 0.5 if self.rounds_trained else 0.0
+            self.trunk_spread = relative_distance(module.state_dict(), state)
         super().merge_module(prefix, module, state, own_weight)
 
     def load_shared(self, received: dict[str, torch.Tensor], own_weight: float) -> None:
@@ -269,6 +286,8 @@ class DRDFLVFLearner(DRDFLLearner):
             self.ring.set(*pool_moments([own, (self.vf_opts.decay * count, mean, var)]))
         self.received_moments = None
         metrics.update(self.calibrate(features, data.y_train.to(self.device)))
+        metrics["health_vf_trunk_spread"] = self.trunk_spread
+        self.trunk_spread = 0.0
         return metrics
 
     @torch.no_grad()
@@ -306,13 +325,47 @@ class DRDFLVFLearner(DRDFLLearner):
     def local_log_prior(self, data: ClientData) -> torch.Tensor:
         """The calibrated head is class-balanced: Local-T adds the node's class prior
         (logit adjustment, as DFML's)."""
-        return torch.log(class_proportions(data.y_train, self.num_classes))
+        return torch.log(class_proportions(data.own_labels, self.num_classes))
+
+    def evaluate(self, data: ClientData) -> dict[str, float]:
+        """The scores, and the calibration's health against its ceiling on the common
+        test set: the node's head and an oracle head (fitted on real trunk features of
+        every class, half the test set) read the other half's absent classes."""
+        metrics = super().evaluate(data)
+        absent = class_proportions(data.own_labels, self.num_classes) == 0
+        if absent.any() and len(data.y_global_test):
+            metrics.update(self.head_against_oracle(data, absent))
+        return metrics
+
+    def head_against_oracle(self, data: ClientData, absent: torch.Tensor) -> dict[str, float]:
+        features = self.features(data.x_global_test)
+        y = data.y_global_test.to(self.device)
+        fit, read = torch.arange(0, len(y), 2), torch.arange(1, len(y), 2)
+        read = read[absent.to(self.device)[y[read]]]
+        if not len(read):
+            return {}
+        oracle = nn.Linear(features.shape[1], self.num_classes).to(self.device)
+        torch.manual_seed(self.round_seed)
+        optimizer = torch.optim.Adam(oracle.parameters(), lr=self.vf_opts.calibration_lr)
+        with torch.enable_grad():
+            for _ in range(max(self.vf_opts.calibration_steps, 1)):
+                loss = F.cross_entropy(oracle(features[fit]), y[fit])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        with torch.no_grad():
+            head = self.classifier.head(features[read]).argmax(1)
+            best = oracle(features[read]).argmax(1)
+        return {
+            "health_vf_head_absent_acc": (head == y[read]).float().mean().item(),
+            "health_vf_oracle_absent_acc": (best == y[read]).float().mean().item(),
+        }
 
     # -- health ------------------------------------------------------------------------
     @torch.no_grad()
     def health(self, data: ClientData) -> dict[str, float]:
         metrics = super().health(data)
-        held = class_proportions(data.y_train, self.num_classes) > 0
+        held = class_proportions(data.own_labels, self.num_classes) > 0
         known = (self.ring.count > 0).cpu()
         metrics["health_vf_classes_known"] = float(known.sum())
         absent = ~held
