@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from drdfl_flwr.data import ClientData
-from drdfl_flwr.methods.drdfl_vf import moments_of, pool_moments
+from drdfl_flwr.methods.drdfl_vf import fit_feature_map, moments_of, pool_moments
 from drdfl_flwr.node import node_round
 from drdfl_flwr.payload import PayloadError, peers
 from drdfl_flwr.registry import build_learner
@@ -120,3 +120,45 @@ def test_the_ring_teaches_a_node_the_classes_it_lacks(isolated):
         assert spread["health_vf_trunk_spread"] == 0.0
     else:  # the trunks disagree before averaging, and not wildly
         assert 0.0 < spread["health_vf_trunk_spread"] < 1.0, spread
+
+
+def test_the_feature_map_recovers_an_affine_change_of_trunk_and_maps_the_moments():
+    """Moments made in the sender's trunk are carried into the receiver's by a map fitted
+    on the receiver's own images seen through both: an exact affine change of features is
+    recovered, and mapped class moments equal the moments of the mapped features."""
+    g = torch.Generator().manual_seed(1)
+    source = torch.randn(400, 6, generator=g)
+    a, b = torch.randn(6, 6, generator=g), torch.randn(6, generator=g)
+    mapping = fit_feature_map(source, source @ a + b, ridge=1e-9)
+    assert mapping.r2 > 0.999999
+    torch.testing.assert_close(mapping.weight[:-1], a, atol=1e-4, rtol=1e-4)
+    y = torch.randint(0, 3, (400,), generator=g)
+    _, mean, var = moments_of(source, y, 3)
+    _, want_mean, _ = moments_of(source @ a + b, y, 3)
+    got_mean, got_var = mapping.apply(mean, var)
+    torch.testing.assert_close(got_mean, want_mean, atol=1e-4, rtol=1e-4)
+    assert (got_var > 0).all()
+
+
+def test_an_unaligned_node_reads_stale_moments_worse_than_an_aligned_one():
+    """Without the map, received class means lie where the sender's trunk put them; with
+    it, where the receiver's own trunk puts them (measured on CIFAR-10 shards after 3
+    rounds: 1.4-1.65 feature units from the real class means without, 0.09-0.16 with)."""
+    data = [node_data([0, 1], 0), node_data([2, 3], 1)]
+    gaps = {}
+    for align in (False, True):
+        torch.manual_seed(0)
+        cfg = vf_config(**{"drdfl-vf_align": align, "drdfl-vf_trunk_lr_scale": 1.0})
+        nodes = [build_learner(cfg, SHAPE, K, p) for p in range(2)]
+        sent: list = [None, None]
+        for round_number in range(1, 5):
+            replies = [
+                node_round(n, peers(sent[1 - p]) if sent[1 - p] else [], data[p], round_number)
+                for p, n in enumerate(nodes)
+            ]
+            sent = [r.payload for r in replies]
+        node, own = nodes[0], data[0]
+        x_test, y_test = own.x_global_test, own.y_global_test
+        _, real_mean, _ = moments_of(node.features(x_test), y_test, K)
+        gaps[align] = (real_mean[2:] - node.ring.mean[2:]).norm(dim=1).mean().item()
+    assert gaps[True] < 0.5 * gaps[False], gaps
