@@ -15,6 +15,7 @@ leaves the node.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from flwr.app import Context
@@ -54,3 +55,30 @@ def read_checkpoint(path: Path | None) -> bytes | None:
     if path is None or not path.is_file():
         return None
     return path.read_bytes()
+
+
+IDLE_STATE_FOLDER = "node-state"  # under the run's folder: idle-state = "disk" in simulation
+
+
+class StateFileError(RuntimeError):
+    """A node's state file (``idle-state = "disk"``) is missing or not what it wrote."""
+
+
+def digest(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()
+
+
+def read_state_file(path: Path, sha256: str) -> bytes:
+    """The state a node wrote to ``path``, checked against the digest it kept: a file
+    changed or removed while the node sat out is an error, never a silently different
+    model."""
+    try:
+        blob = path.read_bytes()
+    except OSError as err:
+        raise StateFileError(f"the node's state file {path} cannot be read: {err}") from None
+    if digest(blob) != sha256:
+        raise StateFileError(
+            f"the node's state file {path} changed while the node sat out (SHA-256 "
+            f"{digest(blob)[:12]}..., written as {sha256[:12]}...)"
+        )
+    return blob

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import uuid
 from logging import INFO, WARNING
+from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -18,9 +19,12 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import log
 
 from drdfl_flwr.checkpoint import (
+    IDLE_STATE_FOLDER,
     checkpoint_path,
     data_cache_dir,
+    digest,
     read_checkpoint,
+    read_state_file,
     write_checkpoint,
 )
 from drdfl_flwr.config import ConfigError, RunConfig
@@ -128,7 +132,7 @@ def restore(
         return data, learner, True
     learner = build_learner(cfg, data.input_shape, data.num_classes, partition_id)
     if saved is not None:
-        learner.load_bytes(saved["blob"])
+        learner.load_bytes(saved_blob(saved))
     else:
         blob = read_checkpoint(checkpoint_path(context, partition_id, key))
         if blob is not None:
@@ -142,15 +146,49 @@ def restore(
     return data, learner, False
 
 
-def save(context: Context, learner: Learner, key: str) -> None:
+def save(context: Context, learner: Learner, key: str, run_folder: str = "") -> None:
     """Write the private state into ``context.state`` under a fresh token (and into the
-    node's checkpoint of run ``key``), and keep the learner warm for the next message."""
+    node's checkpoint of run ``key``), and keep the learner warm for the next message.
+    With ``idle-state = "disk"`` the state goes to a file and ``context.state`` keeps
+    only where it is, its size and digest: Flower holds every node's context in memory,
+    and at low participation most of them wait rounds for their next turn."""
     blob, token = learner.to_bytes(), uuid.uuid4().hex
-    context.state.config_records[STATE_KEY] = ConfigRecord({"blob": blob, "token": token})
-    keep_warm(context, learner, token, len(blob))
     path = checkpoint_path(context, learner.partition_id, key)
-    if path is not None:
+    if learner.cfg.idle_state == "disk":
+        path = path or idle_state_path(learner, run_folder)
         write_checkpoint(path, blob)
+        record = {"file": str(path), "size": len(blob), "sha256": digest(blob), "token": token}
+        context.state.config_records[STATE_KEY] = ConfigRecord(record)
+    else:
+        context.state.config_records[STATE_KEY] = ConfigRecord({"blob": blob, "token": token})
+        if path is not None:
+            write_checkpoint(path, blob)
+    keep_warm(context, learner, token, len(blob))
+
+
+def idle_state_path(learner: Learner, run_folder: str) -> Path:
+    """``<results-dir>/<run>/node-state/partition-<p>.pt`` for a node with no
+    checkpoint-dir (a simulated one: the run's folder is on its machine)."""
+    if not run_folder:
+        raise ConfigError(
+            "idle-state",
+            learner.cfg.idle_state,
+            "needs the node's checkpoint-dir or a run-folder in the message (the ServerApp "
+            'sends it with idle-state = "disk")',
+        )
+    folder = Path(learner.cfg.results_dir) / run_folder / IDLE_STATE_FOLDER
+    return folder / f"partition-{learner.partition_id}.pt"
+
+
+def saved_blob(saved: ConfigRecord) -> bytes:
+    """The saved state, from ``context.state`` or from the file it names."""
+    if "file" in saved:
+        return read_state_file(Path(str(saved["file"])), str(saved["sha256"]))
+    return saved["blob"]
+
+
+def saved_size(saved: ConfigRecord) -> int:
+    return int(saved["size"]) if "size" in saved else len(saved["blob"])
 
 
 def keep_model(
@@ -205,7 +243,7 @@ def train(msg: Message, context: Context) -> Message:
             sender,
             reason,
         )
-    save(context, learner, key)
+    save(context, learner, key, str(round_config.get(RUN_FOLDER, "")))
     if learner.cfg.save_models:
         keep_model(learner, data, round_config, server_round(msg))
     clock.lap("time_save")
@@ -244,7 +282,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         )
     saved = context.state.config_records.get(STATE_KEY)
     if not intake.accepted and saved is not None:  # unchanged: still the saved state
-        keep_warm(context, learner, str(saved["token"]), len(saved["blob"]))
+        keep_warm(context, learner, str(saved["token"]), saved_size(saved))
     return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 

@@ -44,6 +44,7 @@ ATTACKS = ("none", "sign-flip", "scale", "noise", "label-flip", "stale")
 RING_DEFENCES = ("none", "outlier")
 HUB_REDUCTIONS = ("mean", "median", "trimmed-mean", "krum")
 TRACKINGS = ("none", "tensorboard")
+IDLE_STATES = ("memory", "disk")  # where a node's state waits between its rounds
 RUNNER_SECTION = "grid"  # the experiment runner's own keys (drdfl_flwr.experiments.grid):
 # they may sit in a run-config file beside the app's; the app passes them by
 
@@ -167,6 +168,7 @@ class RunConfig:
     hub_reduction: str = "mean"
     tracking: str = "none"
     save_models: bool = False
+    idle_state: str = "memory"
     sections: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
@@ -184,6 +186,7 @@ class RunConfig:
         _choice("ring-defence", self.ring_defence, RING_DEFENCES)
         _choice("hub-reduction", self.hub_reduction, HUB_REDUCTIONS)
         _choice("tracking", self.tracking, TRACKINGS)
+        _choice("idle-state", self.idle_state, IDLE_STATES)
         self._check_optimizer()
         self.attackers()  # raises on malformed entries
         if self.resume and not self.run_name:

@@ -8,6 +8,7 @@ and writes per-round results. Progress goes to the log, one line per round.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from logging import INFO, WARNING
@@ -17,6 +18,7 @@ from flwr.app import ConfigRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
+from drdfl_flwr.checkpoint import IDLE_STATE_FOLDER
 from drdfl_flwr.config import RunConfig
 from drdfl_flwr.health import HEALTH_PREFIX, AlarmTracker, health_view
 from drdfl_flwr.registry import (
@@ -145,8 +147,8 @@ def run_job(
         on_artifacts=writer.save_artifacts,
     )
     key = ConfigRecord({RUN_KEY: writer.run_key})
-    if cfg.save_models:  # only then: every other run's messages stay byte for byte as before
-        key[RUN_FOLDER] = writer.run_dir.name
+    if cfg.save_models or cfg.idle_state == "disk":
+        key[RUN_FOLDER] = writer.run_dir.name  # only then: other runs' messages stay as before
     loop.start(
         grid,
         num_rounds=cfg.num_server_rounds,
@@ -155,6 +157,8 @@ def run_job(
         evaluate_config=key,
     )
     summary = writer.finish()
+    # idle-state = "disk" in simulation: the nodes' states waited in the run's folder
+    shutil.rmtree(writer.run_dir / IDLE_STATE_FOLDER, ignore_errors=True)
     log(INFO, "Summary: %s", summary.get("last"))
     log(
         INFO, "Results written to %s (metrics.jsonl, summary.json, convergence.png)", writer.run_dir
