@@ -33,3 +33,44 @@ def test_privacy_vf_prints_every_attack():
     out = run_benchmark("privacy_vf.py", "--smoke")
     for row in ("FedNova / FedAvg: DLG", "DRDFL: DLG", "DRDFL-VF: inversion of one image"):
         assert row in out, out
+
+
+# script, arguments that make it small, a line its output must hold
+SMALL_RUNS = [
+    ("communication_table.py", (), "| drdfl-vf |"),
+    ("step_cost.py", ("--batch-size", "4", "--steps", "3"), "DRDFL"),
+    (
+        "attacks.py",
+        (
+            "--methods",
+            "fedavg,drdfl",
+            "--attacks",
+            "sign-flip",
+            "--clients",
+            "4",
+            "--rounds",
+            "2",
+            "--attacker",
+            "1",
+        ),
+        "sign-flip",
+    ),
+    ("late_join.py", ("--clients", "3", "--join-round", "2", "--rounds", "3"), "join"),
+    ("kill_trials.py", ("--trials", "1", "--work", "{tmp}"), "1/1"),
+    (
+        "dslth_released.py",
+        ("--rounds", "1", "--clients", "2", "--subset-train", "100", "--subset-test", "50")
+        + ("--out", "{tmp}"),
+        "RESULT isolated=",
+    ),
+    ("install_size.py", ("--top", "3"), "MiB"),
+    ("vf_alignment.py", ("--smoke",), "| true |"),
+]
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "expected"), SMALL_RUNS, ids=[s for s, *_ in SMALL_RUNS]
+)
+def test_every_benchmark_runs_small(script, args, expected, tmp_path):
+    out = run_benchmark(script, *(a.replace("{tmp}", str(tmp_path)) for a in args))
+    assert expected.lower() in out.lower(), out[-2000:]
