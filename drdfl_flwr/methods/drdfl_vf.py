@@ -35,17 +35,18 @@ What changes, everything else being DRDFL's (``[drdfl]``):
   at 0.1 x (``trunk-lr-scale``, the default) they lay 1.7 units away and it reached
   0.45-0.48; with a frozen common trunk, 0.1 units and 1.0. Five calibration steps were
   too few to move the head at all (0 with the frozen trunk); 200 are the default.
-  On CIFAR-10 (4 nodes, 5 shard classes each, 3 rounds) the slower trunk was not enough:
-  the received means of absent classes lay 1.4-1.65 units from where the node's trunk
-  put their real test images (within-class spread 0.1 per feature), and absent-class
-  accuracy was 0.0-0.005. So the received moments are **aligned** (``align``, on by
-  default): the sender's trunk travels in the payload anyway, and the node sees its own
-  training images through both trunks, fits an affine map from the sender's features to
-  its own by ridge least squares (R^2 0.97-0.98 there), and maps the received means
-  exactly and the diagonal variances as diag(A diag(var) A^T). The same run then put the
-  absent means 0.09-0.16 units from the real ones, with absent-class accuracy 0.02-0.17
-  (an oracle head on real features of every class: 0.31-0.41). The map is fitted on the
-  node's own classes only: it carries the others as far as a linear change of trunk does
+  On CIFAR-10 (``benchmarks/vf_alignment.py``: 4 nodes, 5 shard classes each, 3 rounds)
+  the slower trunk was not enough: the received means of absent classes lay 1.51 feature
+  units (at most 1.65) from where the node's trunk put their real test images (the
+  within-class spread: 0.09 per feature), and absent-class accuracy was 0.002. So the
+  received moments are **aligned** (``align``, on by default): the sender's trunk
+  travels in the payload anyway, and the node sees its own training images through both
+  trunks, fits an affine map from the sender's features to its own by ridge least
+  squares (R^2 0.978), and maps the received means exactly and the diagonal variances as
+  diag(A diag(var) A^T). The same run then put the absent means 0.14 units (at most
+  0.32) from the real ones, and absent-class accuracy rose to 0.090 (an oracle head on
+  real features of every class: 0.364). The map is fitted on the node's own classes
+  only: it carries the others as far as a linear change of trunk does
   (``health_vf_align_r2``).
 * **Scoring.** The calibrated head is class-balanced: Global-T reads its logits as they
   are; Local-T (the node's own, skewed test data) adds the node's class prior, as DFML's
