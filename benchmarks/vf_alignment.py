@@ -8,6 +8,7 @@ oracle head's (``health_vf_oracle_absent_acc``). Nodes run one after another in 
 process (:func:`drdfl_flwr.node.node_round`), each receiving its predecessor's payload.
 
     python benchmarks/vf_alignment.py --rounds 3
+    python benchmarks/vf_alignment.py --rounds 3 --trunk-lr-scale 1.0
     python benchmarks/vf_alignment.py --smoke      # digits, 2 rounds
 """
 
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default="../shared/datasets/cifar10")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--trunk-lr-scale", type=float, default=0.1)
     parser.add_argument("--smoke", action="store_true", help="digits, 2 rounds (a test)")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -86,7 +88,10 @@ def main(argv: list[str] | None = None) -> int:
             classifier_norm="batch",
         )
     base = base.replace(method="drdfl-vf", local_epochs=1, device="cpu", seed=0)
-    print(f"{base.dataset}, {NODES} nodes, shards of 5 classes, {args.rounds} rounds")
+    print(
+        f"{base.dataset}, {NODES} nodes, shards of 5 classes, {args.rounds} rounds, "
+        f"trunk-lr-scale {args.trunk_lr_scale}"
+    )
     print(
         "| align | absent means from the real ones, mean [max] | within-class spread | "
         "absent-class acc | oracle head | map R^2 |"
@@ -94,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|")
     for align in (False, True):
         torch.manual_seed(0)
-        cfg = base.replace(sections={"drdfl-vf": {"align": align}})
+        section = {"align": align, "trunk-lr-scale": args.trunk_lr_scale}
+        cfg = base.replace(sections={"drdfl-vf": section})
         row = ring(cfg, args.rounds)
         r2 = f"{row['r2']:.3f}" if align else ""
         print(
