@@ -63,6 +63,7 @@ def ring(cfg: RunConfig, rounds: int) -> dict[str, float]:
         "absent": mean_of("absent_class_acc"),
         "oracle": mean_of("health_vf_oracle_absent_acc"),
         "r2": mean_of("health_vf_align_r2"),
+        "local_t": mean_of("expected_local_t_acc"),
     }
 
 
@@ -94,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         "| align | absent means from the real ones, mean [max] | within-class spread | "
-        "absent-class acc | oracle head | map R^2 |"
+        "absent-class acc | oracle head | map R^2 | expected Local-T |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for align in (False, True):
         torch.manual_seed(0)
         section = {"align": align, "trunk-lr-scale": args.trunk_lr_scale}
@@ -105,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         r2 = f"{row['r2']:.3f}" if align else ""
         print(
             f"| {str(align).lower()} | {row['gap']:.2f} [{row['gap_max']:.2f}] | "
-            f"{row['spread']:.2f} | {row['absent']:.3f} | {row['oracle']:.3f} | {r2} |"
+            f"{row['spread']:.2f} | {row['absent']:.3f} | {row['oracle']:.3f} | {r2} | "
+            f"{row['local_t']:.3f} |"
         )
     return 0
 
