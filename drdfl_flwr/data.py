@@ -163,6 +163,17 @@ def _data_key(cfg: RunConfig) -> RunConfig:
 
 @functools.lru_cache(maxsize=64)
 def _client_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> ClientData:
+    if cfg.oracle_absent_per_class:  # the plain partitions, each decoded once, pooled
+        plain = cfg.replace(oracle_absent_per_class=0)
+        others = [_client_data(plain, q, num_partitions) for q in range(num_partitions)]
+        own = others.pop(partition_id)
+        return with_absent_classes(
+            own,
+            torch.cat([o.x_train for o in others]),
+            torch.cat([o.y_train for o in others]),
+            cfg.oracle_absent_per_class,
+            seed=(cfg.seed, partition_id),
+        )
     spec = dataset_spec(cfg)
     plan = _partition_plan(cfg, num_partitions)
     train = plan.partitioner.load_partition(partition_id)
@@ -171,7 +182,7 @@ def _client_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> Clie
     x_test, y_test = _decoded_test(cfg)
     local_idx = plan.local_test_indices[partition_id]
     x_global, y_global = _global_test(cfg, num_partitions)
-    data = ClientData(
+    return ClientData(
         x_train=x_train,
         y_train=y_train,
         x_local_test=x_test[local_idx],
@@ -180,18 +191,6 @@ def _client_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> Clie
         y_global_test=y_global,
         num_classes=num_classes(cfg),
     )
-    if not cfg.oracle_absent_per_class:
-        return data
-    others = [q for q in range(num_partitions) if q != partition_id]
-    pool_x = torch.cat([_client_data(_no_oracle(cfg), q, num_partitions).x_train for q in others])
-    pool_y = torch.cat([_client_data(_no_oracle(cfg), q, num_partitions).y_train for q in others])
-    return with_absent_classes(
-        data, pool_x, pool_y, cfg.oracle_absent_per_class, seed=(cfg.seed, partition_id)
-    )
-
-
-def _no_oracle(cfg: RunConfig) -> RunConfig:
-    return cfg.replace(oracle_absent_per_class=0)
 
 
 @functools.lru_cache(maxsize=4)
