@@ -9,6 +9,7 @@ process (:func:`drdfl_flwr.node.node_round`), each receiving its predecessor's p
 
     python benchmarks/vf_alignment.py --rounds 3
     python benchmarks/vf_alignment.py --rounds 3 --trunk-lr-scale 1.0
+    python benchmarks/vf_alignment.py --rounds 8 --no-align-row --calibration-steps 200,800
     python benchmarks/vf_alignment.py --smoke      # digits, 2 rounds
 """
 
@@ -21,7 +22,7 @@ import torch
 
 from drdfl_flwr.config import RunConfig
 from drdfl_flwr.data import load_client_data
-from drdfl_flwr.methods.drdfl_vf import moments_of
+from drdfl_flwr.methods.drdfl_vf import DRDFLVFOptions, moments_of
 from drdfl_flwr.node import node_round
 from drdfl_flwr.payload import peers
 from drdfl_flwr.registry import build_learner
@@ -64,6 +65,7 @@ def ring(cfg: RunConfig, rounds: int) -> dict[str, float]:
         "oracle": mean_of("health_vf_oracle_absent_acc"),
         "r2": mean_of("health_vf_align_r2"),
         "local_t": mean_of("expected_local_t_acc"),
+        "global_t": mean_of("global_t_balanced_acc"),
     }
 
 
@@ -72,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default="../shared/datasets/cifar10")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--trunk-lr-scale", type=float, default=0.1)
+    parser.add_argument(
+        "--calibration-steps", default="", help="comma-separated drdfl-vf.calibration-steps"
+    )
+    parser.add_argument(
+        "--no-align-row", action="store_true", help="leave out the rows without alignment"
+    )
     parser.add_argument("--smoke", action="store_true", help="digits, 2 rounds (a test)")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -94,20 +102,30 @@ def main(argv: list[str] | None = None) -> int:
         f"trunk-lr-scale {args.trunk_lr_scale}"
     )
     print(
-        "| align | absent means from the real ones, mean [max] | within-class spread | "
-        "absent-class acc | oracle head | map R^2 | expected Local-T |"
+        "| align | calibration steps | absent means from the real ones, mean [max] | "
+        "within-class spread | absent-class acc | oracle head | map R^2 | expected Local-T "
+        "| balanced Global-T |"
     )
-    print("|---|---|---|---|---|---|---|")
-    for align in (False, True):
+    print("|---|---|---|---|---|---|---|---|---|")
+    default = str(DRDFLVFOptions.calibration_steps)
+    steps = [int(s) for s in (args.calibration_steps or default).split(",")]
+    for align, calibration_steps in [(a, s) for a in (False, True) for s in steps]:
+        if args.no_align_row and not align:
+            continue
         torch.manual_seed(0)
-        section = {"align": align, "trunk-lr-scale": args.trunk_lr_scale}
+        section = {
+            "align": align,
+            "trunk-lr-scale": args.trunk_lr_scale,
+            "calibration-steps": calibration_steps,
+        }
         cfg = base.replace(sections={"drdfl-vf": section})
         row = ring(cfg, args.rounds)
         r2 = f"{row['r2']:.3f}" if align else ""
         print(
-            f"| {str(align).lower()} | {row['gap']:.2f} [{row['gap_max']:.2f}] | "
-            f"{row['spread']:.2f} | {row['absent']:.3f} | {row['oracle']:.3f} | {r2} | "
-            f"{row['local_t']:.3f} |"
+            f"| {str(align).lower()} | {calibration_steps} | "
+            f"{row['gap']:.2f} [{row['gap_max']:.2f}] | {row['spread']:.2f} | "
+            f"{row['absent']:.3f} | {row['oracle']:.3f} | {r2} | {row['local_t']:.3f} | "
+            f"{row['global_t']:.3f} |"
         )
     return 0
 
