@@ -139,9 +139,11 @@ def tree_pss_mib(root: int) -> dict[str, float]:
     return found
 
 
-def simulated_rounds(cfg: RunConfig, clients: int) -> tuple[list[float], dict, float, list[float]]:
-    """Per-round seconds, mean per-message timings (rounds 2..), the peak PSS, and per
-    round the ClientApps' own seconds (:func:`app_seconds`)."""
+def simulated_rounds(
+    cfg: RunConfig, clients: int
+) -> tuple[list[float], dict, float, list[float], float]:
+    """Per-round seconds, mean per-message timings (rounds 2..), the peak PSS, per round
+    the ClientApps' own seconds (:func:`app_seconds`), and the seconds discovery took."""
     with PeakMemory() as memory:
         simulate(cfg, clients, cpus_per_client=1.0)
     metrics = Path(cfg.results_dir) / cfg.run_name / "metrics.jsonl"
@@ -158,6 +160,7 @@ def simulated_rounds(cfg: RunConfig, clients: int) -> tuple[list[float], dict, f
         timings,
         memory.peak_mib,
         [app_seconds(r) for r in rounds],
+        float(rounds[0].get("discovery_seconds", float("nan"))),
     )
 
 
@@ -284,6 +287,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--participation", type=float, default=1.0, help="fraction of nodes that train a round"
     )
+    parser.add_argument(
+        "--partitioner", default="dirichlet", help="dirichlet, dirichlet-client or shard"
+    )
+    parser.add_argument(
+        "--idle-state", default="memory", help="memory or disk: where idle nodes' state waits"
+    )
+    parser.add_argument("--eval-every", type=int, default=1, help="score every N rounds")
+    parser.add_argument(
+        "--no-plain",
+        action="store_true",
+        help="skip the plain loop (its floors): the ClientApps' own seconds are the yardstick",
+    )
     parser.add_argument("--out", default="results/overhead")
     args = parser.parse_args(argv)
     if not Path(args.data_dir).is_dir():
@@ -311,8 +326,11 @@ def main(argv: list[str] | None = None) -> int:
                 method=method,
                 dataset="cifar10",
                 data_dir=str(Path(args.data_dir).resolve()),
-                partitioner="dirichlet",
+                partitioner=args.partitioner,
                 dirichlet_beta=0.1,
+                classes_per_client=2,
+                idle_state=args.idle_state,
+                eval_every=args.eval_every,
                 subset_train=args.subset_train,
                 subset_test=args.subset_test,
                 num_server_rounds=args.rounds,
@@ -322,17 +340,21 @@ def main(argv: list[str] | None = None) -> int:
                 device="cpu",
                 participation=args.participation,
             ).with_values(METHOD_KEYS.get(method, {}))
-            sim_seconds, timings, sim_peak, in_apps = simulated_rounds(cfg, clients)
+            sim_seconds, timings, sim_peak, in_apps, discovery = simulated_rounds(cfg, clients)
             # the cores a round can use: one actor per core, one node per actor at a time
             workers = min(cores, max(1, round(args.participation * clients)))
-            plain_seconds, plain_peak = plain_rounds(cfg, clients, PLAIN_CORE)
+            if args.no_plain:
+                plain_seconds, plain_peak = [float("nan")], float("nan")
+            else:
+                plain_seconds, plain_peak = plain_rounds(cfg, clients, PLAIN_CORE)
             sim = float(np.mean(sim_seconds[1:]))
             serial = float(np.mean(plain_seconds))  # the gaps between rounds 1..N: rounds 2..N
             floor = serial / workers
             attainable = serial / (speedup if workers == cores else 1.0)
             own = float(np.mean(in_apps[1:])) / workers  # the apps' seconds per core
             rows.append(
-                (method, clients, sim, floor, attainable, own, sim_peak, plain_peak, timings)
+                (method, clients, sim, floor, attainable, own, sim_peak, plain_peak, discovery)
+                + (timings,)
             )
             print(
                 f"{method} x {clients}: simulation {sim:.1f} s/round (rounds: "
@@ -341,29 +363,32 @@ def main(argv: list[str] | None = None) -> int:
                 f"floor {floor:.1f} on {workers} cores: {sim / floor:.2f}x; the floor at "
                 f"this machine's {speedup:.2f}x: {attainable:.1f}, {sim / attainable:.2f}x; "
                 f"the ClientApps' own seconds per core {own:.1f}: {sim / own:.2f}x; "
-                f"peak PSS {sim_peak / 1024:.2f} GiB (plain loop {plain_peak / 1024:.2f} GiB)",
+                f"peak PSS {sim_peak / 1024:.2f} GiB (plain loop {plain_peak / 1024:.2f} GiB), "
+                f"discovery {discovery:.1f} s",
                 flush=True,
             )
     print(
         f"\nCIFAR-10 {args.subset_train:,} train / {args.subset_test:,} test over the clients, "
-        f"Dirichlet 0.1, small CNN, 1 local epoch, participation {args.participation}, "
+        f"{args.partitioner} (Dirichlet 0.1, shards of 2 classes), small CNN, 1 local epoch, "
+        f"participation {args.participation}, idle state in {args.idle_state}, "
         f"steady rounds 2..{args.rounds}, {cores} cores, "
         f"torch {torch.__version__}"
     )
     print(
         "| method | clients | simulation s/round | floor (serial / cores) | ratio | "
         f"floor at {speedup:.2f}x | ratio | ClientApps' own s per core | ratio | "
-        "peak PSS simulation (GiB) | peak PSS plain loop (GiB) | simulation MiB per client |"
+        "peak PSS simulation (GiB) | peak PSS plain loop (GiB) | simulation MiB per client "
+        "| discovery (s) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for method in dict.fromkeys(r[0] for r in rows):
         mine = [r for r in rows if r[0] == method]
         slope = per_client_mib([(r[1], r[6]) for r in mine])
-        for _, clients, sim, floor, attainable, own, sim_peak, plain_peak, _ in mine:
+        for _, clients, sim, floor, attainable, own, sim_peak, plain_peak, found, _ in mine:
             print(
                 f"| {method} | {clients} | {sim:.1f} | {floor:.1f} | {sim / floor:.2f}x "
                 f"| {attainable:.1f} | {sim / attainable:.2f}x | {own:.1f} | {sim / own:.2f}x "
-                f"| {sim_peak / 1024:.2f} | {plain_peak / 1024:.2f} | {slope:.1f} |"
+                f"| {sim_peak / 1024:.2f} | {plain_peak / 1024:.2f} | {slope:.1f} | {found:.1f} |"
             )
     print("\nMean seconds per message inside the ClientApp (rounds 2..):")
     for method, clients, *_, timings in rows:

@@ -10,6 +10,7 @@ process (:func:`drdfl_flwr.node.node_round`), each receiving its predecessor's p
     python benchmarks/vf_alignment.py --rounds 3
     python benchmarks/vf_alignment.py --rounds 3 --trunk-lr-scale 1.0
     python benchmarks/vf_alignment.py --rounds 8 --no-align-row --calibration-steps 200,800
+    python benchmarks/vf_alignment.py --rounds 8 --no-align-row --heads
     python benchmarks/vf_alignment.py --smoke      # digits, 2 rounds
 """
 
@@ -19,6 +20,8 @@ import argparse
 import sys
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from drdfl_flwr.config import RunConfig
 from drdfl_flwr.data import load_client_data
@@ -30,7 +33,7 @@ from drdfl_flwr.registry import build_learner
 NODES = 4
 
 
-def ring(cfg: RunConfig, rounds: int) -> dict[str, float]:
+def ring(cfg: RunConfig, rounds: int) -> tuple[dict[str, float], list, list]:
     data = [load_client_data(cfg, p, NODES) for p in range(NODES)]
     k = data[0].num_classes
     nodes = [build_learner(cfg, data[0].input_shape, k, p) for p in range(NODES)]
@@ -57,7 +60,7 @@ def ring(cfg: RunConfig, rounds: int) -> dict[str, float]:
         values = [m[key] for m in metrics if key in m]
         return sum(values) / max(len(values), 1)
 
-    return {
+    row = {
         "gap": sum(gaps) / max(len(gaps), 1),
         "gap_max": max(gaps, default=0.0),
         "spread": sum(spreads) / max(len(spreads), 1),
@@ -66,6 +69,71 @@ def ring(cfg: RunConfig, rounds: int) -> dict[str, float]:
         "r2": mean_of("health_vf_align_r2"),
         "local_t": mean_of("expected_local_t_acc"),
         "global_t": mean_of("global_t_balanced_acc"),
+    }
+    return row, nodes, data
+
+
+def fit_head(
+    node, features: torch.Tensor, y: torch.Tensor, virtual: bool, real_weight: float
+) -> nn.Module:
+    """A linear head from zero on the node's trunk features: virtual draws from the
+    ring's moments of every class it knows (as the method's calibration draws them)
+    and/or the given real features."""
+    torch.manual_seed(0)
+    head = nn.Linear(features.shape[1], node.num_classes)
+    optimizer = torch.optim.Adam(head.parameters(), lr=node.vf_opts.calibration_lr)
+    known = torch.nonzero(node.ring.count > 0).flatten()
+    for _ in range(node.vf_opts.calibration_steps):
+        loss = torch.zeros(())
+        if virtual:
+            labels = known.repeat_interleave(node.vf_opts.virtual_per_class)
+            draw = node.ring.mean[labels] + torch.randn(len(labels), features.shape[1]) * (
+                node.ring.var[labels].sqrt()
+            )
+            loss = loss + F.cross_entropy(head(draw), labels)
+        if real_weight:
+            loss = loss + real_weight * F.cross_entropy(head(features), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return head
+
+
+def head_choices(nodes: list, data: list) -> dict[str, dict[str, float]]:
+    """Other heads on the same trunks, read on the odd half of the common test set (the
+    oracle fits on the even half): is the calibration or the trunk the limit?"""
+    rows: dict[str, list[dict[str, float]]] = {}
+    for node, own in zip(nodes, data, strict=True):
+        k = node.num_classes
+        test = node.features(own.x_global_test)
+        y = own.y_global_test
+        fit, read = torch.arange(0, len(y), 2), torch.arange(1, len(y), 2)
+        prior = torch.bincount(own.y_train, minlength=k).float() / len(own.y_train)
+        train = node.features(own.x_train)
+        heads = {
+            "the method's (calibrated, warm)": node.classifier.head,
+            "from zero, virtual only": fit_head(node, train, own.y_train, True, 0.0),
+            "from zero, virtual + real x 0.25": fit_head(node, train, own.y_train, True, 0.25),
+            "oracle: real features of every class": fit_head(node, test[fit], y[fit], False, 1.0),
+        }
+        for name, head in heads.items():
+            with torch.no_grad():
+                logits = head(test[read])
+                hit = (logits.argmax(1) == y[read]).float()
+                local = ((logits + prior.clamp_min(1e-12).log()).argmax(1) == y[read]).float()
+            per_class = torch.stack([hit[y[read] == c].mean() for c in range(k)])
+            local_class = torch.stack([local[y[read] == c].mean() for c in range(k)])
+            rows.setdefault(name, []).append(
+                {
+                    "balanced": per_class.mean().item(),
+                    "absent": per_class[prior == 0].mean().item(),
+                    "own": per_class[prior > 0].mean().item(),
+                    "expected_local": (prior * local_class).sum().item(),
+                }
+            )
+    return {
+        name: {key: sum(r[key] for r in values) / len(values) for key in values[0]}
+        for name, values in rows.items()
     }
 
 
@@ -79,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--no-align-row", action="store_true", help="leave out the rows without alignment"
+    )
+    parser.add_argument(
+        "--heads", action="store_true", help="after the last row, other heads on its trunks"
     )
     parser.add_argument("--smoke", action="store_true", help="digits, 2 rounds (a test)")
     args = parser.parse_args(argv)
@@ -110,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     default = str(DRDFLVFOptions.calibration_steps)
     steps = [int(s) for s in (args.calibration_steps or default).split(",")]
     for align, calibration_steps in [(a, s) for a in (False, True) for s in steps]:
-        if args.no_align_row and not align:
+        if (args.no_align_row or args.smoke) and not align:
             continue
         torch.manual_seed(0)
         section = {
@@ -119,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             "calibration-steps": calibration_steps,
         }
         cfg = base.replace(sections={"drdfl-vf": section})
-        row = ring(cfg, args.rounds)
+        row, nodes, data = ring(cfg, args.rounds)
         r2 = f"{row['r2']:.3f}" if align else ""
         print(
             f"| {str(align).lower()} | {calibration_steps} | "
@@ -127,6 +198,15 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['absent']:.3f} | {row['oracle']:.3f} | {r2} | {row['local_t']:.3f} | "
             f"{row['global_t']:.3f} |"
         )
+    if args.heads:
+        print("\nOther heads on the last row's trunks (odd half of the test set, mean over nodes):")
+        print("| head | balanced acc | absent classes | own classes | expected Local-T |")
+        print("|---|---|---|---|---|")
+        for name, score in head_choices(nodes, data).items():
+            print(
+                f"| {name} | {score['balanced']:.3f} | {score['absent']:.3f} | "
+                f"{score['own']:.3f} | {score['expected_local']:.3f} |"
+            )
     return 0
 
 

@@ -165,6 +165,9 @@ class ResultsWriter:
             ),
             "topology": self.rounds[-1].get("topology", "") if self.rounds else "",
         }
+        discovered = [r["discovery_seconds"] for r in self.rounds if "discovery_seconds" in r]
+        if discovered:  # the (last) start's: a resumed run forms its ring again
+            summary["discovery_seconds"] = discovered[-1]
         if self.rounds:
             # The last round's mechanism health, mean over nodes (see drdfl_flwr.health).
             summary["last_health"] = health_view(self.rounds[-1]["mean"])

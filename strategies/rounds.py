@@ -119,6 +119,8 @@ class RoundReport:
     raised: int = 0  # of which came back with the error of a ClientApp that raised
     # partition -> images a learner made for the results (last round); not in the record
     artifacts: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+    # the run's first round only: seconds from asking every node to all of them placed
+    discovery_seconds: float | None = None
 
     def node(self, partition_id: int) -> dict[str, float]:
         return self.nodes.setdefault(partition_id, {})
@@ -134,7 +136,7 @@ class RoundReport:
 
     def to_record(self) -> dict[str, Any]:
         mean, std = mean_std(self.nodes)
-        return {
+        record = {
             "round": self.round,
             "mode": self.mode,
             "topology": self.topology,
@@ -156,6 +158,9 @@ class RoundReport:
             "mean": mean,
             "std": std,
         }
+        if self.discovery_seconds is not None:
+            record["discovery_seconds"] = self.discovery_seconds
+        return record
 
 
 class Router(ABC):
@@ -486,12 +491,17 @@ class RoundLoop:
         round carries no payloads, like round 1)."""
         self.summary()
         self.num_rounds = num_rounds
+        asked = time.time()
         self.membership.discover(grid)
+        discovery_seconds = time.time() - asked
+        log(INFO, "Discovery took %.1f s", discovery_seconds)
         train_config = train_config or ConfigRecord()
         evaluate_config = evaluate_config or ConfigRecord()
         for server_round in range(first_round, num_rounds + 1):
             started = time.time()
             self.report = RoundReport(server_round, self.mode, self.router.topology_name)
+            if server_round == first_round:
+                self.report.discovery_seconds = discovery_seconds
             self.report.participants = self.membership.draw(
                 self.seed, server_round, self.participation
             )

@@ -64,7 +64,15 @@ SMALL_RUNS = [
         "RESULT isolated=",
     ),
     ("install_size.py", ("--top", "3"), "MiB"),
-    ("vf_alignment.py", ("--smoke",), "| true |"),
+    ("vf_alignment.py", ("--smoke", "--heads"), "| oracle: real features of every class |"),
+    (
+        "overhead.py",
+        ("--methods", "fedavg", "--clients", "3,4", "--rounds", "3", "--no-plain")
+        + ("--subset-train", "200", "--subset-test", "100", "--out", "{tmp}"),
+        "| fedavg | 4 |",
+    ),
+    ("deployment_speed.py", ("--rounds", "2"), "floor"),
+    ("dead_node.py", ("--trials", "1", "--rounds", "3"), "trial"),
 ]
 
 
