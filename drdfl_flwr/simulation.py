@@ -25,6 +25,7 @@ from flwr.clientapp.typing import Mod
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
+from drdfl_flwr import vce_delivery
 from drdfl_flwr.client_app import build_client_app, with_run_config
 from drdfl_flwr.config import RunConfig
 from drdfl_flwr.data import check_partition_plan
@@ -234,6 +235,7 @@ def simulate(
             raise
 
     client_app = build_client_app(mods=[with_run_config(cfg.to_run_config()), *mods])
+    vce_delivery.install()  # one scan of the messages per tick, not one per node
     run_simulation(
         server_app=server_app,
         client_app=client_app,
