@@ -61,6 +61,7 @@ from drdfl_flwr.node import evaluation_metrics, node_round
 from drdfl_flwr.payload import from_hub, peers
 from drdfl_flwr.registry import build_learner, hub_reducer
 from drdfl_flwr.simulation import simulate
+from drdfl_flwr.vce_delivery import KEEP_FLOWERS
 from strategies.membership import sample_participants
 from strategies.reducers import Contribution, reduce_screened
 from strategies.rounds import AGGREGATE_PREFIX
@@ -299,6 +300,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="skip the plain loop (its floors): the ClientApps' own seconds are the yardstick",
     )
+    parser.add_argument(
+        "--flower-extractor",
+        action="store_true",
+        help="keep Flower's own message extractor (the before of drdfl_flwr/vce_delivery.py)",
+    )
     parser.add_argument("--out", default="results/overhead")
     args = parser.parse_args(argv)
     if not Path(args.data_dir).is_dir():
@@ -308,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         print("--rounds must be >= 3 (round 1 is start-up)", file=sys.stderr)
         return 2
     sizes = [int(c) for c in args.clients.split(",")]
+    if args.flower_extractor:
+        os.environ[KEEP_FLOWERS] = "1"
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     cores = len(os.sched_getaffinity(0))
     speedup, together, alone = core_speedup(PLAIN_CORE, cores)
@@ -371,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         f"\nCIFAR-10 {args.subset_train:,} train / {args.subset_test:,} test over the clients, "
         f"{args.partitioner} (Dirichlet 0.1, shards of 2 classes), small CNN, 1 local epoch, "
         f"participation {args.participation}, idle state in {args.idle_state}, "
+        f"{'Flower' if args.flower_extractor else 'drdfl_flwr.vce_delivery'}'s message "
+        "extractor, "
         f"steady rounds 2..{args.rounds}, {cores} cores, "
         f"torch {torch.__version__}"
     )

@@ -21,11 +21,15 @@ node mapping are left alone, as Flower's loop over that mapping leaves them.
 It reads the in-memory LinkState's own fields (``lock``, ``message_ins_store``), so it
 is installed only on the Flower version it was written against (:data:`WRITTEN_FOR`) and
 only when that LinkState has them; anywhere else Flower's own extractor runs, with a
-warning. A deployment (SuperLink and SuperNodes) does not use this engine at all.
+warning. ``DRDFL_FLOWER_EXTRACTOR=1`` in the environment keeps Flower's own (to measure
+the difference). Installed by :func:`drdfl_flwr.simulation.simulate` (grids, notebooks,
+benchmarks); ``flwr run`` starts Flower's engine without it. A deployment (SuperLink
+and SuperNodes) does not use this engine at all.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from logging import WARNING
 from queue import Queue
@@ -36,6 +40,8 @@ from flwr.common.logger import log
 from flwr.supercore.date import now
 
 WRITTEN_FOR = "1.41."
+# set to 1, Flower's own extractor stays (benchmarks/overhead.py --flower-extractor)
+KEEP_FLOWERS = "DRDFL_FLOWER_EXTRACTOR"
 _installed = False
 
 
@@ -89,6 +95,8 @@ def install() -> bool:
     global _installed
     if _installed:
         return True
+    if os.environ.get(KEEP_FLOWERS) == "1":  # a benchmark's "before"
+        return False
     if not flwr.__version__.startswith(WRITTEN_FOR):
         log(
             WARNING,
