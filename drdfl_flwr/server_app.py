@@ -59,6 +59,18 @@ def progress_line(report: RoundReport, num_rounds: int) -> str:
     return " | ".join(parts + round_events(report))
 
 
+LISTED = 12  # partitions named in a progress line; the round record has them all
+
+
+def listed(partitions: list[int]) -> str:
+    """A list of partitions for a log line: whole up to :data:`LISTED`, else its start
+    and a count (1,000 clients at 10 % would print 100 numbers a round)."""
+    if len(partitions) <= LISTED:
+        return str(partitions)
+    shown = ", ".join(map(str, partitions[:LISTED]))
+    return f"[{shown}, ... {len(partitions) - LISTED} more]"
+
+
 def round_events(report: RoundReport) -> list[str]:
     """What happened to the nodes in a round, for its progress line: the partitions
     drawn to take part when not all are (``participation``), those skipped (a node
@@ -68,16 +80,16 @@ def round_events(report: RoundReport) -> list[str]:
     participants = report.participants
     ring = len(report.node_ids) + len(report.absent)
     if len(participants) < ring:
-        events.append(f"{len(participants)}/{ring} taking part {participants}")
+        events.append(f"{len(participants)}/{ring} taking part {listed(participants)}")
     if report.failed:
-        events.append(f"skipped partitions {report.failed}")
+        events.append(f"skipped partitions {listed(report.failed)}")
     for change, partitions in (
         ("joined", report.joined),
         ("rejoined", report.rejoined),
         ("absent", report.absent),
     ):
         if partitions:
-            events.append(f"{change} {partitions}")
+            events.append(f"{change} {listed(partitions)}")
     if report.left_out:
         events.append(f"hub left out partitions {sorted(report.left_out)}")
     return events

@@ -108,8 +108,9 @@ def test_default_participation_leaves_every_node_training_every_round(mode):
     assert explicit.order == grid.order
     for key, arrays in grid.received.items():
         assert [a.tolist() for a in explicit.received[key]] == [a.tolist() for a in arrays]
-    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in records]
-    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in same]
+    timings = ("seconds", "discovery_seconds")
+    strip = [{k: v for k, v in r.items() if k not in timings} for r in records]
+    assert strip == [{k: v for k, v in r.items() if k not in timings} for r in same]
 
 
 @pytest.mark.parametrize("mode", ["synchronous", "sequential"])
@@ -298,3 +299,18 @@ def test_a_sitting_out_node_keeps_its_state_and_counts_only_the_rounds_it_traine
             else:
                 assert token == previous[node]
         previous = tokens
+
+
+def test_a_progress_line_names_a_dozen_partitions_and_counts_the_rest():
+    """1,000 clients at 10 %: the line says 100/1000 and names 12, not 100 numbers."""
+    from drdfl_flwr.server_app import round_events
+    from strategies.rounds import RoundReport
+
+    report = RoundReport(1, "synchronous", "ring")
+    report.node_ids = {p: p + 1 for p in range(1000)}
+    report.participants = list(range(0, 1000, 10))
+    (line,) = round_events(report)
+    assert (
+        line
+        == "100/1000 taking part [0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 110, ... 88 more]"
+    )
