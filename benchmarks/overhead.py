@@ -145,8 +145,10 @@ def simulated_rounds(
 ) -> tuple[list[float], dict, float, list[float], float]:
     """Per-round seconds, mean per-message timings (rounds 2..), the peak PSS, per round
     the ClientApps' own seconds (:func:`app_seconds`), and the seconds discovery took."""
+    driver_cpu = time.process_time()
     with PeakMemory() as memory:
         simulate(cfg, clients, cpus_per_client=1.0)
+    driver_cpu = time.process_time() - driver_cpu
     metrics = Path(cfg.results_dir) / cfg.run_name / "metrics.jsonl"
     rounds = [json.loads(line) for line in metrics.read_text().splitlines()]
     steady = rounds[1:] or rounds
@@ -156,6 +158,11 @@ def simulated_rounds(
         if key.startswith("time_") or key == "warm_start"
     }
     print(f"  simulation peak by process (MiB): {memory.breakdown()}", flush=True)
+    print(
+        f"  the driver (ServerApp, Flower's engine threads) used {driver_cpu:.1f} CPU s, "
+        f"{driver_cpu / len(rounds):.2f} per round",
+        flush=True,
+    )
     return (
         [r["seconds"] for r in rounds],
         timings,
