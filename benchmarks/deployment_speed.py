@@ -54,19 +54,41 @@ class Deployment:
     def __enter__(self) -> Deployment:
         subprocess.run([self.script, "start", "3"], env=self.env, check=True, capture_output=True)
         subprocess.run([self.script, "connection"], env=self.env, check=True, capture_output=True)
+        listening(int(self.env["SUPERLINK_PORT"]))  # local.sh returns before it listens
         return self
 
     def __exit__(self, *exc: object) -> None:
         subprocess.run([self.script, "stop"], env=self.env, check=True, capture_output=True)
 
     def run(self, app: Path, run_config: str) -> None:
-        subprocess.run(
+        done = subprocess.run(
             ["flwr", "run", str(app), "drdfl-local", "--stream", "--run-config", run_config],
             env=self.env,
-            check=True,
             capture_output=True,
+            text=True,
             timeout=1800,
         )
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"flwr run {app.name} failed (exit {done.returncode}):\n"
+                f"{(done.stdout + done.stderr)[-3000:]}"
+            )
+
+
+def listening(port: int, seconds: float = 60) -> None:
+    """Wait until something accepts connections on 127.0.0.1:``port`` (a first
+    ``flwr run`` that comes too early fails with "Connection to the SuperLink is
+    unavailable")."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                message = f"no SuperLink listening on port {port} after {seconds}s"
+                raise TimeoutError(message) from None
+            time.sleep(0.5)
 
 
 def wait_for(path: Path, seconds: float = 120) -> None:
