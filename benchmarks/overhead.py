@@ -368,8 +368,18 @@ def main(argv: list[str] | None = None) -> int:
             attainable = serial / (speedup if workers == cores else 1.0)
             own = float(np.mean(in_apps[1:])) / workers  # the apps' seconds per core
             rows.append(
-                (method, clients, sim, floor, attainable, own, sim_peak, plain_peak, discovery)
-                + (timings,)
+                (
+                    method,
+                    clients,
+                    sim,
+                    floor,
+                    attainable,
+                    own,
+                    sim_peak,
+                    plain_peak,
+                    discovery,
+                    timings,
+                )
             )
             print(
                 f"{method} x {clients}: simulation {sim:.1f} s/round (rounds: "

@@ -82,14 +82,11 @@ def fit_head(
     torch.manual_seed(0)
     head = nn.Linear(features.shape[1], node.num_classes)
     optimizer = torch.optim.Adam(head.parameters(), lr=node.vf_opts.calibration_lr)
-    known = torch.nonzero(node.ring.count > 0).flatten()
+    known = node.ring.known()
     for _ in range(node.vf_opts.calibration_steps):
         loss = torch.zeros(())
         if virtual:
-            labels = known.repeat_interleave(node.vf_opts.virtual_per_class)
-            draw = node.ring.mean[labels] + torch.randn(len(labels), features.shape[1]) * (
-                node.ring.var[labels].sqrt()
-            )
+            draw, labels = node.ring.draw(known, node.vf_opts.virtual_per_class)
             loss = loss + F.cross_entropy(head(draw), labels)
         if real_weight:
             loss = loss + real_weight * F.cross_entropy(head(features), y)

@@ -42,7 +42,6 @@ from flwr.supercore.date import now
 WRITTEN_FOR = "1.41."
 # set to 1, Flower's own extractor stays (benchmarks/overhead.py --flower-extractor)
 KEEP_FLOWERS = "DRDFL_FLOWER_EXTRACTOR"
-_installed = False
 
 
 def waiting_messages(state: Any, nodes: Any) -> list[Any]:
@@ -78,7 +77,7 @@ def add_messages_to_queue(
         f_stop.wait(0.1)
 
 
-_ORIGINAL: list[Any] = []  # Flower's extractor, once installed
+_ORIGINAL: list[Any] = []  # Flower's extractor, once ours is in place (at most one)
 
 
 def _extractor(state: Any, queue: Queue, nodes_mapping: Any, f_stop: threading.Event) -> None:
@@ -92,8 +91,7 @@ def _extractor(state: Any, queue: Queue, nodes_mapping: Any, f_stop: threading.E
 def install() -> bool:
     """Put :func:`add_messages_to_queue` in place of Flower's extractor (once per
     process); True if it is in place."""
-    global _installed
-    if _installed:
+    if _ORIGINAL:  # in place already
         return True
     if os.environ.get(KEEP_FLOWERS) == "1":  # a benchmark's "before"
         return False
@@ -110,5 +108,4 @@ def install() -> bool:
 
     _ORIGINAL.append(vce_api.add_messages_to_queue)
     vce_api.add_messages_to_queue = _extractor
-    _installed = True
     return True

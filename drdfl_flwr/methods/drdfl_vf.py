@@ -169,6 +169,21 @@ class FeatureMoments(nn.Module):
         self.mean.copy_(mean)
         self.var.copy_(var.clamp_min(VAR_FLOOR))
 
+    def known(self) -> torch.Tensor:
+        """The classes with statistics (from the node or the ring)."""
+        return torch.nonzero(self.count > 0).flatten()
+
+    def draw(
+        self, classes: torch.Tensor, per_class: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Virtual features, ``per_class`` of each of ``classes`` from N(mean, diag var),
+        and their labels: what the head is calibrated on."""
+        labels = classes.repeat_interleave(per_class)
+        noise = torch.randn(
+            len(labels), self.mean.shape[1], generator=generator, device=self.mean.device
+        )
+        return self.mean[labels] + noise * self.var[labels].sqrt(), labels
+
 
 def moments_of(features: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple:
     """(count, mean, var) per class of ``features``; zero count and unit variance for a
@@ -355,7 +370,7 @@ class DRDFLVFLearner(DRDFLLearner):
         """The head retrained on virtual features of every class the ring knows
         (class-balanced) and the node's real features, with the trunk frozen."""
         vf = self.vf_opts
-        known = torch.nonzero(self.ring.count > 0).flatten()
+        known = self.ring.known()
         if not len(known) or vf.calibration_steps == 0:
             return {}
         gen = torch.Generator(device=self.device).manual_seed(self.round_seed)
@@ -363,9 +378,7 @@ class DRDFLVFLearner(DRDFLLearner):
         optimizer = torch.optim.Adam(head.parameters(), lr=vf.calibration_lr)
         total = 0.0
         for _ in range(vf.calibration_steps):
-            labels = known.repeat_interleave(vf.virtual_per_class)
-            noise = torch.randn(len(labels), features.shape[1], generator=gen, device=self.device)
-            virtual = self.ring.mean[labels] + noise * self.ring.var[labels].sqrt()
+            virtual, labels = self.ring.draw(known, vf.virtual_per_class, gen)
             loss = F.cross_entropy(head(virtual), labels)
             if vf.real_weight > 0 and len(y):
                 loss = loss + vf.real_weight * F.cross_entropy(head(features), y)
