@@ -37,7 +37,6 @@ from drdfl_flwr.registry import build_learner, recorded_run_config
 from drdfl_flwr.saved_models import model_path, save_node_model
 from drdfl_flwr.warm import WARM
 from strategies.wire import (
-    ARTIFACTS,
     CONFIG,
     EVALUATE_KEY,
     METRICS,
@@ -253,10 +252,6 @@ def train(msg: Message, context: Context) -> Message:
     )
     if result.intake.rejections:
         content[REJECTIONS] = ConfigRecord(result.intake.rejections)
-    if round_config.get(ARTIFACTS, False):
-        images = learner.artifacts()
-        if images:
-            content[ARTIFACTS] = to_array_record(images)
     return Message(content, reply_to=msg)
 
 

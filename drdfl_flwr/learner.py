@@ -191,12 +191,6 @@ class Learner(ABC):
         self.classifier.eval()
         return self.classifier(x)
 
-    def artifacts(self) -> dict[str, torch.Tensor]:
-        """Images for the results folder, asked for on the last round (uint8, (H, W, C)
-        each): what a method's health looks like (DRDFL-Gen: generated samples per class).
-        They go to the relay's results, never to a neighbour. None by default."""
-        return {}
-
     def new_classifier(self) -> nn.Module:
         """The run's classifier (``classifier``, ``classifier-norm``) on this node's device."""
         from drdfl_flwr.models import build_classifier

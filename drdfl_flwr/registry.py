@@ -36,7 +36,6 @@ METHODS: dict[str, str] = {
     "local": "baselines.local",
     "fedavg": "baselines.fedavg",
     "fedprox": "baselines.fedprox",
-    "drdfl-gen": "drdfl_flwr.methods.drdfl_gen",
     "drdfl-vf": "drdfl_flwr.methods.drdfl_vf",
     "drdfl-cfl": "baselines.drdfl_cfl",
     "fednova": "baselines.fednova",
@@ -49,11 +48,23 @@ METHODS: dict[str, str] = {
     "fedper": "baselines.fedper",
 }
 
+# Methods taken out of the registry -> why, and where their record and code still are: a
+# config or an archived grid that names one is told so, not only "unknown".
+REMOVED: dict[str, str] = {
+    "drdfl-gen": (
+        "was removed (issue 29): drdfl-vf superseded it; its measured record is in "
+        'benchmarks/RESULTS.md ("DRDFL-Gen") and benchmarks/archive/drdfl-gen, its code in '
+        "git: git show 0f9e0e7:drdfl_flwr/methods/drdfl_gen.py"
+    ),
+}
+
 
 def method_spec(name: str) -> MethodSpec:
     try:
         module_name = METHODS[name]
     except KeyError:
+        if name in REMOVED:
+            raise ConfigError("method", name, REMOVED[name]) from None
         raise ConfigError("method", name, f"must be one of {', '.join(METHODS)}") from None
     spec = importlib.import_module(module_name).SPEC
     if spec.name != name:

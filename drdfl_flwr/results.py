@@ -1,5 +1,4 @@
-"""Per-round metrics on disk: ``metrics.jsonl``, ``summary.json``, ``convergence.png`` and
-the nodes' last-round images (``artifacts/``).
+"""Per-round metrics on disk: ``metrics.jsonl``, ``summary.json``, ``convergence.png``.
 
 Aggregates are the unweighted mean and standard deviation over clients, as the papers
 report them. The summary holds the last round and the best round (by mean Local-T, and
@@ -11,12 +10,10 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from logging import WARNING
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.common import log
 
 from drdfl_flwr.atomic import append_line, write_atomically
 from drdfl_flwr.health import health_view
@@ -112,34 +109,6 @@ class ResultsWriter:
         append_line(self.metrics_path, json.dumps(record))
         if self.tracker is not None:
             self.tracker.log_round(record)
-
-    def save_artifacts(self, partition: int, images: dict[str, np.ndarray]) -> None:
-        """A node's images (uint8, (H, W, C)) as ``artifacts/<name>_partition<k>.png``;
-        anything else a node sends under that name is refused with a warning, not saved."""
-        from matplotlib.image import imsave  # no pyplot: the global backend stays as it is
-
-        folder = self.run_dir / "artifacts"
-        for name, image in images.items():
-            ok_name = name.replace("-", "").replace("_", "").isalnum()
-            if (
-                not ok_name
-                or image.dtype != np.uint8
-                or image.ndim != 3
-                or image.shape[2] not in (1, 3)
-            ):
-                log(
-                    WARNING,
-                    "partition %d sent an artifact %r that is not an image; skipped",
-                    partition,
-                    name,
-                )
-                continue
-            folder.mkdir(exist_ok=True)
-            path = folder / f"{name}_partition{partition}.png"
-            if image.shape[2] == 1:
-                imsave(path, image[:, :, 0], cmap="gray", vmin=0, vmax=255)
-            else:
-                imsave(path, image)
 
     def summary(self) -> dict[str, Any]:
         evaluated = [r for r in self.rounds if "local_t_acc" in r["mean"]]

@@ -156,7 +156,6 @@ def run_job(
         max_in_flight=max_in_flight,
         eval_every=cfg.eval_every,
         on_round=record_round,
-        on_artifacts=writer.save_artifacts,
     )
     key = ConfigRecord({RUN_KEY: writer.run_key})
     if cfg.save_models or cfg.idle_state == "disk":

@@ -47,7 +47,7 @@ class MethodSpec:
     reducer: Reducer | None = None
     classifiers: tuple[str, ...] = DENSE_CLASSIFIERS
     check: Callable[[RunConfig], None] | None = None  # cross-key checks beyond the section
-    reads: tuple[str, ...] = ()  # other methods' sections this one also reads (drdfl-gen)
+    reads: tuple[str, ...] = ()  # other sections this one reads (drdfl-vf: [drdfl])
     exempt: Mapping[str, str] = field(default_factory=dict, compare=False)  # check -> why
 
     @property

@@ -40,7 +40,6 @@ from flwr.serverapp import Grid
 from strategies.membership import UNREACHABLE, Member, Membership
 from strategies.topology import MODES
 from strategies.wire import (
-    ARTIFACTS,
     CONFIG,
     EVALUATE_KEY,
     IN_META_PREFIX,
@@ -117,8 +116,6 @@ class RoundReport:
     asked: int = 0  # train messages sent this round
     trained: int = 0  # of which came back with a reply that is not an error
     raised: int = 0  # of which came back with the error of a ClientApp that raised
-    # partition -> images a learner made for the results (last round); not in the record
-    artifacts: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
     # the run's first round only: seconds from asking every node to all of them placed
     discovery_seconds: float | None = None
 
@@ -235,7 +232,6 @@ def exchange(
 
 
 RoundCallback = Callable[[RoundReport], None]
-ArtifactsCallback = Callable[[int, dict[str, np.ndarray]], None]
 
 
 class RoundLoop:
@@ -253,7 +249,6 @@ class RoundLoop:
         min_nodes: int = 0,
         eval_every: int = 1,
         on_round: RoundCallback | None = None,
-        on_artifacts: ArtifactsCallback | None = None,
         participation: float = 1.0,
         seed: int = 0,
         max_in_flight: int = 0,
@@ -278,7 +273,6 @@ class RoundLoop:
         self.eval_every = eval_every
         self.num_rounds = 0  # set by start()
         self.on_round = on_round
-        self.on_artifacts = on_artifacts
         self.report = RoundReport(0, mode, router.topology_name)
 
     def summary(self) -> None:
@@ -302,8 +296,6 @@ class RoundLoop:
         round_config[SERVER_ROUND] = server_round
         if evaluate:
             round_config[EVALUATE_KEY] = True
-        if server_round == self.num_rounds and self.on_artifacts is not None:
-            round_config[ARTIFACTS] = True
         content[CONFIG] = round_config
         member = self.membership.members[position]
         partition = member.partition_id
@@ -366,9 +358,6 @@ class RoundLoop:
                         reason,
                     )
             self.report.node(partition).update(metrics)
-            if ARTIFACTS in reply.content.array_records:
-                images = reply.content.array_records[ARTIFACTS]
-                self.report.artifacts[partition] = {k: a.numpy() for k, a in images.items()}
             self.membership.answered(position)
             collected[position] = Reply(partition, payload, metrics)
         for partition, reason in self.router.collect(server_round, collected).items():
@@ -520,6 +509,3 @@ class RoundLoop:
             self.report.seconds = time.time() - started
             if self.on_round:
                 self.on_round(self.report)
-            if self.on_artifacts:
-                for partition, images in sorted(self.report.artifacts.items()):
-                    self.on_artifacts(partition, images)

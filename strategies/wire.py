@@ -18,8 +18,6 @@ MADE_IN_ROUND = "made-in-round"  # in-meta of a stale payload: the round its sen
 CONFIG = "config"
 SERVER_ROUND = "server-round"  # in a train message's config
 EVALUATE_KEY = "evaluate"  # in a train message's config: evaluate after training
-ARTIFACTS = "artifacts"  # train config flag (last round) and the reply record it asks for:
-# images a learner makes for the results folder; they go to the router, never to a peer
 METRICS = "metrics"
 REJECTIONS = "rejections"  # node -> router: sender name -> why its payload was refused
 RUN_KEY = "run-key"  # in every message's config: which run's checkpoints a node uses

@@ -20,7 +20,7 @@ def fresh(method: str, seed: int, partition_id: int):
     )
 
 
-@pytest.mark.parametrize("method", ["drdfl", "drdfl-cfl", "drdfl-gen"])
+@pytest.mark.parametrize("method", ["drdfl", "drdfl-cfl", "drdfl-vf"])
 @pytest.mark.parametrize("seed", [0, 1, 7, 42])
 @pytest.mark.parametrize("partition_id", [0, 1, 2])
 def test_private_persona_never_starts_equal_to_the_shared_learngene(method, seed, partition_id):

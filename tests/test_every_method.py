@@ -71,17 +71,18 @@ def test_isolated_drdfl_sends_and_receives_nothing(smoke):
         assert node["bytes_sent"] == 0 and node["payloads_received"] == 0.0
 
 
-def test_drdfl_gen_shares_its_decoder_and_leaves_its_sample_grids(smoke):
-    """The extension's payload is larger than DRDFL's by the decoder, and every node's
-    last-round image grid reached the results folder through the relay."""
+def test_drdfl_vf_sends_its_trunk_and_moments_and_the_ring_tells_every_node_every_class(smoke):
+    """DRDFL-VF's payload is DRDFL's plus the trunk and the class moments; on a ring of
+    three, after two rounds each node holds the moments its predecessor merged from its
+    own predecessor, so the union of the three nodes' classes."""
     _, by_variant, _ = smoke
-    gen, paper = by_variant["drdfl-gen"], by_variant["drdfl"]
-    gen_sent = rounds_of(gen)[-1]["nodes"]["0"]["params_sent"]
-    paper_sent = rounds_of(paper)[-1]["nodes"]["0"]["params_sent"]
-    assert gen_sent > paper_sent
-    for partition in range(NODES):
-        assert (gen.run_dir / "artifacts" / f"generated_partition{partition}.png").is_file()
-    assert not (paper.run_dir / "artifacts").exists()
+    vf, paper = rounds_of(by_variant["drdfl-vf"])[-1], rounds_of(by_variant["drdfl"])[-1]
+    assert vf["nodes"]["0"]["params_sent"] > paper["nodes"]["0"]["params_sent"]
+    first = rounds_of(by_variant["drdfl-vf"])[0]
+    for partition, node in vf["nodes"].items():
+        own = first["nodes"][partition]["health_vf_classes_known"]  # nothing received yet
+        assert own <= node["health_vf_classes_known"] == 10.0, partition
+        assert node.get("health_vf_absent_known", 1.0) == 1.0, partition
 
 
 @pytest.mark.parametrize(("variant", "expected"), TOPOLOGY_CASES)

@@ -143,10 +143,14 @@ def test_drdfl_runs_on_every_decentralized_topology(variant, expected, finished)
     check_routing(last, expected)
 
 
-def test_drdfl_gen_shares_its_decoder_and_leaves_its_sample_grids(finished):
-    gen, paper = finished("drdfl-gen"), finished("drdfl")
-    sent = [run.rounds[-1]["nodes"]["0"]["params_sent"] for run in (gen, paper)]
-    assert sent[0] > sent[1]
-    for partition in range(NODES):
-        assert (gen.run_dir / "artifacts" / f"generated_partition{partition}.png").is_file()
-    assert not (paper.run_dir / "artifacts").exists()
+def test_drdfl_vf_sends_its_trunk_and_moments_and_the_ring_tells_every_node_every_class(finished):
+    """As in tests/test_every_method.py: DRDFL's payload plus the trunk and the moments, and
+    after two rounds on a ring of three every node knows every class of the ring."""
+    vf, paper = finished("drdfl-vf"), finished("drdfl")
+    assert (
+        vf.rounds[-1]["nodes"]["0"]["params_sent"] > paper.rounds[-1]["nodes"]["0"]["params_sent"]
+    )
+    for partition, node in vf.rounds[-1]["nodes"].items():
+        own = vf.rounds[0]["nodes"][partition]["health_vf_classes_known"]  # nothing received yet
+        assert own <= node["health_vf_classes_known"] == 10.0, partition
+        assert node.get("health_vf_absent_known", 1.0) == 1.0, partition

@@ -34,7 +34,7 @@ from tests.test_experiment_report import DIR01, SHARD4, done, grid_run
         ('fedbn{classifier-norm="batch"}', "FedBN (batch norm)"),
         ("dfedpgp+isolated", "DFedPGP (isolated)"),
         ("dispfl", "DisPFL"),
-        ("drdfl-gen+isolated", "DRDFL-Gen (isolated)"),
+        ("drdfl-vf+isolated", "DRDFL-VF (isolated)"),
         ("drdfl-cfl", "DRDFL-CFL"),
         ("drdfl@full", "DRDFL (full)"),
         ("drdfl@random-k{topology-k=1}", "DRDFL (random-k, k=1)"),

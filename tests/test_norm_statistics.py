@@ -57,14 +57,13 @@ def expected_after_clean_passes(learner, data, fit) -> tuple[dict, dict]:
     return actual, replay
 
 
-@pytest.mark.parametrize("method", ["drdfl", "drdfl-gen", "cvae"])
+@pytest.mark.parametrize("method", ["drdfl", "cvae"])
 def test_running_statistics_after_fit_are_those_of_the_clean_batches(method):
     cfg = make_config(
         method=method,
         classifier_norm="batch",
         local_epochs=2,
         batch_size=16,
-        **{"drdfl-gen.start-round": 1},
     )
     learner = build_learner(cfg, SHAPE, K)
     data = random_client_data(64, SHAPE, K)
@@ -100,7 +99,6 @@ WEIGHT_SHARING = (
     "cvae",
     "drdfl",
     "drdfl-cfl",
-    "drdfl-gen",
 )
 
 

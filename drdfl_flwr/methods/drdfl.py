@@ -237,7 +237,7 @@ class DRDFLLearner(Learner):
     # -- communication -------------------------------------------------------------
     def shared_modules(self) -> dict[str, nn.Module]:
         """The modules that travel, by payload prefix, all merged by ``learngene-merge``
-        (an extension may share more than the Learngene: see drdfl_gen)."""
+        (an extension may share more than the Learngene: see drdfl_vf)."""
         return {"learngene": self.learngene}
 
     def shared_payload(self) -> Tensors:

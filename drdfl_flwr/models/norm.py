@@ -1,7 +1,7 @@
 """Running statistics that only real images move.
 
 A method that trains its classifier on synthetic inputs as well (DRDFL's noisy
-reconstructions, DRDFL-Gen's and CVAE's generated samples) must not let those inputs
+reconstructions, CVAE's generated samples) must not let those inputs
 shift BatchNorm's running mean and variance: they are what the classifier normalizes
 real test images with. Measured on the largest CIFAR-10 client of the comparison:
 64.0 % Local-T with statistics from clean and reconstructed batches, 78.2 % after
