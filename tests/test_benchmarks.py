@@ -39,6 +39,7 @@ def test_privacy_vf_prints_every_attack():
 SMALL_RUNS = [
     ("communication_table.py", (), "| drdfl-vf |"),
     ("step_cost.py", ("--batch-size", "4", "--steps", "3"), "DRDFL"),
+    ("round_cost.py", ("--smoke", "--variants", "drdfl,drdfl-vf"), "| drdfl-vf |"),
     (
         "attacks.py",
         (
