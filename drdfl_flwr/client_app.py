@@ -162,7 +162,7 @@ def save(context: Context, learner: Learner, key: str, run_folder: str = "") -> 
         context.state.config_records[STATE_KEY] = ConfigRecord({"blob": blob, "token": token})
         if path is not None:
             write_checkpoint(path, blob)
-    keep_warm(context, learner, token, len(blob))
+    keep_warm(context, learner, token)
 
 
 def idle_state_path(learner: Learner, run_folder: str) -> Path:
@@ -186,10 +186,6 @@ def saved_blob(saved: ConfigRecord) -> bytes:
     return saved["blob"]
 
 
-def saved_size(saved: ConfigRecord) -> int:
-    return int(saved["size"]) if "size" in saved else len(saved["blob"])
-
-
 def keep_model(
     learner: Learner, data: ClientData, round_config: ConfigRecord, trained_round: int
 ) -> None:
@@ -204,8 +200,8 @@ def keep_model(
     )
 
 
-def keep_warm(context: Context, learner: Learner, token: str, nbytes: int) -> None:
-    WARM.put(warm_key(context), token, learner, nbytes, learner.cfg.warm_cache_mib * 2**20)
+def keep_warm(context: Context, learner: Learner, token: str) -> None:
+    WARM.put(warm_key(context), token, learner, learner.cfg.warm_cache_mib * 2**20)
 
 
 def describe(msg: Message, context: Context) -> Message:
@@ -277,7 +273,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         )
     saved = context.state.config_records.get(STATE_KEY)
     if not intake.accepted and saved is not None:  # unchanged: still the saved state
-        keep_warm(context, learner, str(saved["token"]), saved_size(saved))
+        keep_warm(context, learner, str(saved["token"]))
     return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 

@@ -7,7 +7,8 @@ trains on the node's own images and noisy reconstructions of them, and the one e
 that travels is trained to be blind to labels (measured: DRDFL equals its isolated twin).
 Our first extension, DRDFL-Gen, generated images from received statistics, but its
 generator rebuilt an image from a code independent of the image, so its optimum was the
-class-mean blob (it was removed from the registry when this method superseded it). Here what travels is a feature space and per-class moments in it.
+class-mean blob (it left the registry when this method superseded it). Here what
+travels is a feature space and per-class moments in it.
 
 What changes, everything else being DRDFL's (``[drdfl]``):
 
