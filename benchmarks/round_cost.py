@@ -78,6 +78,12 @@ def measure(
             for p in range(nodes)
         ]
         rings[variant] = (data, learners, [None] * nodes)
+    spent: dict[int, list[float]] = {}  # learner -> its calibrations' seconds this round
+    for _, learners, _ in rings.values():
+        for learner in learners:
+            spent[id(learner)] = []
+            if hasattr(learner, "calibrate"):  # DRDFL-VF: wrapped once
+                timed_calibration(learner, spent[id(learner)])
     data_of = {variant: ring[0][0] for variant, ring in rings.items()}
     seconds: dict[str, list[float]] = defaultdict(list)
     calibration: dict[str, list[float]] = defaultdict(list)
@@ -85,9 +91,7 @@ def measure(
     for r in range(1, rounds + 1):
         for variant, (data, learners, sent) in rings.items():
             for p, learner in enumerate(learners):
-                spent: list[float] = []
-                if hasattr(learner, "calibrate"):
-                    timed_calibration(learner, spent)
+                spent[id(learner)].clear()
                 incoming = peers(sent[p - 1]) if sent[p - 1] else []
                 started = time.perf_counter()
                 reply = node_round(learner, incoming, data[p], r, evaluate=False)
@@ -95,7 +99,7 @@ def measure(
                 sent[p] = reply.payload
                 if r > 1:
                     seconds[variant].append(elapsed)
-                    calibration[variant].append(sum(spent))
+                    calibration[variant].append(sum(spent[id(learner)]))
                 payload[variant] = float(
                     sum(t.numel() * t.element_size() for t in reply.payload.values())
                 )

@@ -9,8 +9,8 @@ only a successful save (or an evaluation that changed nothing) puts it back, so 
 message that fails half-way never leaves a half-trained learner behind. The cache is
 bounded by what its learners hold in memory (``warm-cache-mib``; 0 turns it off): least
 recently used learners go first. Memory, not the saved state's size: a DSLTH learner
-saves its scores but holds its fixed random weights, gradients and Adam's moments too
-(measured at 1,000 clients: bounded by saved bytes, each ClientApp actor held 4.4 GiB).
+saves its scores but holds its fixed random weights and gradients too (measured at 1,000
+clients: bounded by saved bytes, each ClientApp actor held 4.4 GiB).
 """
 
 from __future__ import annotations
